@@ -1,0 +1,137 @@
+"""The model.pt contract: float weights + recipe + activation ranges, as plain tensors and values only.
+
+A checkpoint is loaded with `torch.load(weights_only=True)`, so a file that holds code is refused, never run.
+See docs/FORMAT.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qbert_deploy.atomic import atomic_file
+from qbert_deploy.recipe import Recipe, RecipeError
+
+FORMAT_NAME = "qbert-deploy/model.pt"
+FORMAT_VERSION = 1
+MAX_TENSOR_ELEMENTS = 2**31  # no single tensor of a BERT comes near; bounds what a crafted file can make us allocate
+
+
+class CheckpointError(ValueError):
+    """model.pt is missing, unsafe, corrupt, or does not follow the contract."""
+
+
+@dataclass
+class Checkpoint:
+    config: dict[str, Any]
+    state_dict: dict[str, torch.Tensor]
+    recipe: Recipe
+    activation_ranges: dict[str, list[float]]
+    labels: list[str]
+    tokenizer_files: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def digest(self) -> str:
+        """Hash of the weights, recipe and activation ranges: what an export must have been made from."""
+        h = hashlib.sha256()
+        for name in sorted(self.state_dict):
+            tensor = self.state_dict[name].detach().cpu().contiguous()
+            h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+            h.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        h.update(self.recipe.dumps().encode())
+        h.update(json.dumps(self.activation_ranges, sort_keys=True).encode())
+        return h.hexdigest()
+
+    def to_payload(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "config": self.config,
+            "state_dict": {k: v.detach().cpu().contiguous() for k, v in self.state_dict.items()},
+            "recipe": self.recipe.to_json(),
+            "activation_ranges": self.activation_ranges,
+            "labels": list(self.labels),
+            "tokenizer_files": dict(self.tokenizer_files),
+            "metrics": dict(self.metrics),
+        }
+
+
+def save_checkpoint(checkpoint: Checkpoint, path: str | os.PathLike[str]) -> None:
+    """Write model.pt atomically: a killed run leaves the old file or none, never a torn one."""
+    with atomic_file(path) as tmp:
+        torch.save(checkpoint.to_payload(), tmp)
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise CheckpointError(message)
+
+
+def _read_payload(path: Path) -> Any:
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not a file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=False)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else "unsafe content"
+        raise CheckpointError(f"{path}: refused to load: it holds objects or code that a qbert checkpoint "
+                              f"never contains ({first[:160]})") from None
+    except (EOFError, zipfile.BadZipFile, RuntimeError, OSError, ValueError, KeyError, IndexError,
+            TypeError, AttributeError, UnicodeDecodeError, OverflowError, MemoryError) as err:
+        raise CheckpointError(f"{path}: not a readable model.pt (truncated or corrupt: "
+                              f"{type(err).__name__})") from None
+
+
+def _check_str_dict(value: Any, what: str) -> dict[str, Any]:
+    _require(isinstance(value, dict) and all(isinstance(k, str) for k in value), f"'{what}' must be a dict")
+    return dict(value)
+
+
+def checkpoint_from_payload(payload: Any, source: str = "model.pt") -> Checkpoint:
+    _require(isinstance(payload, dict) and payload.get("format") == FORMAT_NAME,
+             f"{source}: not a qbert-deploy checkpoint (no '{FORMAT_NAME}' format marker)")
+    version = payload.get("format_version")
+    _require(version == FORMAT_VERSION,
+             f"{source}: checkpoint format version {version!r} is not supported (this build reads {FORMAT_VERSION})")
+    config = _check_str_dict(payload.get("config"), "config")
+    state = _check_str_dict(payload.get("state_dict"), "state_dict")
+    for name, tensor in state.items():
+        _require(isinstance(tensor, torch.Tensor), f"{source}: state_dict['{name}'] is not a tensor")
+        _require(tensor.numel() <= MAX_TENSOR_ELEMENTS, f"{source}: state_dict['{name}'] is implausibly large")
+        if tensor.is_floating_point():
+            _require(bool(torch.isfinite(tensor).all()), f"{source}: state_dict['{name}'] holds NaN or Inf")
+    try:
+        recipe = Recipe.from_json(payload.get("recipe"))
+    except RecipeError as err:
+        raise CheckpointError(f"{source}: {err}") from None
+    ranges = _check_str_dict(payload.get("activation_ranges", {}), "activation_ranges")
+    for name, value in ranges.items():
+        _require(isinstance(value, (list, tuple)) and len(value) == 2
+                 and all(isinstance(v, (int, float)) and abs(v) < float("inf") for v in value)
+                 and value[0] <= value[1], f"{source}: activation range of '{name}' must be [min, max], got {value!r}")
+    labels = payload.get("labels")
+    _require(isinstance(labels, list) and len(labels) >= 1 and all(isinstance(x, str) for x in labels),
+             f"{source}: 'labels' must be a non-empty list of label names")
+    tokenizer_files = _check_str_dict(payload.get("tokenizer_files", {}), "tokenizer_files")
+    _require(all(isinstance(v, str) and "/" not in k and k not in ("", ".", "..")
+                 for k, v in tokenizer_files.items()), f"{source}: 'tokenizer_files' must map file names to text")
+    metrics = _check_str_dict(payload.get("metrics", {}), "metrics")
+    return Checkpoint(config=config, state_dict=state, recipe=recipe,
+                      activation_ranges={k: [float(v[0]), float(v[1])] for k, v in ranges.items()},
+                      labels=list(labels), tokenizer_files=tokenizer_files, metrics=metrics)
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+    """Load and validate model.pt; every failure is a CheckpointError with a one-line message."""
+    path = Path(path)
+    return checkpoint_from_payload(_read_payload(path), str(path))

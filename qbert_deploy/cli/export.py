@@ -1,0 +1,50 @@
+"""qbert-export: model.pt -> export directory (QDQ ONNX with packed low-bit weights)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from qbert_deploy.cli.common import fail, run_cli
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qbert-export", description=__doc__)
+    parser.add_argument("checkpoint", help="the model.pt written by qbert-quantize")
+    parser.add_argument("-o", "--out", required=True, help="export directory (replaced whole, never half written)")
+    parser.add_argument("--opset", type=int, default=21, choices=(21, 25),
+                        help="target ONNX opset: 25 stores 2-bit weights as int2, 21 in int4 (default 21)")
+    parser.add_argument("--no-parity", action="store_true", help="skip the PyTorch vs ONNX parity check")
+    return parser
+
+
+def _export(args: argparse.Namespace) -> int:
+    from qbert_deploy.checkpoint import load_checkpoint
+    from qbert_deploy.exporters.onnx_export import export_checkpoint
+
+    checkpoint = load_checkpoint(args.checkpoint)
+    result = export_checkpoint(checkpoint, args.out, opset=args.opset)
+    size = result.size
+    print(f"wrote {result.model_path} ({size['file_bytes'] / 2**20:.2f} MB; fp32 weights "
+          f"{size['fp32_bytes'] / 2**20:.2f} MB; {size['compression_on_disk']:.2f}x smaller on disk)")
+    if not args.no_parity:
+        from qbert_deploy.models.build import build_model
+        from qbert_deploy.validation.parity import parity_check, random_batch
+
+        batch = random_batch(int(checkpoint.config["vocab_size"]))
+        results = parity_check(build_model(checkpoint), result.model_path, batch)
+        for line in results:
+            print(f"parity vs PyTorch fake-quant: {line.line()}")
+        if any(r.argmax_agreement < 1.0 for r in results):
+            return fail("parity check: argmax differs between PyTorch and ONNX", code=1)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_cli("qbert-export", lambda: _export(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""The export pass: model.pt -> canonical QDQ ONNX with packed low-bit weights and per-group scales."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnx_ir as ir
+import torch
+from torch import nn
+
+from qbert_deploy.atomic import atomic_dir
+from qbert_deploy.checkpoint import Checkpoint
+from qbert_deploy.exporters import torch_ops
+from qbert_deploy.exporters.export_modules import to_export_modules
+from qbert_deploy.exporters.passes import (dedicate_input_quant, name_quant_nodes, pack_weights, simplify,
+                                           strip_metadata, strip_prefix)
+from qbert_deploy.exporters.size_report import size_markdown, size_report
+from qbert_deploy.models.build import build_model
+
+SUPPORTED_OPSETS = (21, 25)
+EXPORT_OPSET = 21  # what the exporter emits; a newer target only widens the types Q/DQ may take
+INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+
+
+class ExportError(ValueError):
+    """The checkpoint cannot be exported as asked."""
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    out_dir: Path
+    model_path: Path
+    size: dict[str, Any]
+
+
+class _LogitsOnly(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor) -> torch.Tensor:
+        logits: torch.Tensor = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                                          token_type_ids=token_type_ids).logits
+        return logits
+
+
+def _versions() -> dict[str, str]:
+    found = {}
+    for package in ("torch", "onnx", "onnxruntime", "onnxscript", "onnx-ir", "transformers", "qbert-deploy"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            found[package] = metadata.version(package)
+    return found
+
+
+def _torch_export(model: nn.Module, max_positions: int) -> ir.Model:
+    wrapped = _LogitsOnly(model).eval()
+    example = (torch.ones(2, 8, dtype=torch.long), torch.ones(2, 8, dtype=torch.long),
+               torch.zeros(2, 8, dtype=torch.long))
+    batch = torch.export.Dim("batch", max=1 << 16)
+    sequence = torch.export.Dim("sequence", min=2, max=max_positions)
+    dims = {0: batch, 1: sequence}
+    quiet = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+        warnings.simplefilter("ignore")
+        logging.getLogger("torch").setLevel(logging.ERROR)
+        program = torch.onnx.export(
+            wrapped, example, dynamo=True, opset_version=EXPORT_OPSET, optimize=False,
+            input_names=list(INPUT_NAMES), output_names=["logits"],
+            dynamic_shapes={"input_ids": dims, "attention_mask": dims, "token_type_ids": dims},
+            custom_translation_table=torch_ops.TRANSLATION_TABLE, verbose=False)
+    if program is None:
+        raise ExportError("torch.onnx.export returned no program")
+    model_ir: ir.Model = program.model
+    simplify(model_ir)
+    strip_prefix(model_ir, "model.")
+    return model_ir
+
+
+def _fp32_bytes(checkpoint: Checkpoint) -> int:
+    return sum(t.numel() * 4 for t in checkpoint.state_dict.values() if t.is_floating_point())
+
+
+def export_checkpoint(checkpoint: Checkpoint, out_dir: str | os.PathLike[str], opset: int = 21) -> ExportResult:
+    """Export `checkpoint` into `out_dir` (created or replaced whole; never left half written)."""
+    if opset not in SUPPORTED_OPSETS:
+        raise ExportError(f"opset {opset} is not supported; choose one of {SUPPORTED_OPSETS}")
+    model = build_model(checkpoint)
+    specs = to_export_modules(model)
+    graph = _torch_export(model, int(checkpoint.config["max_position_embeddings"]))
+    pack_weights(graph, specs, opset)
+    dedicate_input_quant(graph)
+    strip_metadata(graph)
+    name_quant_nodes(graph, specs)
+    graph.opset_imports[""] = opset
+    graph.producer_name, graph.producer_version = "qbert-deploy", _versions().get("qbert-deploy", "0")
+    graph.graph.name = "qbert"
+    bits = {name: spec.bits for name, spec in specs.items()}
+    graph.metadata_props.update({
+        "qbert.format_version": "1",
+        "qbert.recipe": checkpoint.recipe.dumps(),
+        "qbert.recipe_sha256": checkpoint.recipe.digest(),
+        "qbert.checkpoint_sha256": checkpoint.digest(),
+        "qbert.weight_bits": json.dumps(bits, sort_keys=True),
+        "qbert.labels": json.dumps(checkpoint.labels),
+        "qbert.versions": json.dumps(_versions(), sort_keys=True),
+    })
+    out = Path(out_dir)
+    with atomic_dir(out) as tmp:
+        model_path = tmp / "model.onnx"
+        ir.save(graph, model_path)
+        try:
+            onnx.checker.check_model(str(model_path), full_check=True)
+        except onnx.checker.ValidationError as err:
+            raise ExportError(f"exported model fails the ONNX checker: {str(err).splitlines()[0]}") from None
+        report = size_report(graph, specs, _fp32_bytes(checkpoint), model_path.stat().st_size)
+        _write_side_files(tmp, checkpoint, report)
+    return ExportResult(out, out / "model.onnx", report)
+
+
+def _write_side_files(folder: Path, checkpoint: Checkpoint, report: dict[str, Any]) -> None:
+    config = dict(checkpoint.config)
+    config["id2label"] = {str(i): label for i, label in enumerate(checkpoint.labels)}
+    config["label2id"] = {label: i for i, label in enumerate(checkpoint.labels)}
+    config["num_labels"] = len(checkpoint.labels)
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    for name, text in checkpoint.tokenizer_files.items():
+        (folder / name).write_text(text, encoding="utf-8")
+    recipe = checkpoint.recipe.to_json() | {"checkpoint_sha256": checkpoint.digest()}
+    (folder / "qbert_recipe.json").write_text(json.dumps(recipe, indent=2, sort_keys=True) + "\n")
+    (folder / "size_report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    (folder / "size_report.md").write_text(size_markdown(report))

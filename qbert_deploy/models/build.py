@@ -1,0 +1,112 @@
+"""Between model.pt and a live PyTorch model: build, validate shapes against the config, and save back."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerBase
+
+from qbert_deploy.checkpoint import Checkpoint, CheckpointError
+from qbert_deploy.models.quantizer import resolve_groups
+from qbert_deploy.models.wrap import (activation_ranges, embedding_modules, load_activation_ranges,
+                                      quantizable_linears, quantize_model)
+from qbert_deploy.recipe import Recipe, RecipeError
+
+MAX_PARAMETERS = 2_000_000_000
+
+
+def bert_config(config: dict[str, Any]) -> BertConfig:
+    if config.get("model_type") != "bert":
+        raise CheckpointError(f"config model_type {config.get('model_type')!r} is not supported; only 'bert'")
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size",
+                "max_position_embeddings", "type_vocab_size"):
+        value = config.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= 1_000_000:
+            raise CheckpointError(f"config '{key}' must be a positive integer, got {value!r}")
+    if config["hidden_size"] % config["num_attention_heads"]:
+        raise CheckpointError("config hidden_size is not a multiple of num_attention_heads")
+    try:
+        return BertConfig.from_dict(config)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"config is not a valid BertConfig: {err}") from None
+
+
+def _float_model(config: BertConfig, num_labels: int) -> BertForSequenceClassification:
+    config.num_labels = num_labels
+    config._attn_implementation = "eager"  # plain ops: a graph every exporter and ORT fusion understands
+    return BertForSequenceClassification(config)
+
+
+def check_recipe_fits(recipe: Recipe, model: nn.Module) -> None:
+    """Every module's group count must divide its output rows; names must exist."""
+    linears = quantizable_linears(model)
+    try:
+        recipe.check_modules(linears)
+    except RecipeError as err:
+        raise CheckpointError(str(err)) from None
+    for name in linears:
+        rows = model.get_submodule(name).weight.shape[0]
+        try:
+            resolve_groups(rows, recipe.for_module(name).groups)
+        except ValueError as err:
+            raise CheckpointError(f"layer {name}: {err}") from None
+    if recipe.embedding is not None:
+        for name in embedding_modules(model):
+            rows = model.get_submodule(name).weight.shape[0]
+            try:
+                resolve_groups(rows, recipe.embedding.groups)
+            except ValueError as err:
+                raise CheckpointError(f"embedding {name}: {err}") from None
+
+
+def build_model(checkpoint: Checkpoint, quantized: bool = True) -> nn.Module:
+    """The fake-quant model of a checkpoint (or its float model), in eval mode on the CPU."""
+    config = bert_config(checkpoint.config)
+    with torch.device("meta"):
+        skeleton = _float_model(config, len(checkpoint.labels))
+    params = sum(p.numel() for p in skeleton.parameters())
+    if params > MAX_PARAMETERS:
+        raise CheckpointError(f"config describes {params:,} parameters, more than this tool accepts")
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in checkpoint.state_dict.items()}
+    missing, unknown = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+    if missing or unknown:
+        raise CheckpointError(f"weights do not match the config: missing {missing[:3]}, unexpected {unknown[:3]}")
+    for name, shape in expected.items():
+        if got[name] != shape:
+            raise CheckpointError(f"weight {name} has shape {list(got[name])}, the config says {list(shape)}")
+    check_recipe_fits(checkpoint.recipe, skeleton)
+    model = _float_model(config, len(checkpoint.labels))
+    model.load_state_dict(checkpoint.state_dict, strict=False)
+    if quantized:
+        quantize_model(model, checkpoint.recipe)
+        if checkpoint.recipe.activation_bits is not None:
+            try:
+                load_activation_ranges(model, checkpoint.activation_ranges)
+            except ValueError as err:
+                raise CheckpointError(str(err)) from None
+    return model.eval()
+
+
+def float_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The Hugging Face weights of a (possibly wrapped) model, without quantizer state."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if ".input_quant." not in k}
+
+
+def tokenizer_files(tokenizer: PreTrainedTokenizerBase, workdir: Path) -> dict[str, str]:
+    """The tokenizer's files as text, to embed in model.pt."""
+    tokenizer.save_pretrained(workdir)
+    return {p.name: p.read_text(encoding="utf-8") for p in sorted(workdir.iterdir())
+            if p.is_file() and p.suffix in (".json", ".txt")}
+
+
+def make_checkpoint(model: nn.Module, recipe: Recipe, labels: list[str], tokenizer_texts: dict[str, str],
+                    metrics: dict[str, float] | None = None) -> Checkpoint:
+    config = json.loads(model.config.to_json_string(use_diff=False))  # type: ignore[operator,union-attr]
+    return Checkpoint(config=config, state_dict=float_state_dict(model), recipe=recipe,
+                      activation_ranges=activation_ranges(model) if recipe.activation_bits else {},
+                      labels=labels, tokenizer_files=tokenizer_texts, metrics=dict(metrics or {}))

@@ -1,0 +1,77 @@
+"""Quantized PyTorch modules: group-wise fake-quant Linear and Embedding, 8-bit activation fake-quant."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qbert_deploy.models.quantizer import activation_qparams, fake_quant, fake_quant_weight
+from qbert_deploy.recipe import WeightQuant
+
+
+class ActQuant(nn.Module):
+    """Asymmetric 8-bit fake quantization with an exponential-moving-average range.
+
+    The range is updated in training mode or while `calibrating`; in eval mode it is frozen.
+    """
+
+    def __init__(self, bits: int = 8, momentum: float = 0.9) -> None:
+        super().__init__()
+        self.bits = bits
+        self.momentum = momentum
+        self.calibrating = False
+        self.register_buffer("range", torch.zeros(2))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+
+    def observe(self, x: torch.Tensor) -> None:
+        lo, hi = x.detach().min().float(), x.detach().max().float()
+        if not bool(self.initialized):
+            self.range.copy_(torch.stack([lo, hi]))
+            self.initialized.fill_(True)
+        else:
+            self.range.mul_(self.momentum).add_((1 - self.momentum) * torch.stack([lo, hi]))
+
+    def qparams(self) -> tuple[float, int]:
+        if not bool(self.initialized):
+            raise RuntimeError("activation range was never observed: calibrate the model first")
+        return activation_qparams(float(self.range[0]), float(self.range[1]), self.bits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training or self.calibrating:
+            self.observe(x)
+        scale, zero_point = self.qparams()
+        qmax = 2**self.bits - 1
+        return fake_quant(x, x.new_tensor(scale), x.new_tensor(float(zero_point)), 0, qmax)
+
+
+class QuantLinear(nn.Module):
+    """Linear layer with group-wise fake-quantized weights and an optional dedicated input quantizer."""
+
+    def __init__(self, linear: nn.Linear, spec: WeightQuant, activation_bits: int | None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.spec = spec
+        self.input_quant = ActQuant(activation_bits) if activation_bits else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_quant is not None:
+            x = self.input_quant(x)
+        weight = fake_quant_weight(self.weight, self.spec.bits, self.spec.groups, self.spec.symmetric)
+        return F.linear(x, weight, self.bias)
+
+
+class QuantEmbedding(nn.Module):
+    """Embedding table fake-quantized per group of rows (per row by default)."""
+
+    def __init__(self, embedding: nn.Embedding, spec: WeightQuant) -> None:
+        super().__init__()
+        self.weight = embedding.weight
+        self.padding_idx = embedding.padding_idx
+        self.spec = spec
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        table = fake_quant_weight(self.weight, self.spec.bits, self.spec.groups, self.spec.symmetric)
+        return F.embedding(ids, table, self.padding_idx)

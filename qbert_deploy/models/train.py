@@ -1,0 +1,65 @@
+"""Fine-tuning and evaluation loops for sequence classification, with progress bars."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+Batch = tuple[dict[str, np.ndarray], np.ndarray]
+
+
+def to_torch(inputs: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(v) for k, v in inputs.items()}
+
+
+def _cycle(make_batches: Callable[[int], Iterable[Batch]]) -> Iterator[Batch]:
+    epoch = 0
+    while True:
+        yield from make_batches(epoch)
+        epoch += 1
+
+
+def train(model: nn.Module, make_batches: Callable[[int], Iterable[Batch]], steps: int, lr: float = 5e-5,
+          desc: str = "fine-tune", warmup: float = 0.1) -> list[float]:
+    """AdamW with linear warm-up and decay for `steps` steps; `make_batches(epoch)` yields shuffled batches."""
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
+    warm = max(1, int(steps * warmup))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm))))
+    losses: list[float] = []
+    data = _cycle(make_batches)
+    with tqdm(total=steps, desc=desc, unit="step", dynamic_ncols=True) as bar:
+        for _ in range(steps):
+            inputs, labels = next(data)
+            out = model(**to_torch(inputs), labels=torch.from_numpy(labels))
+            optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            losses.append(float(out.loss))
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+            bar.update()
+    model.eval()
+    return losses
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, batches: Iterable[Batch], desc: str = "evaluate") -> tuple[np.ndarray, np.ndarray]:
+    """Logits and labels over all batches."""
+    model.eval()
+    logits, labels = [], []
+    for inputs, y in tqdm(list(batches), desc=desc, unit="batch", leave=False, dynamic_ncols=True):
+        logits.append(model(**to_torch(inputs)).logits.float().numpy())
+        labels.append(y)
+    return np.concatenate(logits), np.concatenate(labels)
+
+
+def accuracy(model: nn.Module, batches: Iterable[Batch], desc: str = "evaluate") -> float:
+    logits, labels = predict_logits(model, batches, desc)
+    return float((logits.argmax(-1) == labels).mean())
