@@ -22,8 +22,14 @@ from qbert_deploy.atomic import atomic_dir
 from qbert_deploy.checkpoint import Checkpoint
 from qbert_deploy.exporters import torch_ops
 from qbert_deploy.exporters.export_modules import to_export_modules
-from qbert_deploy.exporters.passes import (dedicate_input_quant, name_quant_nodes, pack_weights, simplify,
-                                           strip_metadata, strip_prefix)
+from qbert_deploy.exporters.passes import (
+    dedicate_input_quant,
+    name_quant_nodes,
+    pack_weights,
+    simplify,
+    strip_metadata,
+    strip_prefix,
+)
 from qbert_deploy.exporters.size_report import size_markdown, size_report
 from qbert_deploy.models.build import build_model
 

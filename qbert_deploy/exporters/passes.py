@@ -87,11 +87,11 @@ def dedicate_input_quant(model: ir.Model) -> None:
             continue
         uses = list(dq.outputs[0].uses())
         for use in uses[1:]:
-            q_copy = ir.node("QuantizeLinear", list(q.inputs), attributes=q.attributes.values())
-            dq_copy = ir.node("DequantizeLinear", [q_copy.outputs[0], *dq.inputs[1:]],
-                              attributes=dq.attributes.values())
+            q_copy = ir.Node("", "QuantizeLinear", list(q.inputs), attributes=list(q.attributes.values()))
+            dq_copy = ir.Node("", "DequantizeLinear", [q_copy.outputs[0], *dq.inputs[1:]],
+                              attributes=list(dq.attributes.values()))
             for out, src in ((q_copy.outputs[0], q.outputs[0]), (dq_copy.outputs[0], dq.outputs[0])):
-                out.dtype, out.shape = src.dtype, src.shape
+                out.type, out.shape = src.type, src.shape
             graph.insert_after(dq, [q_copy, dq_copy])
             use.node.replace_input_with(use.idx, dq_copy.outputs[0])
 
@@ -132,7 +132,7 @@ def strip_metadata(model: ir.Model) -> None:
 
 def _name_constant(value: ir.Value | None, name: str, inits: Mapping[str, ir.Value]) -> None:
     """Rename an anonymous initializer that only this module uses."""
-    if value is None or value.name not in inits or value.name == name or name in inits:
+    if value is None or value.name is None or value.name not in inits or value.name == name or name in inits:
         return
     consumers = {use.node.name for use in value.uses()}
     if all(c and c.startswith(name.rsplit(".", 1)[0] + "/") for c in consumers):

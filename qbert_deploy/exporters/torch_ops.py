@@ -41,9 +41,9 @@ def _(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int)
 
 
 def _quantize_dequantize_onnx(x: Any, scale: float, zero_point: int) -> Any:
-    s = op.Constant(value=ir.tensor(np.array(scale, dtype=np.float32)))
-    z = op.Constant(value=ir.tensor(np.array(zero_point, dtype=np.uint8)))
-    return op.DequantizeLinear(op.QuantizeLinear(x, s, z), s, z)
+    s = op.Constant(value=ir.tensor(np.array(scale, dtype=np.float32)))  # type: ignore[arg-type]
+    z = op.Constant(value=ir.tensor(np.array(zero_point, dtype=np.uint8)))  # type: ignore[arg-type]
+    return op.DequantizeLinear(op.QuantizeLinear(x, s, z), s, z)  # type: ignore[type-var]
 
 
 def _dequantize_onnx(q: Any, scale: Any, zero_point: Any, axis: int) -> Any:

@@ -12,8 +12,13 @@ from transformers import BertConfig, BertForSequenceClassification, PreTrainedTo
 
 from qbert_deploy.checkpoint import Checkpoint, CheckpointError
 from qbert_deploy.models.quantizer import resolve_groups
-from qbert_deploy.models.wrap import (activation_ranges, embedding_modules, load_activation_ranges,
-                                      quantizable_linears, quantize_model)
+from qbert_deploy.models.wrap import (
+    activation_ranges,
+    embedding_modules,
+    load_activation_ranges,
+    quantizable_linears,
+    quantize_model,
+)
 from qbert_deploy.recipe import Recipe, RecipeError
 
 MAX_PARAMETERS = 2_000_000_000
@@ -41,6 +46,12 @@ def _float_model(config: BertConfig, num_labels: int) -> BertForSequenceClassifi
     return BertForSequenceClassification(config)
 
 
+def _rows(model: nn.Module, name: str) -> int:
+    weight = model.get_submodule(name).weight
+    assert isinstance(weight, torch.Tensor)
+    return int(weight.shape[0])
+
+
 def check_recipe_fits(recipe: Recipe, model: nn.Module) -> None:
     """Every module's group count must divide its output rows; names must exist."""
     linears = quantizable_linears(model)
@@ -49,14 +60,14 @@ def check_recipe_fits(recipe: Recipe, model: nn.Module) -> None:
     except RecipeError as err:
         raise CheckpointError(str(err)) from None
     for name in linears:
-        rows = model.get_submodule(name).weight.shape[0]
+        rows = _rows(model, name)
         try:
             resolve_groups(rows, recipe.for_module(name).groups)
         except ValueError as err:
             raise CheckpointError(f"layer {name}: {err}") from None
     if recipe.embedding is not None:
         for name in embedding_modules(model):
-            rows = model.get_submodule(name).weight.shape[0]
+            rows = _rows(model, name)
             try:
                 resolve_groups(rows, recipe.embedding.groups)
             except ValueError as err:

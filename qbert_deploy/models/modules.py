@@ -21,6 +21,8 @@ class ActQuant(nn.Module):
         self.bits = bits
         self.momentum = momentum
         self.calibrating = False
+        self.range: torch.Tensor
+        self.initialized: torch.Tensor
         self.register_buffer("range", torch.zeros(2))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
 

@@ -50,10 +50,7 @@ def group_qparams(weight: torch.Tensor, bits: int, groups: int | None, symmetric
     flat = w.reshape(count, -1)
     lo = flat.min(dim=1).values.clamp(max=0.0)
     hi = flat.max(dim=1).values.clamp(min=0.0)
-    if symmetric:
-        scale = torch.maximum(-lo, hi) / qmax
-    else:
-        scale = (hi - lo) / (qmax - qmin)
+    scale = torch.maximum(-lo, hi) / qmax if symmetric else (hi - lo) / (qmax - qmin)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     if symmetric:
         zero_point = torch.zeros_like(scale, dtype=torch.int32)

@@ -74,6 +74,7 @@ def load_activation_ranges(model: nn.Module, ranges: dict[str, list[float]]) -> 
         raise ValueError(f"activation ranges do not match the model: missing {missing[:3]}, unknown {unknown[:3]}")
     for name, (lo, hi) in ranges.items():
         quantizer = quantizers[f"{name}.input_quant"]
+        assert isinstance(quantizer, ActQuant)
         quantizer.range.copy_(torch.tensor([lo, hi]))
         quantizer.initialized.fill_(True)
 
