@@ -11,15 +11,36 @@ from qbert_deploy.cli.common import fail, run_cli
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qbert-export", description=__doc__)
-    parser.add_argument("checkpoint", help="the model.pt written by qbert-quantize")
-    parser.add_argument("-o", "--out", required=True, help="export directory (replaced whole, never half written)")
+    parser.add_argument("checkpoint", nargs="?", help="the model.pt (or safetensors directory) to export")
+    parser.add_argument("-o", "--out", help="export directory (replaced whole, never half written)")
     parser.add_argument("--opset", type=int, default=21, choices=(21, 25),
                         help="target ONNX opset: 25 stores 2-bit weights as int2, 21 in int4 (default 21)")
     parser.add_argument("--no-parity", action="store_true", help="skip the PyTorch vs ONNX parity check")
+    parser.add_argument("--check", metavar="EXPORT_DIR",
+                        help="verify an export directory instead of exporting (exit 0 when every check passes)")
+    parser.add_argument("--checkpoint", dest="check_checkpoint", metavar="MODEL_PT",
+                        help="with --check: also require the export to come from this checkpoint")
     return parser
 
 
+def _check(args: argparse.Namespace) -> int:
+    from qbert_deploy.exporters.check import check_export
+
+    results = check_export(args.check, args.check_checkpoint)
+    for result in results:
+        print(result.line())
+    failed = [r.name for r in results if not r.ok]
+    if failed:
+        return fail(f"{args.check}: {len(failed)} check(s) failed: {', '.join(failed)}", code=1, prog="qbert-export")
+    print(f"{args.check}: all {len(results)} checks passed")
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
+    if args.check is not None:
+        return _check(args)
+    if args.checkpoint is None or args.out is None:
+        return fail("give a checkpoint and -o/--out to export, or --check EXPORT_DIR", prog="qbert-export")
     from qbert_deploy.checkpoint import load_checkpoint
     from qbert_deploy.exporters.onnx_export import export_checkpoint
 

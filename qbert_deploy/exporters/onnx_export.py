@@ -21,6 +21,7 @@ from torch import nn
 from qbert_deploy.atomic import atomic_dir
 from qbert_deploy.checkpoint import Checkpoint
 from qbert_deploy.exporters import torch_ops
+from qbert_deploy.exporters.check import weights_sha256
 from qbert_deploy.exporters.export_modules import to_export_modules
 from qbert_deploy.exporters.passes import (
     dedicate_input_quant,
@@ -101,6 +102,7 @@ def export_checkpoint(checkpoint: Checkpoint, out_dir: str | os.PathLike[str], o
     """Export `checkpoint` into `out_dir` (created or replaced whole; never left half written)."""
     if opset not in SUPPORTED_OPSETS:
         raise ExportError(f"opset {opset} is not supported; choose one of {SUPPORTED_OPSETS}")
+    _check_replaceable(Path(out_dir))
     model = build_model(checkpoint)
     specs = to_export_modules(model)
     graph = _torch_export(model, int(checkpoint.config["max_position_embeddings"]))
@@ -112,11 +114,13 @@ def export_checkpoint(checkpoint: Checkpoint, out_dir: str | os.PathLike[str], o
     graph.producer_name, graph.producer_version = "qbert-deploy", _versions().get("qbert-deploy", "0")
     graph.graph.name = "qbert"
     bits = {name: spec.bits for name, spec in specs.items()}
+    weights_digest = weights_sha256(graph)
     graph.metadata_props.update({
         "qbert.format_version": "1",
         "qbert.recipe": checkpoint.recipe.dumps(),
         "qbert.recipe_sha256": checkpoint.recipe.digest(),
         "qbert.checkpoint_sha256": checkpoint.digest(),
+        "qbert.weights_sha256": weights_digest,
         "qbert.weight_bits": json.dumps(bits, sort_keys=True),
         "qbert.labels": json.dumps(checkpoint.labels),
         "qbert.versions": json.dumps(_versions(), sort_keys=True),
@@ -130,11 +134,20 @@ def export_checkpoint(checkpoint: Checkpoint, out_dir: str | os.PathLike[str], o
         except onnx.checker.ValidationError as err:
             raise ExportError(f"exported model fails the ONNX checker: {str(err).splitlines()[0]}") from None
         report = size_report(graph, specs, _fp32_bytes(checkpoint), model_path.stat().st_size)
-        _write_side_files(tmp, checkpoint, report)
+        _write_side_files(tmp, checkpoint, report, weights_digest)
     return ExportResult(out, out / "model.onnx", report)
 
 
-def _write_side_files(folder: Path, checkpoint: Checkpoint, report: dict[str, Any]) -> None:
+def _check_replaceable(out: Path) -> None:
+    """The export dir is replaced whole, so never take the place of a folder that is not an earlier export."""
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / "model.onnx").is_file():
+        raise ExportError(f"{out}: a non-empty directory that is not an export (no model.onnx); "
+                          "refusing to replace it")
+
+
+def _write_side_files(folder: Path, checkpoint: Checkpoint, report: dict[str, Any], weights_digest: str) -> None:
     config = dict(checkpoint.config)
     config["id2label"] = {str(i): label for i, label in enumerate(checkpoint.labels)}
     config["label2id"] = {label: i for i, label in enumerate(checkpoint.labels)}
@@ -142,7 +155,7 @@ def _write_side_files(folder: Path, checkpoint: Checkpoint, report: dict[str, An
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     for name, text in checkpoint.tokenizer_files.items():
         (folder / name).write_text(text, encoding="utf-8")
-    recipe = checkpoint.recipe.to_json() | {"checkpoint_sha256": checkpoint.digest()}
+    recipe = checkpoint.recipe.to_json() | {"checkpoint_sha256": checkpoint.digest(), "weights_sha256": weights_digest}
     (folder / "qbert_recipe.json").write_text(json.dumps(recipe, indent=2, sort_keys=True) + "\n")
     (folder / "size_report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     (folder / "size_report.md").write_text(size_markdown(report))

@@ -1,0 +1,187 @@
+"""Verify an export directory before deployment, with onnx and onnxruntime only (no torch).
+
+Each check is one small function returning a `CheckResult`; `check_export` runs them all and never raises on a
+bad directory: a corrupt or tampered file is a failed check with a one-line reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnx_ir as ir
+
+from qbert_deploy.recipe import Recipe
+
+REQUIRED_METADATA = ("qbert.format_version", "qbert.recipe", "qbert.recipe_sha256", "qbert.checkpoint_sha256",
+                     "qbert.weights_sha256", "qbert.labels", "qbert.versions")
+# qbert_recipe.json holds the recipe plus the digests that tie it to the checkpoint and the weights.
+RECIPE_FILE_DIGESTS = ("checkpoint_sha256", "weights_sha256")
+TOKENIZER_REQUIRED = ("tokenizer_config.json",)
+TOKENIZER_VOCAB = ("tokenizer.json", "vocab.txt")  # at least one
+
+
+def weights_sha256(model: ir.Model) -> str:
+    """Hash of every initializer (name, type, shape, stored bytes) in name order: what the graph computes with."""
+    h = hashlib.sha256()
+    for name in sorted(model.graph.initializers):
+        tensor = model.graph.initializers[name].const_value
+        if tensor is None:
+            h.update(f"{name}:none".encode())
+            continue
+        h.update(f"{name}:{tensor.dtype.name}:{list(tensor.shape)}".encode())
+        h.update(tensor.tobytes())
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    name: str
+    ok: bool
+    detail: str
+
+    def line(self) -> str:
+        return f"{'ok  ' if self.ok else 'FAIL'} {self.name}: {self.detail}"
+
+
+@dataclass
+class _Context:
+    folder: Path
+    model: ir.Model | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    recipe_file: dict[str, Any] = field(default_factory=dict)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0][:200]}" if text else type(err).__name__
+
+
+def _files(ctx: _Context) -> str:
+    missing = [n for n in ("model.onnx", "config.json", "qbert_recipe.json", *TOKENIZER_REQUIRED)
+               if not (ctx.folder / n).is_file()]
+    if not any((ctx.folder / n).is_file() for n in TOKENIZER_VOCAB):
+        missing.append(" or ".join(TOKENIZER_VOCAB))
+    if missing:
+        raise ValueError(f"missing {', '.join(missing)}")
+    if (ctx.folder / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+
+        Tokenizer.from_file(str(ctx.folder / "tokenizer.json"))
+    json.loads((ctx.folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    return "model.onnx, config.json, qbert_recipe.json and tokenizer files present and readable"
+
+
+def _onnx_checker(ctx: _Context) -> str:
+    onnx.checker.check_model(str(ctx.folder / "model.onnx"), full_check=True)
+    ctx.model = ir.load(ctx.folder / "model.onnx")
+    ctx.metadata = dict(ctx.model.metadata_props)
+    return "onnx.checker.check_model(full_check=True) passes"
+
+
+def _recipe_hash(ctx: _Context) -> str:
+    missing = [k for k in REQUIRED_METADATA if k not in ctx.metadata]
+    if missing:
+        raise ValueError(f"model.onnx metadata lacks {', '.join(missing)}")
+    data = json.loads((ctx.folder / "qbert_recipe.json").read_text(encoding="utf-8"))
+    if not isinstance(data, dict):
+        raise ValueError("qbert_recipe.json is not a JSON object")
+    ctx.recipe_file = data
+    file_recipe = Recipe.from_json({k: v for k, v in data.items() if k not in RECIPE_FILE_DIGESTS})
+    meta_recipe = Recipe.loads(ctx.metadata["qbert.recipe"])
+    declared = ctx.metadata["qbert.recipe_sha256"]
+    if meta_recipe.digest() != declared:
+        raise ValueError(f"metadata recipe hashes to {meta_recipe.digest()[:12]}, metadata says {declared[:12]}")
+    if file_recipe.digest() != declared:
+        raise ValueError(f"qbert_recipe.json hashes to {file_recipe.digest()[:12]}, model.onnx says {declared[:12]}")
+    if data.get("checkpoint_sha256") != ctx.metadata["qbert.checkpoint_sha256"]:
+        raise ValueError("qbert_recipe.json and model.onnx name different checkpoints (checkpoint_sha256)")
+    return f"recipe sha256 {declared[:12]} matches qbert_recipe.json and metadata"
+
+
+def _weights_hash(ctx: _Context) -> str:
+    if ctx.model is None:
+        raise ValueError("model.onnx could not be read")
+    actual = weights_sha256(ctx.model)
+    declared = ctx.metadata.get("qbert.weights_sha256")
+    if actual != declared:
+        raise ValueError(f"initializers hash to {actual[:12]}, metadata says {str(declared)[:12]}: weights changed")
+    if ctx.recipe_file.get("weights_sha256") != actual:
+        raise ValueError("qbert_recipe.json's weights_sha256 differs from the weights in model.onnx")
+    return f"weights sha256 {actual[:12]} matches metadata and qbert_recipe.json"
+
+
+def _labels(ctx: _Context) -> str:
+    labels = json.loads(ctx.metadata["qbert.labels"])
+    config = json.loads((ctx.folder / "config.json").read_text(encoding="utf-8"))
+    id2label = config.get("id2label", {}) if isinstance(config, dict) else {}
+    from_config = [id2label.get(str(i)) for i in range(len(id2label))]
+    if from_config != labels:
+        raise ValueError(f"config.json labels {from_config} differ from model.onnx labels {labels}")
+    return f"{len(labels)} labels agree between config.json and model.onnx"
+
+
+def _ort_opset(ctx: _Context) -> str:
+    """Probe the installed onnxruntime with a one-node model at the same opset, then load the real model."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    if ctx.model is None:
+        raise ValueError("model.onnx could not be read")
+    opset = ctx.model.opset_imports.get("", 0)
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=10)
+    try:
+        ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    except Exception as err:  # ORT's own exception classes derive from Exception only
+        raise ValueError(f"opset {opset} is not supported by onnxruntime {ort.__version__}") from err
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    ort.InferenceSession(str(ctx.folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    return f"opset {opset} supported; onnxruntime {ort.__version__} loads the model"
+
+
+def _checkpoint(path: Path) -> Callable[[_Context], str]:
+    def check(ctx: _Context) -> str:
+        from qbert_deploy.checkpoint import load_checkpoint  # torch, only when asked
+
+        digest = load_checkpoint(path).digest()
+        declared = ctx.metadata.get("qbert.checkpoint_sha256")
+        if digest != declared:
+            raise ValueError(f"{path} digests to {digest[:12]}, the export was made from {str(declared)[:12]}")
+        return f"{path.name} digest {digest[:12]} matches the export"
+    return check
+
+
+def check_export(folder: str | os.PathLike[str], checkpoint: str | os.PathLike[str] | None = None) \
+        -> list[CheckResult]:
+    """Run every check on an export directory; later checks are skipped once the model cannot be read."""
+    ctx = _Context(Path(folder))
+    if not ctx.folder.is_dir():
+        return [CheckResult("export directory", False, f"{ctx.folder}: not a directory")]
+    checks: list[tuple[str, Callable[[_Context], str]]] = [
+        ("files", _files), ("onnx checker", _onnx_checker), ("recipe hash", _recipe_hash),
+        ("weights hash", _weights_hash), ("labels", _labels), ("onnxruntime opset", _ort_opset)]
+    if checkpoint is not None:
+        checks.append(("checkpoint digest", _checkpoint(Path(checkpoint))))
+    results = []
+    for name, check in checks:
+        if name != "files" and ctx.model is None and name != "onnx checker":
+            results.append(CheckResult(name, False, "skipped: model.onnx could not be read"))
+            continue
+        try:
+            results.append(CheckResult(name, True, check(ctx)))
+        except Exception as err:  # protobuf, onnx and onnxruntime raise many unrelated types on corrupt input
+            results.append(CheckResult(name, False, _first_line(err)))
+    return results
+
+
+__all__ = ["CheckResult", "check_export", "weights_sha256"]
