@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,10 @@ from qbert_deploy.recipe import Recipe, RecipeError
 FORMAT_NAME = "qbert-deploy/model.pt"
 FORMAT_VERSION = 1
 MAX_TENSOR_ELEMENTS = 2**31  # no single tensor of a BERT comes near; bounds what a crafted file can make us allocate
+# Tokenizer files land in the export directory: plain names only, never one of the export's own files.
+TOKENIZER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+RESERVED_NAMES = frozenset({"model.onnx", "config.json", "qbert_recipe.json", "size_report.json", "size_report.md",
+                            "model.safetensors", "qbert_checkpoint.json"})
 
 
 class CheckpointError(ValueError):
@@ -83,17 +88,25 @@ def _read_payload(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=False)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else "unsafe content"
+        text = str(err).strip()
+        if "weights only" not in text.lower():
+            raise CheckpointError(f"{path}: not a readable model.pt (corrupt pickle)") from None
+        # torch names the refused global on a line of its own; show it, not the whole advice text.
+        detail = next((line.strip() for line in text.splitlines() if "GLOBAL" in line or "global" in line),
+                      text.splitlines()[0])
         raise CheckpointError(f"{path}: refused to load: it holds objects or code that a qbert checkpoint "
-                              f"never contains ({first[:160]})") from None
+                              f"never contains ({detail[:160]})") from None
     except (EOFError, zipfile.BadZipFile, RuntimeError, OSError, ValueError, KeyError, IndexError,
             TypeError, AttributeError, UnicodeDecodeError, OverflowError, MemoryError) as err:
         raise CheckpointError(f"{path}: not a readable model.pt (truncated or corrupt: "
                               f"{type(err).__name__})") from None
+    except Exception as err:  # the unpickler and zip reader raise many unrelated types on a corrupt file
+        raise CheckpointError(f"{path}: not a readable model.pt (corrupt: {type(err).__name__})") from None
 
 
-def _check_str_dict(value: Any, what: str) -> dict[str, Any]:
-    _require(isinstance(value, dict) and all(isinstance(k, str) for k in value), f"'{what}' must be a dict")
+def _check_str_dict(value: Any, what: str, source: str = "model.pt") -> dict[str, Any]:
+    _require(isinstance(value, dict) and all(isinstance(k, str) for k in value),
+             f"{source}: '{what}' must be a dict with string keys")
     return dict(value)
 
 
@@ -103,18 +116,23 @@ def checkpoint_from_payload(payload: Any, source: str = "model.pt") -> Checkpoin
     version = payload.get("format_version")
     _require(version == FORMAT_VERSION,
              f"{source}: checkpoint format version {version!r} is not supported (this build reads {FORMAT_VERSION})")
-    config = _check_str_dict(payload.get("config"), "config")
-    state = _check_str_dict(payload.get("state_dict"), "state_dict")
+    config = _check_str_dict(payload.get("config"), "config", source)
+    state = _check_str_dict(payload.get("state_dict"), "state_dict", source)
+    _require(len(state) > 0, f"{source}: state_dict is empty")
     for name, tensor in state.items():
         _require(isinstance(tensor, torch.Tensor), f"{source}: state_dict['{name}'] is not a tensor")
-        _require(tensor.numel() <= MAX_TENSOR_ELEMENTS, f"{source}: state_dict['{name}'] is implausibly large")
+        _require(tensor.layout == torch.strided and not tensor.is_quantized,
+                 f"{source}: state_dict['{name}'] is not a dense tensor ({tensor.layout})")
+        _require(tensor.numel() <= MAX_TENSOR_ELEMENTS,
+                 f"{source}: state_dict['{name}'] has {tensor.numel():,} elements, more than {MAX_TENSOR_ELEMENTS:,}")
+        _require(not tensor.is_complex(), f"{source}: state_dict['{name}'] is complex ({tensor.dtype})")
         if tensor.is_floating_point():
             _require(bool(torch.isfinite(tensor).all()), f"{source}: state_dict['{name}'] holds NaN or Inf")
     try:
         recipe = Recipe.from_json(payload.get("recipe"))
     except RecipeError as err:
         raise CheckpointError(f"{source}: {err}") from None
-    ranges = _check_str_dict(payload.get("activation_ranges", {}), "activation_ranges")
+    ranges = _check_str_dict(payload.get("activation_ranges", {}), "activation_ranges", source)
     for name, value in ranges.items():
         _require(isinstance(value, (list, tuple)) and len(value) == 2
                  and all(isinstance(v, (int, float)) and abs(v) < float("inf") for v in value)
@@ -122,16 +140,25 @@ def checkpoint_from_payload(payload: Any, source: str = "model.pt") -> Checkpoin
     labels = payload.get("labels")
     _require(isinstance(labels, list) and len(labels) >= 1 and all(isinstance(x, str) for x in labels),
              f"{source}: 'labels' must be a non-empty list of label names")
-    tokenizer_files = _check_str_dict(payload.get("tokenizer_files", {}), "tokenizer_files")
-    _require(all(isinstance(v, str) and "/" not in k and k not in ("", ".", "..")
-                 for k, v in tokenizer_files.items()), f"{source}: 'tokenizer_files' must map file names to text")
-    metrics = _check_str_dict(payload.get("metrics", {}), "metrics")
+    _require(len(set(labels)) == len(labels), f"{source}: 'labels' has duplicates: {labels!r}")
+    tokenizer_files = _check_str_dict(payload.get("tokenizer_files", {}), "tokenizer_files", source)
+    for key, text in tokenizer_files.items():
+        _require(isinstance(text, str), f"{source}: tokenizer file '{key}' must be text")
+        _require(bool(TOKENIZER_NAME.fullmatch(key)) and key not in RESERVED_NAMES,
+                 f"{source}: tokenizer file name {key!r} is not a plain file name of its own")
+    metrics = _check_str_dict(payload.get("metrics", {}), "metrics", source)
+    _require(all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in metrics.values()),
+             f"{source}: 'metrics' must map names to numbers")
     return Checkpoint(config=config, state_dict=state, recipe=recipe,
                       activation_ranges={k: [float(v[0]), float(v[1])] for k, v in ranges.items()},
                       labels=list(labels), tokenizer_files=tokenizer_files, metrics=metrics)
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
-    """Load and validate model.pt; every failure is a CheckpointError with a one-line message."""
+    """Load and validate model.pt, or a safetensors checkpoint directory; failures are one-line CheckpointErrors."""
     path = Path(path)
+    if path.is_dir() or path.suffix == ".safetensors":
+        from qbert_deploy.safetensors_format import load_safetensors_checkpoint
+
+        return load_safetensors_checkpoint(path)
     return checkpoint_from_payload(_read_payload(path), str(path))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
@@ -77,10 +78,15 @@ class Recipe:
 
     def check_modules(self, quantizable: Iterable[str]) -> None:
         """Unknown override names are errors, never silently ignored."""
-        known = set(quantizable)
-        unknown = sorted(set(self.overrides) - known)
+        known = sorted(set(quantizable))
+        unknown = sorted(set(self.overrides) - set(known))
         if unknown:
-            raise RecipeError(f"recipe names modules the model does not have: {', '.join(unknown)}")
+            hints = []
+            for name in unknown[:3]:
+                close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+                hints.append(f"{name} (did you mean {close[0]}?)" if close else name)
+            more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
+            raise RecipeError(f"recipe names modules the model does not have: {', '.join(hints)}{more}")
 
     def with_overrides(self, overrides: Mapping[str, WeightQuant]) -> Recipe:
         return replace(self, overrides=dict(overrides))

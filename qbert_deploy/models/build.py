@@ -22,18 +22,36 @@ from qbert_deploy.models.wrap import (
 from qbert_deploy.recipe import Recipe, RecipeError
 
 MAX_PARAMETERS = 2_000_000_000
+# Per-key ceilings, generous for any BERT (BERT-large: 1024 hidden, 24 layers, 4096 intermediate, 30522 vocab):
+# they bound what a crafted config can make us build before the parameter total is even computed.
+CONFIG_LIMITS = {"hidden_size": 65_536, "num_hidden_layers": 1_024, "num_attention_heads": 1_024,
+                 "intermediate_size": 262_144, "vocab_size": 4_000_000, "max_position_embeddings": 1_048_576,
+                 "type_vocab_size": 1_024}
 
 
-def bert_config(config: dict[str, Any]) -> BertConfig:
+def estimated_parameters(config: dict[str, Any], num_labels: int) -> int:
+    """Parameters of BertForSequenceClassification from the config alone, to refuse before building anything."""
+    h, i = config["hidden_size"], config["intermediate_size"]
+    embeddings = (config["vocab_size"] + config["max_position_embeddings"] + config["type_vocab_size"]) * h + 2 * h
+    layer = 4 * (h * h + h) + (h * i + i) + (i * h + h) + 4 * h
+    head = (h * h + h) + (h * num_labels + num_labels)
+    return int(embeddings + config["num_hidden_layers"] * layer + head)
+
+
+def bert_config(config: dict[str, Any], num_labels: int = 2) -> BertConfig:
     if config.get("model_type") != "bert":
         raise CheckpointError(f"config model_type {config.get('model_type')!r} is not supported; only 'bert'")
-    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size",
-                "max_position_embeddings", "type_vocab_size"):
+    for key, limit in CONFIG_LIMITS.items():
         value = config.get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= 1_000_000:
-            raise CheckpointError(f"config '{key}' must be a positive integer, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= limit:
+            raise CheckpointError(f"config '{key}' must be an integer in 1..{limit:,}, got {value!r}")
     if config["hidden_size"] % config["num_attention_heads"]:
-        raise CheckpointError("config hidden_size is not a multiple of num_attention_heads")
+        raise CheckpointError(f"config hidden_size {config['hidden_size']} is not a multiple of "
+                              f"num_attention_heads {config['num_attention_heads']}")
+    params = estimated_parameters(config, num_labels)
+    if params > MAX_PARAMETERS:
+        raise CheckpointError(f"config describes {params:,} parameters, more than the {MAX_PARAMETERS:,} "
+                              "this tool accepts")
     try:
         return BertConfig.from_dict(config)
     except (TypeError, ValueError) as err:
@@ -76,7 +94,7 @@ def check_recipe_fits(recipe: Recipe, model: nn.Module) -> None:
 
 def build_model(checkpoint: Checkpoint, quantized: bool = True) -> nn.Module:
     """The fake-quant model of a checkpoint (or its float model), in eval mode on the CPU."""
-    config = bert_config(checkpoint.config)
+    config = bert_config(checkpoint.config, len(checkpoint.labels))
     with torch.device("meta"):
         skeleton = _float_model(config, len(checkpoint.labels))
     params = sum(p.numel() for p in skeleton.parameters())
@@ -87,9 +105,13 @@ def build_model(checkpoint: Checkpoint, quantized: bool = True) -> nn.Module:
     missing, unknown = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
     if missing or unknown:
         raise CheckpointError(f"weights do not match the config: missing {missing[:3]}, unexpected {unknown[:3]}")
+    skeleton_state = skeleton.state_dict()
     for name, shape in expected.items():
         if got[name] != shape:
             raise CheckpointError(f"weight {name} has shape {list(got[name])}, the config says {list(shape)}")
+        if skeleton_state[name].is_floating_point() != checkpoint.state_dict[name].is_floating_point():
+            raise CheckpointError(f"weight {name} has dtype {checkpoint.state_dict[name].dtype}, "
+                                  f"the model needs {skeleton_state[name].dtype}")
     check_recipe_fits(checkpoint.recipe, skeleton)
     model = _float_model(config, len(checkpoint.labels))
     model.load_state_dict(checkpoint.state_dict, strict=False)
