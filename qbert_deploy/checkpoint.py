@@ -11,6 +11,7 @@ import json
 import os
 import pickle
 import re
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,16 +87,15 @@ def _read_payload(path: Path) -> Any:
     if not path.is_file():
         raise CheckpointError(f"{path}: not a file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=False)
+        with warnings.catch_warnings():  # e.g. "pickle protocol 4": the error below says all that matters
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=False)
     except pickle.UnpicklingError as err:
-        text = str(err).strip()
-        if "weights only" not in text.lower():
-            raise CheckpointError(f"{path}: not a readable model.pt (corrupt pickle)") from None
-        # torch names the refused global on a line of its own; show it, not the whole advice text.
-        detail = next((line.strip() for line in text.splitlines() if "GLOBAL" in line or "global" in line),
-                      text.splitlines()[0])
-        raise CheckpointError(f"{path}: refused to load: it holds objects or code that a qbert checkpoint "
-                              f"never contains ({detail[:160]})") from None
+        # torch's weights-only unpickler names what it refused (a global, or an opcode a plain payload never uses)
+        found = re.search(r"Unsupported (global: GLOBAL \S+|operand \d+)", str(err))
+        detail = found.group(0) if found else str(err).strip().split("\n", 1)[0][:120]
+        raise CheckpointError(f"{path}: refused to load: not made of plain tensors and values only, as a qbert "
+                              f"checkpoint is ({detail})") from None
     except (EOFError, zipfile.BadZipFile, RuntimeError, OSError, ValueError, KeyError, IndexError,
             TypeError, AttributeError, UnicodeDecodeError, OverflowError, MemoryError) as err:
         raise CheckpointError(f"{path}: not a readable model.pt (truncated or corrupt: "
