@@ -151,11 +151,9 @@ def test_more_than_three_unknown_modules_are_counted() -> None:
                                          "intermediate_size": 3072}])
 def test_parameter_estimate_is_exact(tiny_ckpt: Checkpoint, config: dict[str, int]) -> None:
     """The allocation bound is computed before building; it must equal what the model really has."""
-    from transformers import BertConfig, BertForSequenceClassification
-
-    from qbert_deploy.models.build import estimated_parameters
+    from qbert_deploy.models.build import _float_model, bert_config, estimated_parameters
 
     full = {**tiny_ckpt.config, **config}
     with torch.device("meta"):
-        model = BertForSequenceClassification(BertConfig.from_dict({**full, "num_labels": 3}))
+        model = _float_model(bert_config(full, 3), 3)
     assert estimated_parameters(full, 3) == sum(p.numel() for p in model.parameters())
