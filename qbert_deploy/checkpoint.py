@@ -25,6 +25,9 @@ from qbert_deploy.recipe import Recipe, RecipeError
 FORMAT_NAME = "qbert-deploy/model.pt"
 FORMAT_VERSION = 1
 MAX_TENSOR_ELEMENTS = 2**31  # no single tensor of a BERT comes near; bounds what a crafted file can make us allocate
+# Weights and ranges beyond this are refused: no trained BERT comes near, and a min/max range wider than float32's
+# 3.4e38 would overflow the quantizer's scale to inf.
+MAX_ABS_VALUE = 1e30
 # Tokenizer files land in the export directory: plain names only, never one of the export's own files.
 TOKENIZER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 RESERVED_NAMES = frozenset({"model.onnx", "config.json", "qbert_recipe.json", "size_report.json", "size_report.md",
@@ -126,8 +129,11 @@ def checkpoint_from_payload(payload: Any, source: str = "model.pt") -> Checkpoin
         _require(tensor.numel() <= MAX_TENSOR_ELEMENTS,
                  f"{source}: state_dict['{name}'] has {tensor.numel():,} elements, more than {MAX_TENSOR_ELEMENTS:,}")
         _require(not tensor.is_complex(), f"{source}: state_dict['{name}'] is complex ({tensor.dtype})")
-        if tensor.is_floating_point():
+        if tensor.is_floating_point() and tensor.numel():
             _require(bool(torch.isfinite(tensor).all()), f"{source}: state_dict['{name}'] holds NaN or Inf")
+            peak = float(tensor.detach().abs().max())
+            _require(peak <= MAX_ABS_VALUE,
+                     f"{source}: state_dict['{name}'] holds a value of magnitude {peak:.3g}, beyond {MAX_ABS_VALUE:g}")
     try:
         recipe = Recipe.from_json(payload.get("recipe"))
     except RecipeError as err:
@@ -135,7 +141,7 @@ def checkpoint_from_payload(payload: Any, source: str = "model.pt") -> Checkpoin
     ranges = _check_str_dict(payload.get("activation_ranges", {}), "activation_ranges", source)
     for name, value in ranges.items():
         _require(isinstance(value, (list, tuple)) and len(value) == 2
-                 and all(isinstance(v, (int, float)) and abs(v) < float("inf") for v in value)
+                 and all(isinstance(v, (int, float)) and abs(v) <= MAX_ABS_VALUE for v in value)
                  and value[0] <= value[1], f"{source}: activation range of '{name}' must be [min, max], got {value!r}")
     labels = payload.get("labels")
     _require(isinstance(labels, list) and len(labels) >= 1 and all(isinstance(x, str) for x in labels),

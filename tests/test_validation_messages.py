@@ -113,6 +113,8 @@ PAYLOAD_CASES: list[tuple[str, Callable[[Checkpoint], Any], str]] = [
      "m.pt: state_dict['w'] holds NaN or Inf"),
     ("inf", lambda c: _payload(c, state_dict={"w": torch.tensor([float("-inf")])}),
      "m.pt: state_dict['w'] holds NaN or Inf"),
+    ("huge", lambda c: _payload(c, state_dict={"w": torch.tensor([3e38])}),
+     "m.pt: state_dict['w'] holds a value of magnitude 3e+38, beyond 1e+30"),
     ("sparse", lambda c: _payload(c, state_dict={"w": torch.eye(3).to_sparse()}),
      "m.pt: state_dict['w'] is not a dense tensor (torch.sparse_coo)"),
     ("complex", lambda c: _payload(c, state_dict={"w": torch.zeros(2, dtype=torch.complex64)}),
