@@ -68,6 +68,12 @@ def _fsync_file(path: Path) -> None:
         os.fsync(handle.fileno())
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_file(target: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path in the target's folder; on success it replaces `target` atomically."""
@@ -76,6 +82,7 @@ def atomic_file(target: str | os.PathLike[str]) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    tmp.chmod(0o666 & ~_umask())  # the mode a plain open() would give, not mkstemp's private 0600
     try:
         yield tmp
         _fsync_file(tmp)
@@ -102,7 +109,7 @@ def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent))
-    tmp.chmod(0o755)
+    tmp.chmod(0o777 & ~_umask())
     try:
         yield tmp
         for item in tmp.rglob("*"):

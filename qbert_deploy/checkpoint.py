@@ -75,8 +75,10 @@ class Checkpoint:
 
 def save_checkpoint(checkpoint: Checkpoint, path: str | os.PathLike[str]) -> None:
     """Write model.pt atomically: a killed run leaves the old file or none, never a torn one."""
-    with atomic_file(path) as tmp:
-        torch.save(checkpoint.to_payload(), tmp)
+    with atomic_file(path) as tmp, open(tmp, "wb") as handle:
+        # through a handle, so the archive inside is named "archive", not after the random temp file:
+        # the same checkpoint always gives the same bytes
+        torch.save(checkpoint.to_payload(), handle)
 
 
 def _require(condition: bool, message: str) -> None:

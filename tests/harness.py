@@ -72,12 +72,19 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())} if folder.is_dir() else {}
 
 
-def mutate(data: bytes, rng: random.Random) -> tuple[str, bytes]:
-    """One random corruption of a file's bytes: truncation, flipped bits, overwritten or inserted/removed spans."""
-    kind = rng.choice(["truncate", "flip", "overwrite", "insert", "delete", "zero_span"])
-    n = len(data)
+MUTATIONS = ("truncate", "flip", "overwrite", "insert", "delete", "zero_span")
+
+
+def mutate(data: bytes, rng: random.Random, kinds: tuple[str, ...] = MUTATIONS,
+           head: int | None = None) -> tuple[str, bytes]:
+    """One random corruption of a file's bytes: truncation, flipped bits, overwritten or inserted/removed spans.
+
+    `head` limits where the corruption lands to the first `head` bytes (e.g. model.pt's pickle, not its tensor data).
+    """
+    kind = rng.choice(kinds)
+    n = len(data) if head is None else min(head, len(data))
     if kind == "truncate":
-        return kind, data[:rng.randrange(0, n)]
+        return kind, data[:rng.randrange(0, len(data))]
     buf = bytearray(data)
     if kind == "flip":
         for _ in range(rng.randint(1, 16)):

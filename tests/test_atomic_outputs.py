@@ -84,3 +84,18 @@ def test_killed_export_leaves_no_partial_output(tmp_path: Path, tiny_model_pt: P
         assert name.startswith(".export.") and name.endswith(".tmp"), name
     clean_stale(out)
     assert not list(tmp_path.glob(".export.*")), "stale temporaries survive clean_stale"
+
+
+def test_model_pt_is_deterministic_and_not_private(tmp_path: Path, tiny_ckpt: object) -> None:
+    """Same checkpoint -> same model.pt bytes; the file gets the umask's mode, not mkstemp's 0600."""
+    from qbert_deploy.checkpoint import Checkpoint, save_checkpoint
+
+    assert isinstance(tiny_ckpt, Checkpoint)
+    first, second = tmp_path / "a" / "model.pt", tmp_path / "b" / "model.pt"
+    for path in (first, second):
+        path.parent.mkdir()
+        save_checkpoint(tiny_ckpt, path)
+    assert first.read_bytes() == second.read_bytes(), "model.pt differs between two saves of one checkpoint"
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert first.stat().st_mode & 0o777 == 0o666 & ~mask, oct(first.stat().st_mode)
