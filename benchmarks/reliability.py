@@ -234,7 +234,15 @@ def _interrupted(work: Path, model_pt: Path, export_dir: Path) -> list[dict[str,
     return rows
 
 
-def measure(quick: bool) -> dict[str, Any]:
+def measure(quick: bool, partial: Path | None = None) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+
+    def keep(key: str, value: Any) -> Any:  # a long run that fails late still leaves what it measured
+        results[key] = value
+        if partial is not None:
+            write_text_atomic(partial, json.dumps(results, indent=2) + "\n")
+        return value
+
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         ckpt = tiny_checkpoint()
@@ -245,19 +253,21 @@ def measure(quick: bool) -> dict[str, Any]:
         small_pt = work / "small.pt"
         save_checkpoint(tiny_checkpoint(hidden=16, layers=1, heads=2, intermediate=32), small_pt)
         print("bad inputs", flush=True)
-        bad = _bad_inputs(work, ckpt, model_pt, export_dir)
-        print("property tests", flush=True)
-        props = _property_counts()
-        print("fuzzing", flush=True)
-        fuzz = _fuzz(work, small_pt, export_dir, 100 if quick else 500, 20 if quick else 100, 2 if quick else 12)
-        print("determinism", flush=True)
-        det = _determinism(work, ckpt, model_pt)
-        print("interrupted exports", flush=True)
-        killed = _interrupted(work, model_pt, export_dir)
-    import onnxruntime
+        import onnxruntime
 
-    return {"bad_inputs": bad, "properties": props, "fuzz": fuzz, "determinism": det, "interrupted": killed,
-            "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__}}
+        keep("versions", {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__})
+        print("bad inputs", flush=True)
+        keep("bad_inputs", _bad_inputs(work, ckpt, model_pt, export_dir))
+        print("property tests", flush=True)
+        keep("properties", _property_counts())
+        print("fuzzing", flush=True)
+        keep("fuzz", _fuzz(work, small_pt, export_dir, 100 if quick else 500, 20 if quick else 100,
+                           2 if quick else 12))
+        print("determinism", flush=True)
+        keep("determinism", _determinism(work, ckpt, model_pt))
+        print("interrupted exports", flush=True)
+        keep("interrupted", _interrupted(work, model_pt, export_dir))
+    return results
 
 
 def markdown(r: dict[str, Any]) -> str:
@@ -325,12 +335,14 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer fuzz iterations")
     parser.add_argument("--write", action="store_true", help="update the table in docs/RESULTS.md")
     parser.add_argument("--json", help="also write the raw measurements here")
+    parser.add_argument("--from-json", help="render a table from measurements saved with --json (no new runs)")
     args = parser.parse_args()
-    results = measure(args.quick)
+    if args.from_json:
+        results = json.loads(Path(args.from_json).read_text(encoding="utf-8"))
+    else:
+        results = measure(args.quick, Path(args.json) if args.json else None)
     text = markdown(results)
     print(text)
-    if args.json:
-        write_text_atomic(args.json, json.dumps(results, indent=2) + "\n")
     if args.write:
         write_section(text)
     return 0
