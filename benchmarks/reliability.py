@@ -60,14 +60,14 @@ def _bad_inputs(work: Path, ckpt: Checkpoint, model_pt: Path, export_dir: Path) 
     marker = work / "marker"
     cfg = ckpt.config
 
-    def pt(name: str, writer: Callable[[Path], None]) -> Callable[[], list[str]]:
+    def pt(name: str, writer: Callable[[Path], object]) -> Callable[[], list[str]]:
         def setup() -> list[str]:
             path = work / name
             writer(path)
             return [str(path), "-o", str(work / "out"), "--no-parity"]
         return setup
 
-    def st(mutator: Callable[[Path], None]) -> Callable[[], list[str]]:
+    def st(mutator: Callable[[Path], object]) -> Callable[[], list[str]]:
         def setup() -> list[str]:
             folder = work / "st"
             shutil.rmtree(folder, ignore_errors=True)
@@ -203,7 +203,7 @@ def _fuzz(work: Path, small_pt: Path, export_dir: Path, n_load: int, n_check: in
 def _determinism(work: Path, ckpt: Checkpoint, model_pt: Path) -> dict[str, Any]:
     st = work / "det-st"
     save_safetensors_checkpoint(ckpt, st)
-    digests = {}
+    digests: dict[str, str] = {}
     for label, source in (("model.pt run 1", model_pt), ("model.pt run 2", model_pt), ("safetensors", st)):
         out = work / f"det-{len(digests)}"
         outcome = run_cli([str(source), "-o", str(out), "--no-parity"], 600)
