@@ -23,7 +23,7 @@ from qbert_deploy.models.quantizer import (
 
 # Example counts are part of the reliability table in docs/RESULTS.md (benchmarks/reliability.py reads them).
 EXAMPLES = {"round_trip": 200, "degenerate": 100, "clipping": 100, "packing": 200}
-SETTINGS = {"deadline": None, "derandomize": True, "suppress_health_check": [HealthCheck.too_slow]}
+BASE = settings(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
 
 @st.composite
@@ -63,14 +63,14 @@ def _check_round_trip(w: np.ndarray, groups: int | None, bits: int, symmetric: b
     assert torch.equal(fake, back), "fake_quant_weight differs from quantize + dequantize"
 
 
-@settings(max_examples=EXAMPLES["round_trip"], **SETTINGS)
+@settings(max_examples=EXAMPLES["round_trip"], parent=BASE)
 @given(weights(), BITS, st.booleans())
 def test_round_trip_within_half_step(case: tuple[np.ndarray, int | None], bits: int, symmetric: bool) -> None:
     w, groups = case
     _check_round_trip(w, groups, bits, symmetric)
 
 
-@settings(max_examples=EXAMPLES["degenerate"], **SETTINGS)
+@settings(max_examples=EXAMPLES["degenerate"], parent=BASE)
 @given(st.integers(1, 6), st.integers(1, 6), st.sampled_from([0.0, 1e-30, -3.5, 7.0, 1e30, -1e30]), BITS,
        st.booleans())
 def test_constant_rows_and_zeros(groups: int, cols: int, value: float, bits: int, symmetric: bool) -> None:
@@ -83,7 +83,7 @@ def test_constant_rows_and_zeros(groups: int, cols: int, value: float, bits: int
                            torch.zeros_like(torch.from_numpy(w))), "zeros do not come back exactly"
 
 
-@settings(max_examples=EXAMPLES["clipping"], **SETTINGS)
+@settings(max_examples=EXAMPLES["clipping"], parent=BASE)
 @given(weights(max_magnitude=1e3), BITS, st.booleans(), st.floats(1.5, 100.0))
 def test_values_outside_the_range_clip_to_its_ends(case: tuple[np.ndarray, int | None], bits: int,
                                                    symmetric: bool, factor: float) -> None:
@@ -122,7 +122,7 @@ def _pack_and_read_back(values: np.ndarray, bits: int, symmetric: bool, opset: i
     return numpy_helper.to_array(proto).astype(np.int32), len(proto.raw_data)
 
 
-@settings(max_examples=EXAMPLES["packing"], **SETTINGS)
+@settings(max_examples=EXAMPLES["packing"], parent=BASE)
 @given(st.sampled_from([(2, 25), (3, 21), (4, 21), (2, 21)]), st.booleans(), st.integers(1, 7), st.integers(1, 9),
        st.data())
 def test_low_bit_packing_is_exact(target: tuple[int, int], symmetric: bool, rows: int, cols: int,
