@@ -23,6 +23,8 @@ _API = {
     "make_checkpoint": "qbert_deploy.models.build",
     "export_checkpoint": "qbert_deploy.exporters.onnx_export",
     "open_session": "qbert_deploy.runtimes.session",
+    "check_export": "qbert_deploy.exporters.check",
+    "save_safetensors_checkpoint": "qbert_deploy.safetensors_format",
 }
 
 __all__ = ["__version__", *sorted(_API)]
