@@ -234,8 +234,11 @@ def _interrupted(work: Path, model_pt: Path, export_dir: Path) -> list[dict[str,
     return rows
 
 
-def measure(quick: bool, partial: Path | None = None) -> dict[str, Any]:
+def measure(quick: bool, partial: Path | None = None, resume: bool = False) -> dict[str, Any]:
+    """All stages; with `resume`, the stages already in `partial` are kept and not run again."""
     results: dict[str, Any] = {}
+    if resume and partial is not None and partial.exists():
+        results = json.loads(partial.read_text(encoding="utf-8"))
 
     def keep(key: str, value: Any) -> Any:  # a long run that fails late still leaves what it measured
         results[key] = value
@@ -252,21 +255,21 @@ def measure(quick: bool, partial: Path | None = None) -> dict[str, Any]:
         export_checkpoint(ckpt, export_dir)
         small_pt = work / "small.pt"
         save_checkpoint(tiny_checkpoint(hidden=16, layers=1, heads=2, intermediate=32), small_pt)
-        print("bad inputs", flush=True)
         import onnxruntime
 
-        keep("versions", {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__})
-        print("bad inputs", flush=True)
-        keep("bad_inputs", _bad_inputs(work, ckpt, model_pt, export_dir))
-        print("property tests", flush=True)
-        keep("properties", _property_counts())
-        print("fuzzing", flush=True)
-        keep("fuzz", _fuzz(work, small_pt, export_dir, 100 if quick else 500, 20 if quick else 100,
-                           2 if quick else 12))
-        print("determinism", flush=True)
-        keep("determinism", _determinism(work, ckpt, model_pt))
-        print("interrupted exports", flush=True)
-        keep("interrupted", _interrupted(work, model_pt, export_dir))
+        stages: list[tuple[str, Callable[[], Any]]] = [
+            ("versions", lambda: {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__}),
+            ("bad_inputs", lambda: _bad_inputs(work, ckpt, model_pt, export_dir)),
+            ("properties", _property_counts),
+            ("fuzz", lambda: _fuzz(work, small_pt, export_dir, 100 if quick else 500, 20 if quick else 100,
+                                   2 if quick else 12)),
+            ("determinism", lambda: _determinism(work, ckpt, model_pt)),
+            ("interrupted", lambda: _interrupted(work, model_pt, export_dir)),
+        ]
+        for name, stage in stages:
+            if name not in results:
+                print(name, flush=True)
+                keep(name, stage())
     return results
 
 
@@ -335,12 +338,13 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer fuzz iterations")
     parser.add_argument("--write", action="store_true", help="update the table in docs/RESULTS.md")
     parser.add_argument("--json", help="also write the raw measurements here")
+    parser.add_argument("--resume", action="store_true", help="with --json: run only the stages it lacks")
     parser.add_argument("--from-json", help="render a table from measurements saved with --json (no new runs)")
     args = parser.parse_args()
     if args.from_json:
         results = json.loads(Path(args.from_json).read_text(encoding="utf-8"))
     else:
-        results = measure(args.quick, Path(args.json) if args.json else None)
+        results = measure(args.quick, Path(args.json) if args.json else None, args.resume)
     text = markdown(results)
     print(text)
     if args.write:
