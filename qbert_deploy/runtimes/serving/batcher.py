@@ -3,8 +3,9 @@
 A request is a dict of int64 [rows, tokens] arrays. The worker takes the oldest request, then keeps taking more
 until the batch holds `max_batch` rows or `max_delay` seconds have passed since it started waiting, pads every
 request to the longest sequence in the batch, runs the model once in a worker thread (so the event loop keeps
-accepting requests meanwhile) and hands each request its own rows back. The queue is bounded: `submit` refuses
-work at once when it is full, so overload becomes a 503 instead of an unbounded backlog.
+accepting requests meanwhile) and hands each request its own rows back. The queue is bounded: at most `max_queue`
+requests may be admitted and not yet answered (waiting, or in the batch being formed or run); `submit` refuses more
+at once, so overload becomes a 503 instead of an unbounded backlog.
 """
 
 from __future__ import annotations
@@ -67,13 +68,15 @@ class Batcher:
         self.max_delay = max_delay
         self.pad_values = pad_values
         self.metrics = metrics
-        self._queue: asyncio.Queue[_Request | None] = asyncio.Queue(maxsize=max_queue)
+        self.max_queue = max_queue
+        self._queue: asyncio.Queue[_Request | None] = asyncio.Queue()  # bounded by `_pending`, not by size
+        self._pending = 0  # admitted and not yet answered
         self._carry: _Request | None = None  # taken from the queue but did not fit the last batch
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qbert-infer")
         self._worker: asyncio.Task[None] | None = None
         self._closing = False
         if metrics is not None:
-            metrics.watch_queue(lambda: self._queue.qsize() + (self._carry is not None))
+            metrics.watch_queue(lambda: self._pending)
 
     async def start(self) -> None:
         self._worker = asyncio.create_task(self._loop(), name="qbert-batcher")
@@ -93,14 +96,22 @@ class Batcher:
         rows = int(feeds["input_ids"].shape[0])
         if rows > self.max_batch:
             raise ValueError(f"a request of {rows} rows is larger than the maximum batch of {self.max_batch}")
-        future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
-        try:
-            self._queue.put_nowait(_Request(feeds, future))
-        except asyncio.QueueFull:
+        if self._pending >= self.max_queue:
             if self.metrics is not None:
                 self.metrics.rejected.inc()
-            raise QueueFull(f"the request queue is full ({self._queue.maxsize} waiting)") from None
+            raise QueueFull(f"the request queue is full ({self._pending} requests waiting)")
+        future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
+        self._pending += 1
+        future.add_done_callback(self._answered)
+        self._queue.put_nowait(_Request(feeds, future))
         return future
+
+    def _answered(self, _: asyncio.Future[np.ndarray]) -> None:
+        self._pending -= 1
+
+    @property
+    def pending(self) -> int:
+        return self._pending
 
     async def infer(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         return await self.submit(feeds)

@@ -23,7 +23,8 @@ class ServeMetrics:
                                         buckets=BATCH_BUCKETS, registry=self.registry)
         self.inference = Histogram("qbert_inference_seconds", "Model run time per batch",
                                    buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.queue_depth = Gauge("qbert_queue_depth", "Requests waiting for a batch", registry=self.registry)
+        self.queue_depth = Gauge("qbert_queue_depth", "Requests admitted and not yet answered",
+                                 registry=self.registry)
         self.rejected = Counter("qbert_rejected_queue_full", "Requests refused with 503 because the queue was full",
                                 registry=self.registry)
 
