@@ -107,7 +107,8 @@ class Server:
         try:
             return await asyncio.shield(future)  # a client that hangs up does not cancel the batch
         except Exception as err:  # the model run failed; report it as the server's fault
-            raise ServeError(500, f"inference failed: {str(err).splitlines()[0][:300] if str(err) else err!r}") from None
+            first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+            raise ServeError(500, f"inference failed: {first}") from None
 
     def check_model(self, name: str, version: str | None = None) -> None:
         if name != self.config.model_name:

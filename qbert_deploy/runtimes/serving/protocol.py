@@ -106,10 +106,11 @@ def parse_infer(body: bytes, header_length: str | None, expected: dict[str, str]
         dtype = DTYPES[datatype]
         shape = _shape(spec, name)
         parameters = spec.get("parameters") or {}
-        size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
-        if size is not None:
-            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
-                raise ServeError(400, f"input {name!r}: binary_data_size {size!r} runs past the binary data")
+        blob_size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
+        if blob_size is not None:
+            if not isinstance(blob_size, int) or blob_size < 0 or offset + blob_size > len(binary):
+                raise ServeError(400, f"input {name!r}: binary_data_size {blob_size!r} runs past the binary data")
+            size = blob_size
             if size % dtype.itemsize:
                 raise ServeError(400, f"input {name!r}: {size} bytes is not a whole number of {datatype} values")
             flat = np.frombuffer(binary, dtype=dtype.newbyteorder("<"), count=size // dtype.itemsize, offset=offset)
