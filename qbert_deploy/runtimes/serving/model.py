@@ -42,7 +42,7 @@ def model_file(export_dir: str | os.PathLike[str], profile: str | None = None) -
     return path
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -52,10 +52,11 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _labels(config: dict[str, Any], count: int) -> list[str]:
+def labels_of(config: dict[str, Any]) -> list[str]:
+    """Label names from an HF config's id2label (LABEL_i where missing)."""
     id2label = config.get("id2label") or {}
-    labels = [str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(count)]
-    return labels
+    count = len(id2label) or int(config.get("num_labels", 2))
+    return [str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(count)]
 
 
 def _max_length(config: dict[str, Any], tokenizer_config: dict[str, Any]) -> int:
@@ -80,8 +81,8 @@ class ServedModel:
         self.export_dir = Path(export_dir)
         self.path = model_file(self.export_dir, profile)
         self.profile = profile
-        config = _read_json(self.export_dir / "config.json")
-        tokenizer_config = (_read_json(self.export_dir / "tokenizer_config.json")
+        config = read_json(self.export_dir / "config.json")
+        tokenizer_config = (read_json(self.export_dir / "tokenizer_config.json")
                             if (self.export_dir / "tokenizer_config.json").is_file() else {})
         self.session: ort.InferenceSession = open_session(self.path, providers, threads=threads,
                                                           allow_fallback=len(providers) > 1)
@@ -94,8 +95,7 @@ class ServedModel:
         self.input_names = [n for n in INPUT_NAMES if n in names]
         self.input_types = {i.name: ORT_TYPES.get(i.type, i.type) for i in self.session.get_inputs()}
         self.output_type = ORT_TYPES.get(outputs[OUTPUT_NAME].type, outputs[OUTPUT_NAME].type)
-        count = len(config.get("id2label") or {}) or int(config.get("num_labels", 2))
-        self.labels = _labels(config, count)
+        self.labels = labels_of(config)
         self.max_length = _max_length(config, tokenizer_config)
         self.vocab_size = int(config.get("vocab_size", 0)) or None
         self.type_vocab_size = int(config.get("type_vocab_size", 2))
