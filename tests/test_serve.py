@@ -247,3 +247,28 @@ def test_graceful_shutdown_finishes_in_flight_requests(tiny_export: Path, tmp_pa
         assert slow.process.returncode in (0, -signal.SIGTERM), slow.log_text()
         with pytest.raises(httpx.TransportError):
             httpx.get(f"{slow.url}/v2/health/live", timeout=2)
+
+
+def _binary_request(blob: bytes, size: int) -> bytes:
+    header = {"inputs": [{"name": "input_ids", "datatype": "INT64", "shape": [1, 2],
+                          "parameters": {"binary_data_size": size}}]}
+    return json.dumps(header).encode() + blob
+
+
+BAD_BINARY: dict[str, tuple[bytes, str, str]] = {
+    "header length not a number": (_binary_request(b"\0" * 16, 16), "abc", "is not an integer"),
+    "header length past the body": (_binary_request(b"\0" * 16, 16), "100000", "does not fit"),
+    "binary size past the data": (_binary_request(b"\0" * 8, 16), "", "runs past the binary data"),
+    "bytes left over": (_binary_request(b"\0" * 24, 16), "", "belong to no input"),
+    "partial value": (_binary_request(b"\0" * 12, 12), "", "not a whole number of INT64 values"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_BINARY))
+def test_bad_binary_tensors_get_400(server: RunningServer, case: str) -> None:
+    body, length, message = BAD_BINARY[case]
+    header_length = length or str(body.index(b"}]}") + 3)
+    response = httpx.post(f"{server.url}/v2/models/qbert/infer", content=body,
+                          headers={"Inference-Header-Content-Length": header_length})
+    assert response.status_code == 400, f"{case}: {response.status_code} {response.text}"
+    assert message in response.json()["error"], f"{case}: {response.json()}"
