@@ -57,6 +57,8 @@ def test_tritonclient_metadata(server: RunningServer) -> None:
         ("input_ids", "INT64"), ("attention_mask", "INT64"), ("token_type_ids", "INT64")], meta
     assert meta["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [-1, len(LABELS)]}], meta
     assert client.get_server_metadata()["extensions"] == ["binary_tensor_data"]
+    config = client.get_model_config("qbert")
+    assert (config["max_batch_size"], config["output"][0]["dims"]) == (8, [len(LABELS)]), config
     with pytest.raises(InferenceServerException, match="unknown model 'nope'"):
         client.get_model_metadata("nope")
 

@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-delay-ms", type=_delay, default=5.0,
                         help="longest wait for more requests to fill a batch (default 5)")
     parser.add_argument("--max-queue", type=_positive, default=256,
-                        help="requests that may wait; beyond that the server answers 503 (default 256)")
+                        help="requests admitted and not yet answered; beyond that the server answers 503 with "
+                             "Retry-After (default 256)")
     parser.add_argument("--max-body-bytes", type=_positive, default=8 << 20,
                         help="largest request body accepted, else 413 (default 8 MiB)")
     parser.add_argument("--model-name", default="qbert", help="the model's name in URLs (default qbert)")

@@ -86,6 +86,8 @@ class Server:
                                max_delay=self.config.max_delay_ms / 1000, max_queue=self.config.max_queue,
                                pad_values=self.model.pad_values, metrics=self.metrics)
         await self.batcher.start()
+        warm = self.model.check_inputs({"input_ids": np.full((1, 8), self.model.pad_id, dtype=np.int64)})
+        await self.batcher.infer(warm)  # ORT allocates on the first run; do it before reporting ready
         self.ready = True
 
     async def stop(self) -> None:
@@ -125,6 +127,17 @@ class Server:
                              "shape": [-1, len(self.model.labels)]}],
                 "parameters": {"labels": self.model.labels, "max_sequence_length": self.model.max_length,
                                "model_file": self.model.path.name, "providers": self.model.providers}}
+
+    def model_config(self) -> dict[str, Any]:
+        """The Triton-style model configuration (as JSON, like Triton's /config endpoint)."""
+        types = {"INT64": "TYPE_INT64", "INT32": "TYPE_INT32", "FP32": "TYPE_FP32", "FP16": "TYPE_FP16"}
+        return {"name": self.config.model_name, "platform": "onnxruntime_onnx", "backend": "onnxruntime",
+                "max_batch_size": self.config.max_batch,
+                "input": [{"name": n, "data_type": types.get(self.model.input_types[n], "TYPE_INVALID"),
+                           "dims": [-1]} for n in self.model.input_names],
+                "output": [{"name": OUTPUT_NAME, "data_type": types.get(self.model.output_type, "TYPE_INVALID"),
+                            "dims": [len(self.model.labels)]}],
+                "dynamic_batching": {"max_queue_delay_microseconds": round(self.config.max_delay_ms * 1000)}}
 
     async def observed(self, endpoint: str, handler: Callable[[], Awaitable[Response]]) -> Response:
         """Run a handler, turn ServeError into a JSON error, and count and time the request."""
@@ -227,6 +240,14 @@ def create_app(model: ServedModel, config: ServeConfig | None = None) -> FastAPI
     @app.get("/v2/models/{name}/versions/{version}")
     async def version_metadata(name: str, version: str) -> Response:
         return await server.observed("metadata", lambda: _metadata(name, version))
+
+    async def _config(name: str) -> Response:
+        server.check_model(name)
+        return JSONResponse(server.model_config())
+
+    @app.get("/v2/models/{name}/config")
+    async def model_config(name: str) -> Response:
+        return await server.observed("config", lambda: _config(name))
 
     @app.get("/v2/models/{name}/ready")
     async def model_ready(name: str) -> Response:
