@@ -274,3 +274,21 @@ def test_bad_binary_tensors_get_400(server: RunningServer, case: str) -> None:
                           headers={"Inference-Header-Content-Length": header_length})
     assert response.status_code == 400, f"{case}: {response.status_code} {response.text}"
     assert message in response.json()["error"], f"{case}: {response.json()}"
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_tritonclient_classification_extension(server: RunningServer, reference: Reference, binary: bool) -> None:
+    client = triton.InferenceServerClient(server.hostport)
+    feeds = text_batch()
+    outputs = [triton.InferRequestedOutput("logits", binary_data=binary, class_count=2)]
+    result = client.infer("qbert", _triton_inputs(feeds), outputs=outputs)
+    served = result.as_numpy("logits")
+    logits = reference.logits(feeds)
+    assert served.shape == (len(SENTENCES), 2), served.shape
+    for row, (entries, expected) in enumerate(zip(served, logits, strict=True)):
+        # tritonclient gives bytes from binary BYTES tensors and str from JSON ones
+        fields = [(e.decode() if isinstance(e, bytes) else e).split(":") for e in entries]
+        order = np.argsort(-expected, kind="stable")
+        assert [int(f[1]) for f in fields] == order.tolist(), f"row {row}: {entries} vs {expected}"
+        assert [f[2] for f in fields] == [LABELS[i] for i in order], entries
+        assert np.allclose([float(f[0]) for f in fields], expected[order], atol=1e-5), (entries, expected)

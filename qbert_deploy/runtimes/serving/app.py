@@ -20,7 +20,14 @@ from starlette.exceptions import HTTPException
 from qbert_deploy.runtimes.serving.batcher import Batcher, BatcherClosed, QueueFull
 from qbert_deploy.runtimes.serving.metrics import ServeMetrics
 from qbert_deploy.runtimes.serving.model import OUTPUT_NAME, ServedModel, softmax
-from qbert_deploy.runtimes.serving.protocol import HEADER_LENGTH, ServeError, encode_infer, parse_infer, parse_json
+from qbert_deploy.runtimes.serving.protocol import (
+    HEADER_LENGTH,
+    ServeError,
+    classification,
+    encode_infer,
+    parse_infer,
+    parse_json,
+)
 
 VERSION = "1"
 
@@ -162,7 +169,11 @@ class Server:
         except ValueError as err:
             raise ServeError(400, str(err)) from None
         logits = await self.infer_rows(feeds)
-        payload, headers = encode_infer(self.config.model_name, {OUTPUT_NAME: logits}, parsed.binary_outputs,
+        output: np.ndarray = logits
+        if OUTPUT_NAME in parsed.class_counts:
+            count = min(parsed.class_counts[OUTPUT_NAME], logits.shape[1])
+            output = classification(logits, count, self.model.labels)
+        payload, headers = encode_infer(self.config.model_name, {OUTPUT_NAME: output}, parsed.binary_outputs,
                                         parsed.request_id)
         return Response(payload, headers=headers)
 

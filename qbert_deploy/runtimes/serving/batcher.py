@@ -157,11 +157,13 @@ class Batcher:
                 return
 
     async def _run_batch(self, batch: list[_Request]) -> None:
-        feeds = pad_and_stack([r.feeds for r in batch], self.pad_values)
         started = time.perf_counter()
         try:
+            feeds = pad_and_stack([r.feeds for r in batch], self.pad_values)
             logits = await asyncio.get_running_loop().run_in_executor(self._executor, self.run, feeds)
-        except Exception as err:  # the model failed: every request of the batch gets the error
+            if logits.shape[0] != feeds["input_ids"].shape[0]:
+                raise RuntimeError(f"the model gave {logits.shape[0]} rows for {feeds['input_ids'].shape[0]}")
+        except Exception as err:  # the batch failed: each of its requests gets the error, the worker goes on
             for r in batch:
                 if not r.future.done():
                     r.future.set_exception(err)

@@ -36,6 +36,7 @@ class InferRequest:
     request_id: str | None = None
     outputs: list[str] | None = None  # None: every output
     binary_outputs: set[str] = field(default_factory=set)
+    class_counts: dict[str, int] = field(default_factory=dict)  # Triton's classification extension
 
 
 def parse_json(body: bytes) -> Any:
@@ -127,25 +128,46 @@ def parse_infer(body: bytes, header_length: str | None, expected: dict[str, str]
     if offset != len(binary):
         raise ServeError(400, f"{len(binary) - offset} bytes of binary data belong to no input")
     request_id = request.get("id")
-    outputs, binary_outputs = _requested_outputs(request)
-    return InferRequest(inputs, request_id if isinstance(request_id, str) else None, outputs, binary_outputs)
+    outputs, binary_outputs, class_counts = _requested_outputs(request)
+    return InferRequest(inputs, request_id if isinstance(request_id, str) else None, outputs, binary_outputs,
+                        class_counts)
 
 
-def _requested_outputs(request: dict[str, Any]) -> tuple[list[str] | None, set[str]]:
+def _requested_outputs(request: dict[str, Any]) -> tuple[list[str] | None, set[str], dict[str, int]]:
     parameters = request.get("parameters") or {}
     all_binary = isinstance(parameters, dict) and parameters.get("binary_data_output") is True
     specs = request.get("outputs")
     if specs is None:
-        return None, {"*"} if all_binary else set()
+        return None, {"*"} if all_binary else set(), {}
     if not isinstance(specs, list) or not all(isinstance(s, dict) and isinstance(s.get("name"), str) for s in specs):
         raise ServeError(400, "'outputs' must be a list of objects with a 'name'")
-    names = [s["name"] for s in specs]
-    binary = {s["name"] for s in specs
-              if all_binary or (isinstance(s.get("parameters"), dict) and s["parameters"].get("binary_data"))}
-    return names, binary
+    names, binary, class_counts = [], set(), {}
+    for spec in specs:
+        options = spec.get("parameters") if isinstance(spec.get("parameters"), dict) else {}
+        names.append(spec["name"])
+        if all_binary or options.get("binary_data"):
+            binary.add(spec["name"])
+        count = options.get("classification", options.get("class_count", 0))
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            raise ServeError(400, f"output {spec['name']!r}: classification count must be a non-negative integer")
+        if count:
+            class_counts[spec["name"]] = count
+    return names, binary, class_counts
+
+
+def classification(values: np.ndarray, count: int, labels: list[str]) -> np.ndarray:
+    """Triton's classification output: per row the top `count` entries as b"value:index:label", best first."""
+    top = np.argsort(-values, axis=1, kind="stable")[:, :count]
+    out = np.empty(top.shape, dtype=object)
+    for row, indices in enumerate(top):
+        for k, index in enumerate(indices):
+            out[row, k] = f"{values[row, index]:f}:{index}:{labels[index]}".encode()
+    return out
 
 
 def datatype_name(dtype: np.dtype[Any]) -> str:
+    if dtype == np.dtype(object):
+        return "BYTES"
     for name, known in DTYPES.items():
         if known == dtype:
             return name
@@ -159,12 +181,17 @@ def encode_infer(model_name: str, outputs: dict[str, np.ndarray], binary: set[st
     blobs: list[bytes] = []
     for name, array in outputs.items():
         entry: dict[str, Any] = {"name": name, "datatype": datatype_name(array.dtype), "shape": list(array.shape)}
+        strings = array.dtype == np.dtype(object)
         if "*" in binary or name in binary:
-            blob = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+            if strings:  # each element: 4-byte little-endian length, then the bytes
+                blob = b"".join(len(v).to_bytes(4, "little") + v for v in array.reshape(-1))
+            else:
+                blob = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
-            entry["data"] = array.reshape(-1).tolist()
+            flat = array.reshape(-1).tolist()
+            entry["data"] = [v.decode() for v in flat] if strings else flat
         entries.append(entry)
     response: dict[str, Any] = {"model_name": model_name, "model_version": "1", "outputs": entries}
     if request_id is not None:
