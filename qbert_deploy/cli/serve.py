@@ -84,6 +84,8 @@ def _serve(args: argparse.Namespace) -> int:
     print(f"qbert-serve: serving {model.path} as {config.model_name!r} on {', '.join(model.providers)}; "
           f"listening on http://{args.host}:{port}", flush=True)
     server.run(sockets=[sock])
+    if not server.started:
+        raise RuntimeError("the server did not start (see the log above)")
     print("qbert-serve: stopped", flush=True)
     return 0
 

@@ -93,8 +93,6 @@ class Server:
                                max_delay=self.config.max_delay_ms / 1000, max_queue=self.config.max_queue,
                                pad_values=self.model.pad_values, metrics=self.metrics)
         await self.batcher.start()
-        warm = self.model.check_inputs({"input_ids": np.full((1, 8), self.model.pad_id, dtype=np.int64)})
-        await self.batcher.infer(warm)  # ORT allocates on the first run; do it before reporting ready
         self.ready = True
 
     async def stop(self) -> None:

@@ -13,7 +13,7 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from qbert_deploy.runtimes.session import PROVIDERS, open_session
+from qbert_deploy.runtimes.session import PROVIDERS, SessionError, open_session
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 OUTPUT_NAME = "logits"
@@ -110,6 +110,15 @@ class ServedModel:
             raise ModelDirError(f"{tokenizer_path}: cannot load it ({str(err)[:200]})") from None
         self.tokenizer.no_padding()  # padding is per batch, in the batcher
         self.tokenizer.enable_truncation(max_length=self.max_length)
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """One run before serving: ORT allocates on the first run, and a model that cannot run fails here, once."""
+        try:
+            self.run(self.encode(["warm up"]).feeds)
+        except Exception as err:  # onnxruntime raises its own untyped exceptions
+            first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+            raise SessionError(f"{self.path}: the model does not run: {first}") from None
 
     @property
     def pad_values(self) -> dict[str, int]:
