@@ -187,7 +187,7 @@ class Server:
             raise ServeError(400, "empty input: 'text' is an empty list")
         if len(texts) > self.config.max_batch:
             raise ServeError(400, f"{len(texts)} texts is more than the maximum batch of {self.config.max_batch}")
-        encoded = self.model.encode(texts)
+        encoded = await asyncio.to_thread(self.model.encode, texts)  # long text must not stall the event loop
         if self.config.reject_long_text and any(encoded.truncated):
             first = encoded.truncated.index(True)
             raise ServeError(400, f"text {first} is longer than the model maximum of {self.model.max_length} tokens "
