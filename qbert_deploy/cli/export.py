@@ -16,6 +16,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--opset", type=int, default=21, choices=(21, 25),
                         help="target ONNX opset: 25 stores 2-bit weights as int2, 21 in int4 (default 21)")
     parser.add_argument("--no-parity", action="store_true", help="skip the PyTorch vs ONNX parity check")
+    parser.add_argument("--triton-repo", default=None, metavar="DIR",
+                        help="also write a Triton model repository here (see qbert-triton-repo for more options)")
+    parser.add_argument("--triton-device", choices=("cpu", "gpu"), default="cpu",
+                        help="instance group of the Triton repository (default cpu)")
     parser.add_argument("--check", metavar="EXPORT_DIR",
                         help="verify an export directory instead of exporting (exit 0 when every check passes)")
     parser.add_argument("--checkpoint", dest="check_checkpoint", metavar="MODEL_PT",
@@ -59,6 +63,11 @@ def _export(args: argparse.Namespace) -> int:
             print(f"parity vs PyTorch fake-quant: {line.line()}")
         if any(r.argmax_agreement < 1.0 for r in results):
             return fail("parity check: argmax differs between PyTorch and ONNX", code=1)
+    if args.triton_repo:
+        from qbert_deploy.runtimes.triton_repo import write_triton_repo
+
+        repo = write_triton_repo(result.out_dir, args.triton_repo, device=args.triton_device)
+        print(f"wrote Triton repository {repo.root} ({repo.source.name}, {args.triton_device})")
     return 0
 
 

@@ -1,0 +1,99 @@
+"""qbert-serve: serve an export directory over the KServe v2 / Triton HTTP protocol, with dynamic batching."""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import sys
+from collections.abc import Sequence
+
+from qbert_deploy.cli.common import run_cli
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _delay(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 10_000:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 10000 ms, got {text}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 65535, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qbert-serve", description=__doc__)
+    parser.add_argument("export_dir", help="an export directory written by qbert-export")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=_port, default=8000, help="port to listen on; 0 picks a free one (default 8000)")
+    parser.add_argument("--providers", default="cpu",
+                        help="execution providers in order of preference, comma separated: cpu, cuda, tensorrt "
+                             "(default cpu; a later one is a fallback)")
+    parser.add_argument("--profile", default=None,
+                        help="serve the lowered model.<PROFILE>.onnx of the export directory instead of model.onnx")
+    parser.add_argument("--threads", type=_positive, default=None, help="ONNX Runtime intra-op threads")
+    parser.add_argument("--max-batch", type=_positive, default=32, help="most rows per model run (default 32)")
+    parser.add_argument("--max-delay-ms", type=_delay, default=5.0,
+                        help="longest wait for more requests to fill a batch (default 5)")
+    parser.add_argument("--max-queue", type=_positive, default=256,
+                        help="requests admitted and not yet answered; beyond that the server answers 503 with "
+                             "Retry-After (default 256)")
+    parser.add_argument("--max-body-bytes", type=_positive, default=8 << 20,
+                        help="largest request body accepted, else 413 (default 8 MiB)")
+    parser.add_argument("--model-name", default="qbert", help="the model's name in URLs (default qbert)")
+    parser.add_argument("--reject-long-text", action="store_true",
+                        help="answer 400 to text longer than the model maximum instead of truncating it")
+    parser.add_argument("--graceful-timeout-s", type=_positive, default=30,
+                        help="on shutdown, how long in-flight requests may take to finish (default 30)")
+    parser.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from qbert_deploy.runtimes.serving import ServeConfig, ServedModel, create_app
+
+    providers = [p.strip() for p in args.providers.split(",") if p.strip()]
+    model = ServedModel(args.export_dir, profile=args.profile, providers=providers, threads=args.threads)
+    config = ServeConfig(model_name=args.model_name, max_batch=args.max_batch, max_delay_ms=args.max_delay_ms,
+                         max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
+                         reject_long_text=args.reject_long_text)
+    app = create_app(model, config)
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((args.host, args.port))
+    except OSError as err:
+        sock.close()
+        raise OSError(f"cannot listen on {args.host}:{args.port}: {err.strerror}") from None
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, access_log=False,
+                                           timeout_graceful_shutdown=args.graceful_timeout_s))
+    print(f"qbert-serve: serving {model.path} as {config.model_name!r} on {', '.join(model.providers)}; "
+          f"listening on http://{args.host}:{port}", flush=True)
+    server.run(sockets=[sock])
+    if not server.started:
+        raise RuntimeError("the server did not start (see the log above)")
+    print("qbert-serve: stopped", flush=True)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_cli("qbert-serve", lambda: _serve(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

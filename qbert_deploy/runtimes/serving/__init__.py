@@ -1,0 +1,11 @@
+"""qbert-serve: an export directory behind the KServe v2 / Triton HTTP protocol, with dynamic micro-batching.
+
+Imports neither torch nor transformers: a server needs only onnxruntime, tokenizers and the `[serve]` extra.
+"""
+
+from qbert_deploy.runtimes.serving.app import ServeConfig, create_app
+from qbert_deploy.runtimes.serving.batcher import Batcher, QueueFull
+from qbert_deploy.runtimes.serving.model import ModelDirError, ServedModel, model_file, profiles
+
+__all__ = ["Batcher", "ModelDirError", "QueueFull", "ServeConfig", "ServedModel", "create_app", "model_file",
+           "profiles"]

@@ -1,0 +1,183 @@
+"""Dynamic micro-batching: concurrent requests are merged into one model run, padded per batch.
+
+A request is a dict of int64 [rows, tokens] arrays. The worker takes the oldest request, then keeps taking more
+until the batch holds `max_batch` rows or `max_delay` seconds have passed since it started waiting, pads every
+request to the longest sequence in the batch, runs the model once in a worker thread (so the event loop keeps
+accepting requests meanwhile) and hands each request its own rows back. The queue is bounded: at most `max_queue`
+requests may be admitted and not yet answered (waiting, or in the batch being formed or run); `submit` refuses more
+at once, so overload becomes a 503 instead of an unbounded backlog.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from qbert_deploy.runtimes.serving.metrics import ServeMetrics
+
+RunFn = Callable[[dict[str, np.ndarray]], np.ndarray]
+
+
+class QueueFull(RuntimeError):
+    """The request queue is full; the client should retry later."""
+
+
+class BatcherClosed(RuntimeError):
+    """The server is shutting down and takes no new work."""
+
+
+@dataclass
+class _Request:
+    feeds: dict[str, np.ndarray]
+    future: asyncio.Future[np.ndarray]
+
+    @property
+    def rows(self) -> int:
+        return int(next(iter(self.feeds.values())).shape[0])
+
+
+def pad_and_stack(requests: list[dict[str, np.ndarray]], pad_values: dict[str, int]) -> dict[str, np.ndarray]:
+    """One batch from several requests: each padded on the right to the longest sequence, rows stacked in order."""
+    longest = max(int(next(iter(r.values())).shape[1]) for r in requests)
+    rows = sum(int(next(iter(r.values())).shape[0]) for r in requests)
+    batch: dict[str, np.ndarray] = {}
+    for name in requests[0]:
+        out = np.full((rows, longest), pad_values.get(name, 0), dtype=np.int64)
+        row = 0
+        for request in requests:
+            array = request[name]
+            out[row:row + array.shape[0], :array.shape[1]] = array
+            row += array.shape[0]
+        batch[name] = out
+    return batch
+
+
+class Batcher:
+    def __init__(self, run: RunFn, *, max_batch: int, max_delay: float, max_queue: int,
+                 pad_values: dict[str, int], metrics: ServeMetrics | None = None) -> None:
+        if max_batch < 1 or max_queue < 1 or max_delay < 0:
+            raise ValueError("max_batch and max_queue must be >= 1 and max_delay >= 0")
+        self.run = run
+        self.max_batch = max_batch
+        self.max_delay = max_delay
+        self.pad_values = pad_values
+        self.metrics = metrics
+        self.max_queue = max_queue
+        self._queue: asyncio.Queue[_Request | None] = asyncio.Queue()  # bounded by `_pending`, not by size
+        self._pending = 0  # admitted and not yet answered
+        self._carry: _Request | None = None  # taken from the queue but did not fit the last batch
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qbert-infer")
+        self._worker: asyncio.Task[None] | None = None
+        self._closing = False
+        if metrics is not None:
+            metrics.watch_queue(lambda: self._pending)
+
+    async def start(self) -> None:
+        self._worker = asyncio.create_task(self._loop(), name="qbert-batcher")
+
+    async def close(self) -> None:
+        """Take no new work, finish every queued request, then stop the worker."""
+        self._closing = True
+        if self._worker is not None:
+            await self._queue.put(None)  # wakes the worker after everything queued before it
+            await self._worker
+        self._executor.shutdown(wait=True)
+
+    def submit(self, feeds: dict[str, np.ndarray]) -> asyncio.Future[np.ndarray]:
+        """Queue one request; its future resolves to its own [rows, labels] logits."""
+        if self._closing:
+            raise BatcherClosed("the server is shutting down")
+        rows = int(feeds["input_ids"].shape[0])
+        if rows > self.max_batch:
+            raise ValueError(f"a request of {rows} rows is larger than the maximum batch of {self.max_batch}")
+        if self._pending >= self.max_queue:
+            if self.metrics is not None:
+                self.metrics.rejected.inc()
+            raise QueueFull(f"the request queue is full ({self._pending} requests waiting)")
+        future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
+        self._pending += 1
+        future.add_done_callback(self._answered)
+        self._queue.put_nowait(_Request(feeds, future))
+        return future
+
+    def _answered(self, _: asyncio.Future[np.ndarray]) -> None:
+        self._pending -= 1
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    async def infer(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        return await self.submit(feeds)
+
+    async def _next(self, timeout: float | None) -> _Request | None:
+        if self._carry is not None:
+            request, self._carry = self._carry, None
+            return request
+        if timeout is None:
+            return await self._queue.get()
+        if timeout <= 0:
+            return self._queue.get_nowait()
+        return await asyncio.wait_for(self._queue.get(), timeout)
+
+    async def _collect(self) -> tuple[list[_Request], bool]:
+        """The next batch, and whether the shutdown marker was reached."""
+        first = await self._next(None)
+        if first is None:
+            return [], True
+        batch, rows = [first], first.rows
+        deadline = time.monotonic() + self.max_delay
+        while rows < self.max_batch:
+            try:
+                request = await self._next(deadline - time.monotonic())
+            except (asyncio.TimeoutError, asyncio.QueueEmpty):
+                break
+            if request is None:
+                return batch, True
+            if rows + request.rows > self.max_batch:
+                self._carry = request
+                break
+            batch.append(request)
+            rows += request.rows
+        return batch, False
+
+    async def _loop(self) -> None:
+        while True:
+            batch, done = await self._collect()
+            live = [r for r in batch if not r.future.done()]  # a client that went away needs no answer
+            if live:
+                await self._run_batch(live)
+            if done:
+                return
+
+    async def _run_batch(self, batch: list[_Request]) -> None:
+        started = time.perf_counter()
+        try:
+            feeds = pad_and_stack([r.feeds for r in batch], self.pad_values)
+            logits = await asyncio.get_running_loop().run_in_executor(self._executor, self.run, feeds)
+            if logits.shape[0] != feeds["input_ids"].shape[0]:
+                raise RuntimeError(f"the model gave {logits.shape[0]} rows for {feeds['input_ids'].shape[0]}")
+        except Exception as err:  # the batch failed: each of its requests gets the error, the worker goes on
+            for r in batch:
+                if not r.future.done():
+                    r.future.set_exception(err)
+            return
+        if self.metrics is not None:
+            self.metrics.inference.observe(time.perf_counter() - started)
+            self.metrics.batch_rows.observe(sum(r.rows for r in batch))
+            self.metrics.batch_requests.observe(len(batch))
+        row = 0
+        for r in batch:
+            if not r.future.done():
+                r.future.set_result(logits[row:row + r.rows])
+            row += r.rows
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self._executor.shutdown(wait=False)

@@ -1,0 +1,175 @@
+"""An export directory made ready to serve: the ONNX file for a profile, its session, labels and tokenizer."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+from qbert_deploy.runtimes.session import PROVIDERS, SessionError, open_session
+
+INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+OUTPUT_NAME = "logits"
+ORT_TYPES = {"tensor(int64)": "INT64", "tensor(int32)": "INT32", "tensor(float)": "FP32", "tensor(float16)": "FP16"}
+
+
+class ModelDirError(ValueError):
+    """An export directory that cannot be served as asked."""
+
+
+def profiles(export_dir: Path) -> list[str]:
+    """The lowered profiles an export directory holds: model.<profile>.onnx files."""
+    return sorted(p.name[len("model."):-len(".onnx")] for p in export_dir.glob("model.*.onnx"))
+
+
+def model_file(export_dir: str | os.PathLike[str], profile: str | None = None) -> Path:
+    """model.<profile>.onnx when a profile is named, model.onnx otherwise."""
+    folder = Path(export_dir)
+    if not folder.is_dir():
+        raise ModelDirError(f"{folder}: not an export directory")
+    path = folder / (f"model.{profile}.onnx" if profile else "model.onnx")
+    if not path.is_file():
+        have = ", ".join(profiles(folder)) or "none"
+        what = f"profile {profile!r}" if profile else "model.onnx"
+        raise ModelDirError(f"{folder}: no {what} (no {path.name}; lowered profiles here: {have})")
+    return path
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelDirError(f"{path}: cannot read it ({err})") from None
+    if not isinstance(data, dict):
+        raise ModelDirError(f"{path}: expected a JSON object")
+    return data
+
+
+def labels_of(config: dict[str, Any]) -> list[str]:
+    """Label names from an HF config's id2label (LABEL_i where missing)."""
+    id2label = config.get("id2label") or {}
+    count = len(id2label) or int(config.get("num_labels", 2))
+    return [str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(count)]
+
+
+def _max_length(config: dict[str, Any], tokenizer_config: dict[str, Any]) -> int:
+    limits = [int(config.get("max_position_embeddings", 512))]
+    declared = tokenizer_config.get("model_max_length")
+    if isinstance(declared, int) and 0 < declared < 1_000_000:  # HF writes a huge sentinel when unset
+        limits.append(declared)
+    return min(limits)
+
+
+@dataclass(frozen=True)
+class Encoded:
+    feeds: dict[str, np.ndarray]  # int64 [texts, longest]
+    truncated: list[bool]  # per text: cut to the model maximum
+
+
+class ServedModel:
+    """One ORT session on an export directory, plus what the server needs to feed it text."""
+
+    def __init__(self, export_dir: str | os.PathLike[str], profile: str | None = None,
+                 providers: Sequence[str] = ("cpu",), threads: int | None = None) -> None:
+        self.export_dir = Path(export_dir)
+        self.path = model_file(self.export_dir, profile)
+        self.profile = profile
+        config = read_json(self.export_dir / "config.json")
+        tokenizer_config = (read_json(self.export_dir / "tokenizer_config.json")
+                            if (self.export_dir / "tokenizer_config.json").is_file() else {})
+        self.session: ort.InferenceSession = open_session(self.path, providers, threads=threads,
+                                                          allow_fallback=len(providers) > 1)
+        names = [i.name for i in self.session.get_inputs()]
+        if "input_ids" not in names or not set(names) <= set(INPUT_NAMES):
+            raise ModelDirError(f"{self.path}: inputs {names} are not a subset of {list(INPUT_NAMES)}")
+        outputs = {o.name: o for o in self.session.get_outputs()}
+        if OUTPUT_NAME not in outputs:
+            raise ModelDirError(f"{self.path}: no {OUTPUT_NAME!r} output")
+        self.input_names = [n for n in INPUT_NAMES if n in names]
+        self.input_types = {i.name: ORT_TYPES.get(i.type, i.type) for i in self.session.get_inputs()}
+        self.output_type = ORT_TYPES.get(outputs[OUTPUT_NAME].type, outputs[OUTPUT_NAME].type)
+        self.labels = labels_of(config)
+        self.max_length = _max_length(config, tokenizer_config)
+        self.vocab_size = int(config.get("vocab_size", 0)) or None
+        self.type_vocab_size = int(config.get("type_vocab_size", 2))
+        self.pad_id = int(config.get("pad_token_id") or 0)
+        self.providers = self.session.get_providers()
+        tokenizer_path = self.export_dir / "tokenizer.json"
+        if not tokenizer_path.is_file():
+            raise ModelDirError(f"{self.export_dir}: no tokenizer.json")
+        try:
+            self.tokenizer = Tokenizer.from_file(str(tokenizer_path))
+        except Exception as err:  # the tokenizers library raises its own untyped exceptions
+            raise ModelDirError(f"{tokenizer_path}: cannot load it ({str(err)[:200]})") from None
+        self.tokenizer.no_padding()  # padding is per batch, in the batcher
+        self.tokenizer.enable_truncation(max_length=self.max_length)
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """One run before serving: ORT allocates on the first run, and a model that cannot run fails here, once."""
+        try:
+            self.run(self.encode(["warm up"]).feeds)
+        except Exception as err:  # onnxruntime raises its own untyped exceptions
+            first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+            raise SessionError(f"{self.path}: the model does not run: {first}") from None
+
+    @property
+    def pad_values(self) -> dict[str, int]:
+        return {"input_ids": self.pad_id, "attention_mask": 0, "token_type_ids": 0}
+
+    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        logits: np.ndarray = self.session.run([OUTPUT_NAME], {n: feeds[n] for n in self.input_names})[0]
+        return logits
+
+    def check_inputs(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Validate a [rows, tokens] batch of ids and fill the optional inputs; ValueError says what is wrong."""
+        if "input_ids" not in inputs:
+            raise ValueError("input 'input_ids' is required")
+        ids = inputs["input_ids"]
+        if ids.ndim != 2:
+            raise ValueError(f"input 'input_ids' must be 2-D [batch, sequence], got shape {list(ids.shape)}")
+        if ids.size == 0:
+            raise ValueError(f"empty input: input_ids has shape {list(ids.shape)}")
+        if ids.shape[1] > self.max_length:
+            raise ValueError(f"sequence of {ids.shape[1]} tokens is longer than the model maximum {self.max_length}")
+        for name, array in inputs.items():
+            if array.shape != ids.shape:
+                raise ValueError(f"input {name!r} has shape {list(array.shape)}, input_ids {list(ids.shape)}")
+        feeds = {"input_ids": ids,
+                 "attention_mask": inputs.get("attention_mask", np.ones_like(ids)),
+                 "token_type_ids": inputs.get("token_type_ids", np.zeros_like(ids))}
+        limits = {"input_ids": self.vocab_size, "token_type_ids": self.type_vocab_size, "attention_mask": 2}
+        for name, limit in limits.items():
+            array = feeds[name]
+            if limit is not None and (array.min() < 0 or array.max() >= limit):
+                raise ValueError(f"input {name!r} has values outside [0, {limit - 1}]")
+        return {n: np.ascontiguousarray(feeds[n], dtype=np.int64) for n in self.input_names}
+
+    def encode(self, texts: Sequence[str]) -> Encoded:
+        encodings = self.tokenizer.encode_batch(list(texts))
+        longest = max(len(e.ids) for e in encodings)
+        feeds = {n: np.full((len(texts), longest), self.pad_values[n], dtype=np.int64) for n in INPUT_NAMES}
+        for row, e in enumerate(encodings):
+            feeds["input_ids"][row, :len(e.ids)] = e.ids
+            feeds["attention_mask"][row, :len(e.ids)] = e.attention_mask
+            feeds["token_type_ids"][row, :len(e.ids)] = e.type_ids
+        truncated = [bool(e.overflowing) for e in encodings]
+        return Encoded({n: feeds[n] for n in self.input_names}, truncated)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
+    exp = np.exp(shifted)
+    result: np.ndarray = exp / exp.sum(axis=-1, keepdims=True)
+    return result
+
+
+__all__ = ["INPUT_NAMES", "OUTPUT_NAME", "PROVIDERS", "Encoded", "ModelDirError", "ServedModel", "model_file",
+           "profiles", "softmax"]

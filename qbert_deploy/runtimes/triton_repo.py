@@ -1,0 +1,146 @@
+"""A Triton Inference Server model repository from an export directory (onnxruntime backend).
+
+Layout (Triton loads every sub-folder of the repository as a model, so nothing else goes beside the model folder):
+
+    REPO/README.md
+    REPO/<name>/config.pbtxt        onnxruntime backend, dynamic batching, instance group, tensor shapes
+    REPO/<name>/labels.txt          label names for Triton's classification extension
+    REPO/<name>/1/model.onnx        the export's model.onnx, or a lowered model.<profile>.onnx
+
+Lives in runtimes/, not exporters/: it copies an ONNX file and writes text, with neither torch nor transformers.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from qbert_deploy.atomic import atomic_dir
+from qbert_deploy.runtimes.serving.model import (
+    INPUT_NAMES,
+    OUTPUT_NAME,
+    ModelDirError,
+    labels_of,
+    model_file,
+    profiles,
+    read_json,
+)
+
+DEVICES = {"cpu": ("KIND_CPU", ("cpu",)), "gpu": ("KIND_GPU", ("cuda", "gpu", "tensorrt", "trt"))}
+ONNX_TO_TRITON = {7: "TYPE_INT64", 6: "TYPE_INT32", 1: "TYPE_FP32", 10: "TYPE_FP16"}  # onnx.TensorProto codes
+
+
+@dataclass(frozen=True)
+class TritonRepo:
+    root: Path
+    config: Path
+    model: Path
+    source: Path  # the export-dir file it was copied from
+
+
+def lowered_for(export_dir: Path, device: str) -> str | None:
+    """The one lowered profile made for `device` (named after its provider, e.g. cpu-w8a8), if there is exactly one."""
+    prefixes = DEVICES[device][1]
+    found = [p for p in profiles(export_dir) if p.split("-")[0].split("_")[0] in prefixes]
+    return found[0] if len(found) == 1 else None
+
+
+def _tensor_specs(path: Path) -> tuple[dict[str, str], str, list[str], int]:
+    """Input types, output type, external data files and opset of an ONNX model, without loading its weights."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    inputs = {i.name: ONNX_TO_TRITON.get(i.type.tensor_type.elem_type, "") for i in model.graph.input}
+    outputs = {o.name: ONNX_TO_TRITON.get(o.type.tensor_type.elem_type, "") for o in model.graph.output}
+    if OUTPUT_NAME not in outputs or "input_ids" not in inputs or not set(inputs) <= set(INPUT_NAMES):
+        raise ModelDirError(f"{path}: expected inputs among {list(INPUT_NAMES)} and a {OUTPUT_NAME!r} output")
+    unknown = [n for n, t in {**inputs, OUTPUT_NAME: outputs[OUTPUT_NAME]}.items() if not t]
+    if unknown:
+        raise ModelDirError(f"{path}: tensor {unknown[0]!r} has a type Triton's config here does not cover")
+    external = sorted({entry.value for tensor in model.graph.initializer
+                       if tensor.data_location == onnx.TensorProto.EXTERNAL
+                       for entry in tensor.external_data if entry.key == "location"})
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    return inputs, outputs[OUTPUT_NAME], external, opset
+
+
+def config_pbtxt(name: str, inputs: dict[str, str], output_type: str, labels: int, device: str, max_batch: int,
+                 max_delay_ms: float, instances: int, source: str) -> str:
+    kind = DEVICES[device][0]
+    tensors = ",\n".join(f'  {{\n    name: "{n}"\n    data_type: {t}\n    dims: [ -1 ]\n  }}'
+                         for n, t in inputs.items())
+    return (f"# Written by qbert-deploy from {source}. Triton Inference Server, onnxruntime backend.\n"
+            f"# dims leave out the batch dimension (max_batch_size > 0); -1 is the sequence length.\n"
+            f'name: "{name}"\n'
+            f'backend: "onnxruntime"\n'
+            f"max_batch_size: {max_batch}\n"
+            f"input [\n{tensors}\n]\n"
+            f'output [\n  {{\n    name: "{OUTPUT_NAME}"\n    data_type: {output_type}\n    dims: [ {labels} ]\n'
+            f'    label_filename: "labels.txt"\n  }}\n]\n'
+            f"dynamic_batching {{\n  max_queue_delay_microseconds: {round(max_delay_ms * 1000)}\n}}\n"
+            f"instance_group [\n  {{\n    count: {instances}\n    kind: {kind}\n  }}\n]\n")
+
+
+README = """# Triton model repository for `{name}`
+
+Written by qbert-deploy from `{source}` ({device} instance group, dynamic batching up to {max_batch} rows,
+{max_delay_ms} ms queue delay). Run it with NVIDIA's Triton container (its onnxruntime backend):
+
+```bash
+docker run --rm {gpus}-p 8000:8000 -p 8001:8001 -p 8002:8002 \\
+  -v "$PWD/{repo}:/models" nvcr.io/nvidia/tritonserver:<yy.mm>-py3 \\
+  tritonserver --model-repository=/models
+curl localhost:8000/v2/models/{name}/ready
+```
+
+Clients speak the same KServe v2 protocol as `qbert-serve`, so `tritonclient.http` code written against
+`qbert-serve EXPORT_DIR --model-name {name}` works unchanged: inputs {inputs} (INT64, [batch, sequence]),
+output `{output}` (FP32, [batch, {labels}]); `labels.txt` holds the label names.
+
+Notes:
+- Tokenize on the client with the export directory's `tokenizer.json` (or use `qbert-serve`'s text endpoint).
+- Triton's dynamic batcher merges only requests of the same shape; pad sequences on the client to a fixed length
+  (e.g. the model maximum, or a few length buckets) so that requests can share a batch. `qbert-serve` pads per batch.
+- The model's ONNX Runtime version matters: pick a Triton release whose onnxruntime backend runs opset {opset}
+  (see Triton's framework support matrix).
+"""
+
+
+def write_triton_repo(export_dir: str | os.PathLike[str], repo_dir: str | os.PathLike[str], *,
+                      model_name: str = "qbert", device: str = "cpu", profile: str | None = None,
+                      max_batch: int = 32, max_delay_ms: float = 5.0, instances: int = 1) -> TritonRepo:
+    """Write (or replace whole) a Triton repository serving the export's model, lowered for `device` if it can be.
+
+    `profile` names the export's model.<profile>.onnx to ship; without it the one lowered file made for `device`
+    is used when there is exactly one, else model.onnx.
+    """
+    if device not in DEVICES:
+        raise ModelDirError(f"unknown device {device!r}; choose from {', '.join(DEVICES)}")
+    if max_batch < 1 or instances < 1 or max_delay_ms < 0:
+        raise ModelDirError("max batch and instances must be at least 1 and the delay not negative")
+    if not model_name or any(c in model_name for c in "/\\\"\n") or model_name.startswith("."):
+        raise ModelDirError(f"model name {model_name!r} is not a plain folder name")
+    export = Path(export_dir)
+    chosen = profile if profile or not export.is_dir() else lowered_for(export, device)
+    source = model_file(export, chosen)
+    inputs, output_type, external, opset = _tensor_specs(source)
+    labels = labels_of(read_json(export / "config.json"))
+    with atomic_dir(repo_dir) as tmp:
+        folder = tmp / model_name
+        (folder / "1").mkdir(parents=True)
+        shutil.copyfile(source, folder / "1" / "model.onnx")
+        for name in external:  # external weights keep their file name: the ONNX file refers to it
+            shutil.copyfile(source.parent / name, folder / "1" / name)
+        (folder / "labels.txt").write_text("\n".join(labels) + "\n", encoding="utf-8")
+        text = config_pbtxt(model_name, inputs, output_type, len(labels), device, max_batch, max_delay_ms,
+                            instances, f"{export.name}/{source.name}")
+        (folder / "config.pbtxt").write_text(text, encoding="utf-8")
+        (tmp / "README.md").write_text(README.format(
+            name=model_name, source=f"{export.name}/{source.name}", device=device.upper(), max_batch=max_batch,
+            max_delay_ms=max_delay_ms, gpus="--gpus=all " if device == "gpu" else "", repo=Path(repo_dir).name,
+            inputs=", ".join(f"`{n}`" for n in inputs), output=OUTPUT_NAME, labels=len(labels), opset=opset),
+            encoding="utf-8")
+    root = Path(repo_dir)
+    return TritonRepo(root, root / model_name / "config.pbtxt", root / model_name / "1" / "model.onnx", source)

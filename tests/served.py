@@ -1,0 +1,28 @@
+"""Helpers for the serving tests: the real server process (from the load benchmark) and an in-process reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.serve_load import RunningServer, metric_value, running_server
+from qbert_deploy.runtimes.session import open_session
+
+__all__ = ["Reference", "RunningServer", "feeds_for", "metric_value", "running_server"]
+
+
+class Reference:
+    """In-process ORT on the same model file: what each served answer must agree with."""
+
+    def __init__(self, model_path: Path) -> None:
+        self.session = open_session(model_path, threads=1)
+
+    def logits(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        out: np.ndarray = self.session.run(["logits"], feeds)[0]
+        return out
+
+
+def feeds_for(ids: np.ndarray) -> dict[str, np.ndarray]:
+    ids = np.asarray(ids, dtype=np.int64)
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
