@@ -220,14 +220,20 @@ def _interrupted(work: Path, model_pt: Path, export_dir: Path) -> list[dict[str,
         out = work / "killed" / "export"
         shutil.rmtree(out.parent, ignore_errors=True)
         out.parent.mkdir()
-        if existing:
+        if existing:  # a previous export that differs from what this run writes, so a mix of both would show
             shutil.copytree(export_dir, out)
+            (out / "size_report.md").write_text("previous export\n")
         before = snapshot(out)
         outcome = kill_export(model_pt, out, when, delay)
-        # with a previous export: unchanged; without: absent, or complete enough to pass every check
-        intact = snapshot(out) == before if before else not out.exists() or all(r.ok for r in check_export(out))
+        # the previous export untouched, or no output, or the new export complete (passes every check)
+        after = snapshot(out)
+        new_whole = out.exists() and all(r.ok for r in check_export(out)) and after.get("size_report.md") != \
+            b"previous export\n"
+        intact = (before and after == before) or (not before and not out.exists()) or new_whole
         clean_stale(out)
         rows.append({"when": when, "delay_s": delay, "existing": existing, "killed": outcome.killed,
+                     "result": "previous kept" if before and after == before else "new, complete" if new_whole
+                     else "none" if not out.exists() else "BROKEN",
                      "leftovers": len(outcome.leftovers), "output_whole_or_absent": intact,
                      "left_after_clean": len(list(out.parent.glob(".export.*")))})
         print(f"  kill after {when}+{delay}s existing={existing}: {rows[-1]}", flush=True)
@@ -282,7 +288,7 @@ def markdown(r: dict[str, Any]) -> str:
              "| category | bad input | command | exit | clean one-line error | output written | message |",
              "|---|---|---|---:|---|---|---|"]
     for b in r["bad_inputs"]:
-        message = b["message"].replace("|", "\\|")
+        message = re.sub(r"/tmp/tmp\w+/", "", b["message"]).replace("|", "\\|")
         if len(message) > 140:
             message = message[:137] + "..."
         ran = " (CODE RAN)" if b["code_ran"] else ""
@@ -304,7 +310,7 @@ def markdown(r: dict[str, Any]) -> str:
               f"{f['check_export']['crashed']} | {f['check_export']['slowest_s']} s |",
               f"| `qbert-export mutated.pt -o out` / `qbert-export --check dir` subprocesses | "
               f"{f['cli']['iterations']} | {f['cli']['clean_error']} clean one-line errors, {f['cli']['ok']} ok | "
-              f"{f['cli']['traceback_or_hang']} | timeout 300 s |"]
+              f"{f['cli']['traceback_or_hang']} | (limit 300 s each) |"]
     d = r["determinism"]
     lines += ["", "**Determinism** (`qbert-export model.pt -o A --no-parity` twice, and from the safetensors "
               f"folder): byte-identical model.onnx: **{'yes' if d['identical'] else 'NO'}**", "",
@@ -312,12 +318,12 @@ def markdown(r: dict[str, Any]) -> str:
     lines += [f"| {k} | `{v[:16]}` |" for k, v in d["digests"].items()]
     lines += ["", "**Interrupted exports** (SIGKILL to `qbert-export model.pt -o export --no-parity` after an event "
               "plus a delay; `tests/harness.py:kill_export`):", "",
-              "| killed after | delay | previous export present | killed before finishing | temp leftovers | "
-              "output whole (or absent / unchanged) | leftovers after next run's clean-up |",
-              "|---|---:|---|---|---:|---|---:|"]
+              "| killed after | delay | previous export present | killed before exiting | temp leftovers | "
+              "output afterwards | whole or absent | leftovers after `clean_stale` (the next run's first step) |",
+              "|---|---:|---|---|---:|---|---|---:|"]
     for k in r["interrupted"]:
         lines.append(f"| {k['when']} | {k['delay_s']} s | {'yes' if k['existing'] else 'no'} | "
-                     f"{'yes' if k['killed'] else 'no (finished)'} | {k['leftovers']} | "
+                     f"{'yes' if k['killed'] else 'no (finished)'} | {k['leftovers']} | {k.get('result', '')} | "
                      f"{'yes' if k['output_whole_or_absent'] else 'NO'} | {k['left_after_clean']} |")
     lines += ["", END]
     return "\n".join(lines) + "\n"
