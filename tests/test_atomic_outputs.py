@@ -68,7 +68,7 @@ PREVIOUS = b"previous export\n"
 def _assert_whole_or_absent(out: Path, before: dict[str, bytes]) -> None:
     """The previous export untouched, or nothing, or the new export complete: never a mix or a part."""
     after = snapshot(out)
-    if before and after == before or not before and not out.exists():
+    if (before and after == before) or (not before and not out.exists()):
         return
     failed = [r.line() for r in check_export(out) if not r.ok]
     assert not failed, f"a killed export left an incomplete directory: {failed}"
