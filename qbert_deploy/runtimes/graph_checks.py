@@ -130,9 +130,9 @@ def cuda_violations(graph: ir.Graph) -> list[str]:
             dtype = quantized_dtype(node.inputs[0] if node.op_type == "DequantizeLinear" else node.outputs[0])
             if dtype not in (ir.DataType.INT4, ir.DataType.UINT4):
                 problems.append(f"{node.name}: blocked {node.op_type} on {dtype} (the CUDA EP blocks only int4)")
-        for value in (*node.inputs, *node.outputs):
-            if value is not None and value.dtype in (ir.DataType.INT2, ir.DataType.UINT2):
-                problems.append(f"{node.name}: int2 value {value.name} (the CUDA EP has no int2)")
+        for io in (*node.inputs, *node.outputs):
+            if io is not None and io.dtype in (ir.DataType.INT2, ir.DataType.UINT2):
+                problems.append(f"{node.name}: int2 value {io.name} (the CUDA EP has no int2)")
                 break
         if node.op_type == "MatMulNBits":
             bits = node.attributes.get("bits")

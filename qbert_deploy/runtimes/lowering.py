@@ -25,6 +25,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from qbert_deploy.atomic import atomic_file
+from qbert_deploy.runtimes.attention_fusion import fuse_attention
 from qbert_deploy.runtimes.graph_checks import blocked_int8_pitfalls, cuda_violations, weight_sites
 from qbert_deploy.runtimes.lowering_passes import (
     LoweringError,
@@ -59,7 +60,7 @@ def _matmulnbits(model: ir.Model) -> int:
 _PROFILES = {
     "cpu-w8a8": Profile(
         "cpu-w8a8", ("cpu",), "exact: same integers and scales as the canonical graph",
-        (widen_weights_to_int8, gather_then_dequantize)),
+        (widen_weights_to_int8, gather_then_dequantize, fuse_attention)),
     "weight-only": Profile(
         "weight-only", ("cpu", "cuda"),
         f"weights exact; MatMulNBits accuracy_level={MATMULNBITS_ACCURACY_LEVEL} (fp32 compute)",

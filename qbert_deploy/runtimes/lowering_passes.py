@@ -38,7 +38,7 @@ def _constant(graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.DataType 
     while unique in graph.initializers:
         unique, n = f"{name}_{n}", n + 1
     tensor = ir.tensor(array, dtype=dtype, name=unique) if dtype is not None else ir.tensor(array, name=unique)
-    value = ir.val(unique, tensor.dtype, tensor.shape, const_value=tensor)
+    value = ir.val(unique, tensor.dtype, ir.Shape(tensor.shape.numpy()), const_value=tensor)
     graph.register_initializer(value)
     return value
 
@@ -144,7 +144,7 @@ def gather_then_dequantize(model: ir.Model) -> int:
         mul = ir.node("Mul", [centred, scale_col.outputs[0]], name=f"{name}/dequantize_rows")
         nodes += [scale_rows, scale_col, mul]
         graph.insert_before(gather, nodes)
-        mul.outputs[0].dtype, mul.outputs[0].shape = gather.outputs[0].dtype, gather.outputs[0].shape
+        mul.outputs[0].type, mul.outputs[0].shape = gather.outputs[0].type, gather.outputs[0].shape
         gather.outputs[0].replace_all_uses_with(mul.outputs[0], replace_graph_outputs=True)
         graph.remove([gather, dq], safe=True)
         done += 1
@@ -212,7 +212,7 @@ def weights_to_matmulnbits(model: ir.Model, accuracy_level: int, widen_2bit: boo
                   _constant(graph, f"{name}.weight_nbits_zero_point", packed_zp)]
         fused = ir.node("MatMulNBits", inputs, domain="com.microsoft", name=f"{name}/MatMulNBits", attributes={
             "K": k, "N": n, "bits": bits, "block_size": block, "accuracy_level": accuracy_level})
-        fused.outputs[0].dtype, fused.outputs[0].shape = matmul.outputs[0].dtype, matmul.outputs[0].shape
+        fused.outputs[0].type, fused.outputs[0].shape = matmul.outputs[0].type, matmul.outputs[0].shape
         fused.outputs[0].name = matmul.outputs[0].name
         matmul.outputs[0].name = None
         graph.insert_before(matmul, fused)
