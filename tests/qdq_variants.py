@@ -49,7 +49,8 @@ def requantized(src: Path, dst: Path, bits: int, symmetric: bool = False, blocke
         q, scale, zp = _quantize(w.astype(np.float32), bits, symmetric)
         for value, array, kind in ((q_v, q, dtype), (z_v, zp, dtype), (s_v, scale, None)):
             data = array.astype(np_dtype) if kind is not None else array
-            value.const_value = ir.tensor(data, dtype=kind, name=value.name) if kind else ir.tensor(data, name=value.name)
+            tensor = ir.tensor(data, dtype=kind, name=value.name) if kind else ir.tensor(data, name=value.name)
+            value.const_value = tensor
             value.dtype = kind or ir.DataType.FLOAT
         weight_bits[module] = bits
     if container == 2:

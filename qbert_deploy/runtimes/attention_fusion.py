@@ -76,6 +76,15 @@ def _split_biases(graph: ir.Graph, values: list[ir.Value], name: str) -> tuple[l
     return [i for i in inputs if i is not None], bias
 
 
+def _layer_name(query: ir.Value) -> str:
+    """`bert.encoder.layer.N.attention` from the query projection's MatMul (behind its bias Add)."""
+    node = producer(query)
+    if node is not None and node.op_type == "Add":
+        node = producer(node.inputs[0]) or node
+    name = node.name if node is not None and node.name else "attention"
+    return name.split(".attention.")[0] + ".attention" if ".attention." in name else name
+
+
 def fuse_attention(model: ir.Model) -> int:
     """Rewrite each self-attention core into MultiHeadAttention; returns how many were fused.
 
@@ -107,7 +116,8 @@ def fuse_attention(model: ir.Model) -> int:
         merge = _only_use(context.outputs[0])
         reshape = _only_use(merge.outputs[0]) if _perm(merge) == (0, 2, 1, 3) and merge is not None else None
         shape = q[2].outputs[0].shape
-        if v is None or reshape is None or reshape.op_type != "Reshape" or shape is None \
+        if v is None or merge is None or div is None or reshape is None or reshape.op_type != "Reshape" \
+                or shape is None \
                 or not isinstance(shape[1], int):
             continue
         heads = int(shape[1])
@@ -116,8 +126,7 @@ def fuse_attention(model: ir.Model) -> int:
             graph.insert_before(next(iter(graph)), cast)
             mask_i32 = cast.outputs[0]
             mask_i32.name = "attention_mask_int32"
-        name = (q[0].producer().name or "attention") if q[0].producer() is not None else "attention"
-        name = name.split(".attention.")[0] + ".attention" if ".attention." in name else name
+        name = _layer_name(q[0])
         projections, bias = _split_biases(graph, [q[0], k[0], v[0]], name)
         mha = ir.node("MultiHeadAttention", [*projections, bias, mask_i32], domain="com.microsoft",
                       attributes={"num_heads": heads, "scale": 1.0 / divisor}, name=f"{name}/MultiHeadAttention")
