@@ -66,6 +66,7 @@ def test_cpu_w8a8_runs_every_encoder_linear_in_an_integer_kernel(tiny_export: Pa
                                for i in n.input)]
     assert float_behind_dq == [], f"float GEMMs still fed by DequantizeLinear: {float_behind_dq}"
     assert ops["MultiHeadAttention"] == 2, f"attention core not fused in each of the 2 layers: {ops}"
+    assert ops["SkipLayerNormalization"] == 0, f"ORT formed its slower SkipLayerNormalization: {ops}"
 
 
 def test_cpu_w8a8_keeps_the_file_packed(tiny_export: Path, tmp_path: Path) -> None:

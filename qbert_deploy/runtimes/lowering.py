@@ -4,7 +4,9 @@ Profiles (the name is written into the lowered file's metadata, `qbert.lowering`
 
 - `cpu-w8a8`: packed int2/int4 weights widened to int8 (same integers, same scales) through Casts that ORT folds
   at session start, so the file stays packed on disk; ORT then fuses every encoder Linear into
-  MatMulIntegerToFloat. Embeddings gather rows before dequantizing. Numerics: those of the canonical graph.
+  MatMulIntegerToFloat. Embeddings gather rows before dequantizing; the attention core becomes one
+  MultiHeadAttention; residual Adds become Sum so ORT does not form its slower SkipLayerNormalization.
+  Numerics: those of the canonical graph (up to float summation order in fused kernels).
 - `weight-only`: weights in com.microsoft.MatMulNBits (smallest resident memory), accuracy level pinned in the
   node (`accuracy_level=1`: fp32 compute); activation Q/DQ kept, so only the GEMM's float summation differs.
 - `cuda`: the weight-only form with CUDA's rules: no int2 (2-bit runs in the 4-bit kernel), no blocked Q/DQ
@@ -30,6 +32,7 @@ from qbert_deploy.runtimes.graph_checks import blocked_int8_pitfalls, cuda_viola
 from qbert_deploy.runtimes.lowering_passes import (
     LoweringError,
     gather_then_dequantize,
+    residual_sum,
     symmetric_activations,
     symmetric_weights,
     weights_to_matmulnbits,
@@ -60,7 +63,7 @@ def _matmulnbits(model: ir.Model) -> int:
 _PROFILES = {
     "cpu-w8a8": Profile(
         "cpu-w8a8", ("cpu",), "exact: same integers and scales as the canonical graph",
-        (widen_weights_to_int8, gather_then_dequantize, fuse_attention)),
+        (widen_weights_to_int8, gather_then_dequantize, fuse_attention, residual_sum)),
     "weight-only": Profile(
         "weight-only", ("cpu", "cuda"),
         f"weights exact; MatMulNBits accuracy_level={MATMULNBITS_ACCURACY_LEVEL} (fp32 compute)",

@@ -279,3 +279,37 @@ def symmetric_activations(model: ir.Model) -> int:
         q.outputs[0].dtype = ir.DataType.INT8
         done += 1
     return done
+
+
+def residual_sum(model: ir.Model) -> int:
+    """cpu-w8a8: write each residual Add before a LayerNormalization as Sum, which ORT does not fuse.
+
+    ORT 1.32 fuses Add + LayerNormalization into SkipLayerNormalization, about 5x slower than the two ops on this
+    CPU (DESIGN.md §4). Pre: LayerNormalization(Add(a, b)) with a and b computed tensors, the sum used only there.
+    Post: LayerNormalization(Sum(a, b)), or Sum(x, bias, b) when a = Add(x, constant bias) is used only here:
+    the same additions in the same order, so bit-identical values.
+    """
+    graph = model.graph
+    done = 0
+    for norm in [n for n in graph if n.op_type == "LayerNormalization"]:
+        add = norm.inputs[0].producer() if norm.inputs[0] is not None else None
+        if add is None or add.op_type != "Add" or len(list(add.outputs[0].uses())) != 1:
+            continue
+        a, b = add.inputs[0], add.inputs[1]
+        if a is None or b is None or a.const_value is not None or b.const_value is not None:
+            continue
+        terms = [a, b]
+        inner = a.producer()
+        if (inner is not None and inner.op_type == "Add" and len(list(a.uses())) == 1
+                and inner.inputs[1] is not None and inner.inputs[1].const_value is not None
+                and inner.inputs[0] is not None):
+            terms = [inner.inputs[0], inner.inputs[1], b]
+        total = ir.node("Sum", terms, name=f"{norm.name}/residual_sum")
+        total.outputs[0].type, total.outputs[0].shape = add.outputs[0].type, add.outputs[0].shape
+        graph.insert_before(add, total)
+        add.outputs[0].replace_all_uses_with(total.outputs[0])
+        graph.remove(add, safe=True)
+        if len(terms) == 3 and inner is not None:
+            graph.remove(inner, safe=True)
+        done += 1
+    return done
