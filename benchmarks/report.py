@@ -94,7 +94,7 @@ def section(results: dict[str, Any], chart: Path) -> str:
     batches = sorted({int(b) for m in results["models"].values() for c in m["configs"] for b in c["wall"]})
     versions = {p: metadata.version(p) for p in ("onnxruntime", "torch", "transformers")}
     load = results["load_before"], results["load_after"]
-    out = [START, "## Issue 4: runtime lowering, side-by-side CPU benchmark", "",
+    out = [START, "### Side-by-side CPU benchmark", "",
            f"Command: `{results['command']}` (also `make bench`), run {results['started']} to "
            f"{results['finished']}.", "",
            f"Machine: {_cpu_name()}, {os.cpu_count()} cores visible, 2 intra-op threads pinned, ORT thread spinning "
@@ -104,8 +104,8 @@ def section(results: dict[str, Any], chart: Path) -> str:
            "rotated each round); the table gives the median wall-clock latency over the rounds with its "
            "inter-quartile range, throughput = batch / median, and the median process CPU time per run (both "
            "threads; less sensitive than wall time to other work on the machine). Peak RSS: each configuration "
-           "in a process of its own (`benchmarks/memory.py`): peak RSS (`VmHWM`) after loading and running batch 1, then "
-           "batch 8, minus the same process's peak after its imports. File: bytes on disk.", "",
+           "in a process of its own (`benchmarks/memory.py`): peak RSS (`VmHWM`) after loading and running "
+           "batch 1, then batch 8, minus the same process's peak after its imports. File: bytes on disk.", "",
            f"Noise: the 2-core machine was shared with other agents (load average "
            f"{load[0][0]:.1f} before, {load[1][0]:.1f} after); absolute figures are inflated and only the "
            "ratios within one run are comparable.", "",
@@ -115,7 +115,7 @@ def section(results: dict[str, Any], chart: Path) -> str:
            "ORT dynamic int8 = `quantize_dynamic(weight_type=QInt8)` on the plain and on the "
            "`onnxruntime.transformers` fused graph; the anchor is the faster of the two at each batch size.", ""]
     for name, model in results["models"].items():
-        out += [f"### {name}", "", *_model_table(model, batches), "", "Targets (ratios from this run):", "",
+        out += [f"#### {name}", "", *_model_table(model, batches), "", "Targets (ratios from this run):", "",
                 *_targets(model, batches), "", *_profiles(model)]
     out += [f"![latency chart]({chart.name})", "", END]
     return "\n".join(out)
