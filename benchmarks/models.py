@@ -14,6 +14,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,7 +44,8 @@ def mp23_recipe(model: nn.Module) -> Recipe:
     """Mixed 2/3 bits: the first half of the layers 3-bit, the rest 2-bit (a stand-in for Hessian allocation)."""
     from qbert_deploy.models.wrap import quantizable_linears
 
-    layers = model.config.num_hidden_layers  # type: ignore[union-attr]
+    config: Any = model.config
+    layers = int(config.num_hidden_layers)
     return Recipe(default=WeightQuant(bits=3, groups=128)).with_overrides({
         name: WeightQuant(bits=3 if int(name.split(".")[3]) < layers // 2 else 2, groups=128)
         for name in quantizable_linears(model)})

@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -48,8 +49,8 @@ def _feed(batch: int) -> Feed:
 
 def configs(model: BenchModel, cache: Path) -> list[Config]:
     folder = model.fp32_onnx.parent
-    heads = int(model.torch_model.config.num_attention_heads)  # type: ignore[union-attr]
-    hidden = int(model.torch_model.config.hidden_size)  # type: ignore[union-attr]
+    config: Any = model.torch_model.config
+    heads, hidden = int(config.num_attention_heads), int(config.hidden_size)
     fused = fused_fp32(model.fp32_onnx, folder / "fp32-fused.onnx", heads, hidden)
     paths = {
         "ORT fp32": model.fp32_onnx,

@@ -74,7 +74,7 @@ def test_cpu_w8a8_keeps_the_file_packed(tiny_export: Path, tmp_path: Path) -> No
     lowered = lower(canonical, "cpu-w8a8", tmp_path / "lowered.onnx")
     assert lowered.stat().st_size <= canonical.stat().st_size * 1.02, (lowered.stat().st_size,
                                                                         canonical.stat().st_size)
-    types = {v.dtype for v in ir.load(lowered).graph.initializers.values() if v.name.endswith(".weight_q")}
+    types = {v.dtype for v in ir.load(lowered).graph.initializers.values() if (v.name or "").endswith(".weight_q")}
     assert ir.DataType.UINT4 in types, f"weights should stay packed on disk, found {types}"
 
 
@@ -128,8 +128,9 @@ def _bad_blocked_int8_graph() -> ir.Model:
     """The pattern ORT 1.32 fuses wrongly: blocked int8 weight + activation Q/DQ, no Q after the MatMul."""
     x = ir.val("x", ir.DataType.FLOAT, [2, 32])
     init = {}
-    for name, array in {"w": np.ones((32, 4), np.int8), "w_scale": np.ones((2, 4), np.float32),
-                        "a_scale": np.array(0.1, np.float32), "a_zp": np.array(128, np.uint8)}.items():
+    arrays: dict[str, np.ndarray] = {"w": np.ones((32, 4), np.int8), "w_scale": np.ones((2, 4), np.float32),
+                                     "a_scale": np.array(0.1, np.float32), "a_zp": np.array(128, np.uint8)}
+    for name, array in arrays.items():
         init[name] = ir.val(name, const_value=ir.tensor(array, name=name))
     q = ir.node("QuantizeLinear", [x, init["a_scale"], init["a_zp"]], name="q")
     dq = ir.node("DequantizeLinear", [q.outputs[0], init["a_scale"], init["a_zp"]], name="dq")
@@ -155,7 +156,7 @@ def test_blocked_int8_checker_catches_the_wrong_result_pattern() -> None:
 
 def test_blocked_weights_are_refused(tiny_export: Path) -> None:
     model = ir.load(tiny_export / "model.onnx")
-    dq = next(n for n in model.graph if n.name.endswith("query/weight_dequantize"))
+    dq = next(n for n in model.graph if (n.name or "").endswith("query/weight_dequantize"))
     dq.attributes["block_size"] = ir.AttrInt64("block_size", 16)
     with pytest.raises(LoweringError, match="per-output-channel"):
         lower_model(model, "cpu-w8a8")
