@@ -135,7 +135,7 @@ def op_profile(path: str, feed: Feed, threads: int, runs: int = 3) -> list[tuple
     return [(op, us / 1000 / (runs + 1), us / whole) for op, us in totals.most_common(8)]
 
 
-def measure(names: Sequence[str], batches: Sequence[int], rounds: int, threads: int, cache: Path,
+def measure(names: Sequence[str], batches: Sequence[int], rounds: dict[int, int], threads: int, cache: Path,
             memory: bool) -> dict[str, object]:
     import torch
 
@@ -148,8 +148,8 @@ def measure(names: Sequence[str], batches: Sequence[int], rounds: int, threads: 
         items = configs(model, cache)
         runners = {c.label: _runner(c, model, threads) for c in items}
         for batch in batches:
-            print(f"[{name}] batch {batch}: {rounds} interleaved rounds", flush=True)
-            times = time_interleaved(runners, _feed(batch), rounds)
+            print(f"[{name}] batch {batch}: {rounds[batch]} interleaved rounds", flush=True)
+            times = time_interleaved(runners, _feed(batch), rounds[batch])
             for c in items:
                 c.wall[batch], c.cpu[batch] = times[c.label]
         del runners
@@ -178,7 +178,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="bert-base,minilm")
     parser.add_argument("--batches", default="1,8")
-    parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds per batch size")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds at batch 1")
+    parser.add_argument("--rounds-large", type=int, default=3, help="interleaved rounds at larger batches")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache", type=Path, default=ROOT / "benchmarks" / ".cache")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-configuration memory processes")
@@ -186,8 +187,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from benchmarks.report import write_report
 
-    results = measure(args.models.split(","), [int(b) for b in args.batches.split(",")], args.rounds,
-                      args.threads, args.cache, not args.no_memory)
+    batches = [int(b) for b in args.batches.split(",")]
+    rounds = {b: args.rounds if b == 1 else args.rounds_large for b in batches}
+    results = measure(args.models.split(","), batches, rounds, args.threads, args.cache, not args.no_memory)
     command = "python -m benchmarks.run" + ("" if argv is None else " " + " ".join(argv))
     results["command"] = command.strip()
     (args.cache / "results.json").write_text(json.dumps(results, indent=1))

@@ -27,6 +27,6 @@ def test_report_replaces_its_own_section_only(tmp_path: Path) -> None:
     write_report(_results(), results_md, tmp_path / "chart.png")
     text = results_md.read_text()
     assert "kept text" in text and text.count(START) == 1 and text.count(END) == 1, text
-    row = "latency ours cpu-w8a8 / ORT dynamic int8 (fused) (the faster ORT int8) | 1 | 0.75x | <= 0.75x | yes"
+    row = "(wall: ORT dynamic int8 (fused); CPU: ORT dynamic int8) | 1 | 0.75x | 1.00x | <= 0.75x | yes / NO |"
     assert row in text, text
     assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

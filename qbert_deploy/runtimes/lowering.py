@@ -164,4 +164,7 @@ def lower(src: str | os.PathLike[str], profile: str, dst: str | os.PathLike[str]
     dst.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(dst) as tmp:
         ir.save(model, tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o666 & ~umask)  # a model file, readable like model.onnx (the temporary file is 0600)
     return dst
