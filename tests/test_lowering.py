@@ -230,3 +230,10 @@ def test_lowered_file_runs_in_plain_onnxruntime(tiny_export: Path, tmp_path: Pat
     session = ort.InferenceSession(str(lowered), providers=["CPUExecutionProvider"])
     logits = session.run(["logits"], text_batch())[0]
     assert logits.shape == (len(text_batch()["input_ids"]), 2) and np.isfinite(logits).all()
+
+
+def test_weight_only_keeps_2bit_weights_in_the_2bit_kernel(tiny_export: Path, tmp_path: Path) -> None:
+    canonical = requantized(tiny_export / "model.onnx", tmp_path / "model.onnx", 2)
+    model = ir.load(lower(canonical, "weight-only", tmp_path / "model.weight-only.onnx"))
+    bits = {n.attributes["bits"].as_int() for n in model.graph if n.op_type == "MatMulNBits"}
+    assert bits == {2}, f"weight-only should keep 2-bit weights at 2 bits, got {bits}"

@@ -7,7 +7,7 @@ Profiles (the name is written into the lowered file's metadata, `qbert.lowering`
   MatMulIntegerToFloat. Embeddings gather rows before dequantizing; the attention core becomes one
   MultiHeadAttention; residual Adds become Sum so ORT does not form its slower SkipLayerNormalization.
   Numerics: those of the canonical graph (up to float summation order in fused kernels).
-- `weight-only`: weights in com.microsoft.MatMulNBits (smallest resident memory), accuracy level pinned in the
+- `weight-only`: weights in com.microsoft.MatMulNBits (2-, 4- or 8-bit kernels), accuracy level pinned in the
   node (`accuracy_level=1`: fp32 compute); activation Q/DQ kept, so only the GEMM's float summation differs.
 - `cuda`: the weight-only form with CUDA's rules: no int2 (2-bit runs in the 4-bit kernel), no blocked Q/DQ
   but int4, no integer GEMM kernels.
@@ -56,8 +56,14 @@ class Profile:
     disabled_optimizers: tuple[str, ...] = ()
 
 
-def _matmulnbits(model: ir.Model) -> int:
-    return weights_to_matmulnbits(model, MATMULNBITS_ACCURACY_LEVEL)
+def matmulnbits(model: ir.Model) -> int:
+    """weight-only: 2-bit weights keep ORT CPU's 2-bit MatMulNBits kernel."""
+    return weights_to_matmulnbits(model, MATMULNBITS_ACCURACY_LEVEL, widen_2bit=False)
+
+
+def matmulnbits_4bit(model: ir.Model) -> int:
+    """cuda: 2-bit weights go to the 4-bit kernel (the one certain to exist on the CUDA EP)."""
+    return weights_to_matmulnbits(model, MATMULNBITS_ACCURACY_LEVEL, widen_2bit=True)
 
 
 _PROFILES = {
@@ -67,12 +73,12 @@ _PROFILES = {
     "weight-only": Profile(
         "weight-only", ("cpu", "cuda"),
         f"weights exact; MatMulNBits accuracy_level={MATMULNBITS_ACCURACY_LEVEL} (fp32 compute)",
-        (gather_then_dequantize, _matmulnbits),
+        (gather_then_dequantize, matmulnbits),
         {"session.qdq_matmulnbits_accuracy_level": str(MATMULNBITS_ACCURACY_LEVEL)}),
     "cuda": Profile(
         "cuda", ("cuda", "cpu"),
         f"weights exact (2-bit in the 4-bit kernel); MatMulNBits accuracy_level={MATMULNBITS_ACCURACY_LEVEL}",
-        (gather_then_dequantize, _matmulnbits),
+        (gather_then_dequantize, matmulnbits_4bit),
         {"session.qdq_matmulnbits_accuracy_level": str(MATMULNBITS_ACCURACY_LEVEL)}),
     "tensorrt": Profile(
         "tensorrt", ("tensorrt",),
