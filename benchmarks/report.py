@@ -91,7 +91,8 @@ def _profiles(model: dict[str, Any]) -> list[str]:
     lines = []
     for batch, per_config in model["profiles"].items():
         for label, rows in per_config.items():
-            lines.append(f"*{label}, batch {batch}* (ORT profiler, kernel time per run by op type): " + ", ".join(
+            lines.append(f"*{label}, batch {batch}* (ORT profiler after the timed rounds, kernel time per run by op "
+                         "type, top 8): " + ", ".join(
                 f"{op} {ms:.1f} ms ({100 * share:.0f}%)" for op, ms, share in rows))
             lines.append("")
     return lines
@@ -115,14 +116,15 @@ def section(results: dict[str, Any], chart: Path) -> str:
            "batch 1, then batch 8, minus the same process's peak after its imports. File: bytes on disk.", "",
            f"Noise: the 2-core machine was shared with other agents (load average "
            f"{load[0][0]:.1f} before, {load[1][0]:.1f} after); absolute figures are inflated and only the "
-           "ratios within one run are comparable.", "",
+           "ratios within one run are comparable. PyTorch suffers most: its OpenMP threads wait at every barrier for a "
+           "descheduled partner.", "",
            "Models: BERT-base (`BertConfig()`, random weights; our export MP 2/3: layers 0-5 3-bit, 6-11 2-bit, "
            "128 groups, 8-bit embeddings and activations, opset 25 so 2-bit weights are stored as int2) and "
            "MiniLM-L6 (all-MiniLM-L6-v2, the demo's 8/4/4/3/3/2-bit allocation, 128 groups). "
            "ORT dynamic int8 = `quantize_dynamic(weight_type=QInt8)` on the plain and on the "
            "`onnxruntime.transformers` fused graph; the anchor is the faster of the two at each batch size.", ""]
     for name, model in results["models"].items():
-        out += [f"#### {name}", "", *_model_table(model, batches), "", "Targets (ratios from this run):", "",
+        out += [f"#### {name}", "", *_model_table(model, batches), "", "Targets (set for BERT-base; shown for every model), as ratios from this run:", "",
                 *_targets(model, batches), "", *_profiles(model)]
     out += [f"![latency chart]({chart.name})", "", END]
     return "\n".join(out)
@@ -144,7 +146,8 @@ def chart(results: dict[str, Any], path: Path) -> None:
             ax = axes[row][col]
             labels = [c["label"] for c in model["configs"]]
             values = [_latency(c, batch) for c in model["configs"]]
-            colors = ["tab:green" if label.startswith("ours") else "tab:gray" for label in labels]
+            colors = ["tab:green" if label.startswith("ours") else "tab:olive" if label.startswith("ablation")
+                      else "tab:gray" for label in labels]
             ax.barh(labels, values, color=colors)
             ax.invert_yaxis()
             ax.set_xscale("log")

@@ -40,6 +40,7 @@ class Config:
     wall: dict[int, list[float]] = field(default_factory=dict)
     cpu: dict[int, list[float]] = field(default_factory=dict)
     peak_mib: dict[int, float] = field(default_factory=dict)
+    ablation: bool = False  # timed, but no memory process or profile
 
 
 def _feed(batch: int) -> Feed:
@@ -63,6 +64,34 @@ def configs(model: BenchModel, cache: Path) -> list[Config]:
     }
     out = [Config("PyTorch fp32 eager", "torch", model.name, None)]
     out += [Config(label, "ort", str(path), path.stat().st_size) for label, path in paths.items()]
+    for label, path in ablations(model.export_onnx, folder).items():
+        out.append(Config(label, "ort", str(path), path.stat().st_size, ablation=True))
+    return out
+
+
+def ablations(export: Path, folder: Path) -> dict[str, Path]:
+    """cpu-w8a8 with one of its passes left out, to measure what each buys in the same run."""
+    import onnx_ir as ir
+    import onnx_ir.passes.common as common_passes
+
+    from qbert_deploy.runtimes import lowering_passes as passes
+    from qbert_deploy.runtimes.attention_fusion import fuse_attention
+
+    variants = {
+        "ablation: cpu-w8a8 without residual Sum (ORT forms SkipLayerNorm)":
+            (passes.widen_weights_to_int8, passes.gather_then_dequantize, fuse_attention),
+        "ablation: cpu-w8a8 without attention fusion":
+            (passes.widen_weights_to_int8, passes.gather_then_dequantize, passes.residual_sum),
+    }
+    out = {}
+    for index, (label, steps) in enumerate(variants.items()):
+        path = folder / f"ablation-{index}.onnx"
+        model = ir.load(export)
+        for step in steps:
+            step(model)
+        common_passes.RemoveUnusedNodesPass()(model)
+        ir.save(model, path)
+        out[label] = path
     return out
 
 
@@ -155,6 +184,8 @@ def measure(names: Sequence[str], batches: Sequence[int], rounds: dict[int, int]
         del runners
         if memory:
             for c in items:
+                if c.ablation:
+                    continue
                 print(f"[{name}] peak memory: {c.label}", flush=True)
                 c.peak_mib = peak_memory(c, threads)
         ours = next(c for c in items if c.label == OURS_CPU)
