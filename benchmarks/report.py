@@ -124,7 +124,8 @@ def section(results: dict[str, Any], chart: Path) -> str:
            "ORT dynamic int8 = `quantize_dynamic(weight_type=QInt8)` on the plain and on the "
            "`onnxruntime.transformers` fused graph; the anchor is the faster of the two at each batch size.", ""]
     for name, model in results["models"].items():
-        out += [f"#### {name}", "", *_model_table(model, batches), "", "Targets (set for BERT-base; shown for every model), as ratios from this run:", "",
+        out += [f"#### {name}", "", *_model_table(model, batches), "",
+                "Targets (set for BERT-base; shown for every model), as ratios from this run:", "",
                 *_targets(model, batches), "", *_profiles(model)]
     out += [f"![latency chart]({chart.name})", "", END]
     return "\n".join(out)
