@@ -82,6 +82,8 @@ def ablations(export: Path, folder: Path) -> dict[str, Path]:
             (passes.widen_weights_to_int8, passes.gather_then_dequantize, fuse_attention),
         "ablation: cpu-w8a8 without attention fusion":
             (passes.widen_weights_to_int8, passes.gather_then_dequantize, passes.residual_sum),
+        "ablation: cpu-w8a8 dequantizing whole embedding tables (no gather-then-dequantize)":
+            (passes.widen_weights_to_int8, fuse_attention, passes.residual_sum),
     }
     out = {}
     for index, (label, steps) in enumerate(variants.items()):
