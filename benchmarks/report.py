@@ -115,7 +115,8 @@ def section(results: dict[str, Any], chart: Path) -> str:
            "in a process of its own (`benchmarks/memory.py`): peak RSS (`VmHWM`) after loading and running "
            "batch 1, then batch 8, minus the same process's peak after its imports. File: bytes on disk.", "",
            f"Noise: the 2-core machine was shared with other agents (load average "
-           f"{load[0][0]:.1f} before, {load[1][0]:.1f} after); absolute figures are inflated and only the "
+           f"{load[0][0]:.1f} before, {load[1][0]:.1f} after; the run itself at niceness {results.get('nice', 0)}, as "
+           "long jobs here must be); absolute figures are inflated and only the "
            "ratios within one run are comparable. PyTorch suffers most: its OpenMP threads wait at every barrier for a "
            "descheduled partner.", "",
            "Models: BERT-base (`BertConfig()`, random weights; our export MP 2/3: layers 0-5 3-bit, 6-11 2-bit, "

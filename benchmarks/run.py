@@ -172,7 +172,7 @@ def measure(names: Sequence[str], batches: Sequence[int], rounds: dict[int, int]
 
     torch.set_num_threads(threads)
     results: dict[str, object] = {"started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-                                  "load_before": os.getloadavg(), "models": {}}
+                                  "load_before": os.getloadavg(), "nice": os.nice(0), "models": {}}
     for name in names:
         print(f"[{name}] preparing models", flush=True)
         model = prepare(name, cache)
