@@ -133,6 +133,13 @@ def section(results: dict[str, Any], chart: Path) -> str:
 
 
 
+def _short(label: str) -> str:
+    """Chart labels: the ablations' long names cut down to what they leave out."""
+    if label.startswith("ablation: cpu-w8a8 "):
+        label = "ablation: " + label.removeprefix("ablation: cpu-w8a8 ").split(" (")[0]
+    return label if len(label) <= 44 else label[:43] + "…"
+
+
 def chart(results: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -141,17 +148,18 @@ def chart(results: dict[str, Any], path: Path) -> None:
 
     models = list(results["models"].items())
     batches = sorted({int(b) for _, m in models for c in m["configs"] for b in c["wall"]})
-    fig, axes = plt.subplots(len(models), len(batches), figsize=(6 * len(batches), 3.6 * len(models)),
-                             squeeze=False)
+    fig, axes = plt.subplots(len(models), len(batches), figsize=(5 * len(batches) + 4, 4 * len(models)),
+                             squeeze=False, sharey="row")
     for row, (name, model) in enumerate(models):
         for col, batch in enumerate(batches):
             ax = axes[row][col]
-            labels = [c["label"] for c in model["configs"]]
+            labels = [_short(c["label"]) for c in model["configs"]]
             values = [_latency(c, batch) for c in model["configs"]]
             colors = ["tab:green" if label.startswith("ours") else "tab:olive" if label.startswith("ablation")
                       else "tab:gray" for label in labels]
             ax.barh(labels, values, color=colors)
-            ax.invert_yaxis()
+            if col == 0:  # shared within the row: inverting twice would undo it
+                ax.invert_yaxis()
             ax.set_xscale("log")
             ax.set_xlabel("median latency, ms (log scale)")
             ax.set_title(f"{name}, batch {batch}, seq {SEQ}, 2 threads")
