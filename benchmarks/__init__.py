@@ -1,1 +1,1 @@
-"""Side-by-side performance runs (never timed assertions in tests)."""
+"""Side-by-side performance runs (`python -m benchmarks.run`); never timed assertions in tests."""

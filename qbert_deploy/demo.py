@@ -27,6 +27,7 @@ def _run(out: Path, steps: int) -> int:
     from qbert_deploy.models.train import accuracy, to_torch, train
     from qbert_deploy.models.wrap import calibrate, quantize_model
     from qbert_deploy.recipe import Recipe, WeightQuant
+    from qbert_deploy.runtimes.lowering import lower, lowered_path
     from qbert_deploy.validation.parity import parity_check
 
     torch.manual_seed(0)
@@ -59,6 +60,7 @@ def _run(out: Path, steps: int) -> int:
                                  {"dev_accuracy_fp32": fp32_accuracy, "dev_accuracy_quantized": quant_accuracy})
     save_checkpoint(checkpoint, out / "model.pt")
     result = export_checkpoint(checkpoint, out / "export", opset=21)
+    lowered = lower(result.model_path, "cpu-w8a8", lowered_path(out / "export", "cpu-w8a8"))
     parity = parity_check(build_model(checkpoint), result.model_path, encode(tokenizer, splits["dev"][:32]))
     size = result.size
     print(f"\ndemo finished in {time.time() - started:.0f} s")
@@ -67,6 +69,7 @@ def _run(out: Path, steps: int) -> int:
     print(f"  model.pt       {out / 'model.pt'}  (dev accuracy {100 * quant_accuracy:.2f}%, no QAT)")
     print(f"  export         {result.model_path}  ({size['file_bytes'] / 2**20:.2f} MB, "
           f"{size['compression_on_disk']:.2f}x smaller than fp32 {size['fp32_bytes'] / 2**20:.2f} MB)")
+    print(f"  lowered        {lowered}  (cpu-w8a8: ORT CPU int8 kernels)")
     for line in parity:
         print(f"  parity         {line.line()}")
     return 0

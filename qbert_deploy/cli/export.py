@@ -16,6 +16,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--opset", type=int, default=21, choices=(21, 25),
                         help="target ONNX opset: 25 stores 2-bit weights as int2, 21 in int4 (default 21)")
     parser.add_argument("--no-parity", action="store_true", help="skip the PyTorch vs ONNX parity check")
+    parser.add_argument("--lower", action="append", type=_profiles, default=[], metavar="PROFILE[,PROFILE]",
+                        help="also write OUT/model.PROFILE.onnx lowered for a runtime: cpu-w8a8, weight-only, "
+                             "cuda, tensorrt (repeatable or a comma list)")
     parser.add_argument("--triton-repo", default=None, metavar="DIR",
                         help="also write a Triton model repository here (see qbert-triton-repo for more options)")
     parser.add_argument("--triton-device", choices=("cpu", "gpu"), default="cpu",
@@ -25,6 +28,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", dest="check_checkpoint", metavar="MODEL_PT",
                         help="with --check: also require the export to come from this checkpoint")
     return parser
+
+
+def _profiles(text: str) -> list[str]:
+    from qbert_deploy.runtimes.lowering import PROFILES
+
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in PROFILES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown lowering profile {(unknown or [text])[0]!r}; "
+                                         f"choose from {', '.join(PROFILES)}")
+    return names
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -53,6 +67,11 @@ def _export(args: argparse.Namespace) -> int:
     size = result.size
     print(f"wrote {result.model_path} ({size['file_bytes'] / 2**20:.2f} MB; fp32 weights "
           f"{size['fp32_bytes'] / 2**20:.2f} MB; {size['compression_on_disk']:.2f}x smaller on disk)")
+    for profile in dict.fromkeys(name for names in args.lower for name in names):
+        from qbert_deploy.runtimes.lowering import lower, lowered_path
+
+        path = lower(result.model_path, profile, lowered_path(args.out, profile))
+        print(f"wrote {path} (lowered for {profile}, {path.stat().st_size / 2**20:.2f} MB)")
     if not args.no_parity:
         from qbert_deploy.models.build import build_model
         from qbert_deploy.validation.parity import parity_check, random_batch

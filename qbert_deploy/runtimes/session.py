@@ -1,10 +1,11 @@
-"""ONNX Runtime sessions by execution-provider name. Imports neither torch nor transformers."""
+"""ONNX Runtime sessions by execution-provider name and lowering profile. Imports neither torch nor transformers."""
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import onnxruntime as ort
@@ -24,7 +25,8 @@ def provider_names(names: Sequence[str]) -> list[str]:
 
 
 def session_options(threads: int | None = None, optimize: bool = True,
-                    optimized_model_path: str | os.PathLike[str] | None = None) -> ort.SessionOptions:
+                    optimized_model_path: str | os.PathLike[str] | None = None,
+                    config: Mapping[str, str] | None = None) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
@@ -33,18 +35,72 @@ def session_options(threads: int | None = None, optimize: bool = True,
         options.inter_op_num_threads = 1
     # Idle spinning threads steal the CPU from the next session in the same process.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    for key, value in (config or {}).items():
+        options.add_session_config_entry(key, value)
     options.log_severity_level = 3
     if optimized_model_path is not None:
         options.optimized_model_filepath = str(optimized_model_path)
     return options
 
 
+def _short(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else type(err).__name__
+
+
+def model_lowering(model: str | os.PathLike[str] | bytes) -> str | None:
+    """The lowering profile recorded in a model file, or None for a canonical (unlowered) model."""
+    import onnx
+
+    try:
+        proto = (onnx.load_from_string(model) if isinstance(model, bytes)
+                 else onnx.load(os.fspath(model), load_external_data=False))
+    except Exception as err:  # protobuf raises DecodeError for a file that is not a model
+        raise SessionError(f"not a readable ONNX model: {_short(err)}") from None
+    props = {p.key: p.value for p in proto.metadata_props}
+    if "qbert.lowering" not in props:
+        return None
+    profile: str = json.loads(props["qbert.lowering"]).get("profile", "")
+    return profile
+
+
+def _profiled_model(model: str | os.PathLike[str] | bytes, profile: str, provider: str) -> str | bytes:
+    """The model to open for `profile`: the file itself when lowered so, else lowered in memory."""
+    from qbert_deploy.runtimes.lowering import LoweringError, lower_model, profile_info
+
+    try:
+        info = profile_info(profile)
+    except LoweringError as err:
+        raise SessionError(str(err)) from None
+    if provider not in info.providers:
+        raise SessionError(f"profile {profile!r} is for {', '.join(info.providers)}, not {provider}; "
+                           f"lower with a profile for {provider}")
+    done = model_lowering(model)
+    if done == profile:
+        return model if isinstance(model, bytes) else os.fspath(model)
+    if done is not None:
+        raise SessionError(f"the model is lowered for {done!r}, not {profile!r}; lower the canonical model.onnx")
+    import onnx
+    import onnx_ir as ir
+
+    loaded = ir.from_proto(onnx.load_from_string(model)) if isinstance(model, bytes) else ir.load(os.fspath(model))
+    try:
+        lower_model(loaded, profile)
+    except LoweringError as err:
+        raise SessionError(f"cannot lower for {profile}: {err}") from None
+    return ir.to_proto(loaded).SerializeToString()
+
+
 def open_session(model: str | os.PathLike[str] | bytes, providers: Sequence[str] = ("cpu",),
                  threads: int | None = None, optimize: bool = True, allow_fallback: bool = False,
-                 optimized_model_path: str | os.PathLike[str] | None = None) -> ort.InferenceSession:
+                 optimized_model_path: str | os.PathLike[str] | None = None,
+                 profile: str | None = None) -> ort.InferenceSession:
     """A session on the first provider of `providers` that this onnxruntime build has.
 
     Falling back to a later provider (the CPU, say) happens only with `allow_fallback`, and warns.
+    `profile` (see `qbert_deploy.runtimes.lowering.PROFILES`, or "auto" for the provider's default) lowers a
+    canonical model in memory, or checks that a lowered file was lowered for it, and applies the profile's
+    session settings. `optimized_model_path` dumps the graph ORT actually runs.
     """
     wanted = provider_names(providers)
     available = set(ort.get_available_providers())
@@ -56,9 +112,20 @@ def open_session(model: str | os.PathLike[str] | bytes, providers: Sequence[str]
         warnings.warn(f"{wanted[0]} is not available; falling back to {usable[0]}", stacklevel=2)
     if isinstance(model, (str, os.PathLike)) and not Path(model).is_file():
         raise SessionError(f"{model}: no such model file")
+    config: dict[str, str] = {}
+    disabled: list[str] = []
+    if profile is not None:
+        from qbert_deploy.runtimes.lowering import default_profile, profile_info
+
+        provider = next(name for name, full in PROVIDERS.items() if full == usable[0])
+        profile = default_profile(provider) if profile == "auto" else profile
+        model = _profiled_model(model, profile, provider)
+        config = dict(profile_info(profile).session_config)
+        disabled = list(profile_info(profile).disabled_optimizers)
+    options = session_options(threads, optimize, optimized_model_path, config)
     try:
-        return ort.InferenceSession(model, session_options(threads, optimize, optimized_model_path),
-                                    providers=usable)
+        if disabled:
+            return ort.InferenceSession(model, options, providers=usable, disabled_optimizers=disabled)
+        return ort.InferenceSession(model, options, providers=usable)
     except Exception as err:  # onnxruntime raises its own untyped exceptions
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise SessionError(f"onnxruntime could not load the model: {first[:300]}") from None
+        raise SessionError(f"onnxruntime could not load the model: {_short(err)}") from None

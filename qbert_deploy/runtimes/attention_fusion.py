@@ -1,0 +1,143 @@
+"""Fuse BERT's float attention core into com.microsoft.MultiHeadAttention, leaving the quantized GEMMs alone.
+
+ORT's own attention fusion does not fire on a Q/DQ graph (DESIGN.md §4), so the core (reshape to heads,
+transposes, QK^T, scaling, mask, softmax, times V, merge heads) runs as ~10 small ops per layer. The Q, K and V
+projections stay MatMul(Q/DQ, DQ) for the integer kernels; only what sits between them and the output projection's
+input quantizer is rewritten. Numerics: the same float math in one kernel (masked keys get ORT's -10000 filter
+instead of float32's lowest value: both become exactly 0 after the softmax).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from qbert_deploy.runtimes.graph_checks import producer
+
+
+def _only_use(value: ir.Value | None) -> ir.Node | None:
+    uses = list(value.uses()) if value is not None else []
+    return uses[0].node if len(uses) == 1 else None
+
+
+def _perm(node: ir.Node | None) -> tuple[int, ...] | None:
+    if node is None or node.op_type != "Transpose" or "perm" not in node.attributes:
+        return None
+    return tuple(node.attributes["perm"].as_ints())
+
+
+def _heads(value: ir.Value | None, perm: tuple[int, ...]) -> tuple[ir.Value, ir.Node, ir.Node] | None:
+    """(projection output [B, S, D], its Reshape to heads, the Transpose) feeding an attention MatMul."""
+    transpose = producer(value)
+    if _perm(transpose) != perm:
+        return None
+    assert transpose is not None
+    reshape = producer(transpose.inputs[0])
+    if reshape is None or reshape.op_type != "Reshape" or reshape.inputs[0] is None:
+        return None
+    return reshape.inputs[0], reshape, transpose
+
+
+def _scalar(value: ir.Value | None) -> float | None:
+    if value is None or value.const_value is None or value.const_value.size != 1:
+        return None
+    return float(np.asarray(value.const_value.numpy()).reshape(()))
+
+
+def _from_mask(value: ir.Value | None, mask: ir.Value) -> bool:
+    """Whether an additive mask is computed from the attention_mask input alone (Unsqueeze/Cast/Sub/Mul)."""
+    seen = 0
+    while value is not None and seen < 8:
+        if value is mask:
+            return True
+        node = producer(value)
+        if node is None or node.op_type not in ("Unsqueeze", "Cast", "Sub", "Mul"):
+            return False
+        variables = [i for i in node.inputs if i is not None and i.const_value is None]
+        if len(variables) != 1:
+            return False
+        value, seen = variables[0], seen + 1
+    return False
+
+
+def _split_biases(graph: ir.Graph, values: list[ir.Value], name: str) -> tuple[list[ir.Value], ir.Value | None]:
+    """Q, K, V without their bias Adds plus the biases concatenated, which MultiHeadAttention adds itself."""
+    adds = [producer(v) for v in values]
+    biases = []
+    for add, value in zip(adds, values, strict=True):
+        if add is None or add.op_type != "Add" or _only_use(value) is None or add.inputs[1] is None \
+                or add.inputs[1].const_value is None or add.inputs[1].shape is None or len(add.inputs[1].shape) != 1:
+            return values, None
+        biases.append(np.asarray(add.inputs[1].const_value.numpy(), np.float32))
+    tensor = ir.tensor(np.concatenate(biases), name=f"{name}.qkv_bias")
+    bias = ir.val(tensor.name, tensor.dtype, ir.Shape(tensor.shape.numpy()), const_value=tensor)
+    graph.register_initializer(bias)
+    inputs = [add.inputs[0] for add in adds if add is not None]
+    return [i for i in inputs if i is not None], bias
+
+
+def _layer_name(query: ir.Value) -> str:
+    """`bert.encoder.layer.N.attention` from the query projection's MatMul (behind its bias Add)."""
+    node = producer(query)
+    if node is not None and node.op_type == "Add":
+        node = producer(node.inputs[0]) or node
+    name = node.name if node is not None and node.name else "attention"
+    return name.split(".attention.")[0] + ".attention" if ".attention." in name else name
+
+
+def fuse_attention(model: ir.Model) -> int:
+    """Rewrite each self-attention core into MultiHeadAttention; returns how many were fused.
+
+    Pre: the exporter's eager-attention pattern (heads as Reshape+Transpose, Div by sqrt(head size), an additive
+    mask from the `attention_mask` input, Softmax on the last axis). A layer that differs is left as it is.
+    Post: MultiHeadAttention(query, key, value, key_padding_mask=int32 attention_mask) with output [B, S, D].
+    """
+    graph = model.graph
+    mask = next((v for v in graph.inputs if v.name == "attention_mask"), None)
+    if mask is None:
+        return 0
+    mask_i32: ir.Value | None = None
+    fused = 0
+    for softmax in [n for n in graph if n.op_type == "Softmax"]:
+        add = producer(softmax.inputs[0])
+        if add is None or add.op_type != "Add" or not _from_mask(add.inputs[1], mask):
+            continue
+        div = producer(add.inputs[0])
+        scores = producer(div.inputs[0]) if div is not None and div.op_type == "Div" else None
+        divisor = _scalar(div.inputs[1]) if div is not None else None
+        if scores is None or scores.op_type != "MatMul" or not divisor:
+            continue
+        q = _heads(scores.inputs[0], (0, 2, 1, 3))
+        k = _heads(scores.inputs[1], (0, 2, 3, 1))
+        context = _only_use(softmax.outputs[0])
+        if q is None or k is None or context is None or context.op_type != "MatMul":
+            continue
+        v = _heads(context.inputs[1], (0, 2, 1, 3))
+        merge = _only_use(context.outputs[0])
+        reshape = _only_use(merge.outputs[0]) if _perm(merge) == (0, 2, 1, 3) and merge is not None else None
+        shape = q[2].outputs[0].shape
+        if v is None or merge is None or div is None or reshape is None or reshape.op_type != "Reshape" \
+                or shape is None \
+                or not isinstance(shape[1], int):
+            continue
+        heads = int(shape[1])
+        if mask_i32 is None:
+            cast = ir.node("Cast", [mask], attributes={"to": ir.DataType.INT32}, name="attention_mask/int32")
+            graph.insert_before(next(iter(graph)), cast)
+            mask_i32 = cast.outputs[0]
+            mask_i32.name = "attention_mask_int32"
+        name = _layer_name(q[0])
+        projections, bias = _split_biases(graph, [q[0], k[0], v[0]], name)
+        mha = ir.node("MultiHeadAttention", [*projections, bias, mask_i32], domain="com.microsoft",
+                      attributes={"num_heads": heads, "scale": 1.0 / divisor}, name=f"{name}/MultiHeadAttention")
+        out = reshape.outputs[0]
+        mha.outputs[0].type, mha.outputs[0].shape = out.type, out.shape
+        graph.insert_before(reshape, mha)
+        out.replace_all_uses_with(mha.outputs[0], replace_graph_outputs=True)
+        graph.remove([reshape, merge, context, softmax, add, div, scores, *q[1:], *k[1:], *v[1:]], safe=True)
+        if bias is not None:
+            graph.remove([n for n in (producer(x) for x in (q[0], k[0], v[0])) if n is not None], safe=True)
+        fused += 1
+    if fused:
+        model.opset_imports.setdefault("com.microsoft", 1)
+    return fused

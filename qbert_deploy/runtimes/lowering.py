@@ -1,0 +1,176 @@
+"""Runtime lowering: a canonical QDQ export -> a standalone ONNX file for the kernels one execution provider has.
+
+Profiles (the name is written into the lowered file's metadata, `qbert.lowering`):
+
+- `cpu-w8a8`: packed int2/int4 weights widened to int8 (same integers, same scales) through Casts that ORT folds
+  at session start, so the file stays packed on disk; ORT then fuses every encoder Linear into
+  MatMulIntegerToFloat. Embeddings gather rows before dequantizing; the attention core becomes one
+  MultiHeadAttention; residual Adds become Sum so ORT does not form its slower SkipLayerNormalization.
+  Numerics: those of the canonical graph (up to float summation order in fused kernels).
+- `weight-only`: weights in com.microsoft.MatMulNBits (2-, 4- or 8-bit kernels), accuracy level pinned in the
+  node (`accuracy_level=1`: fp32 compute); activation Q/DQ kept, so only the GEMM's float summation differs.
+- `cuda`: the weight-only form with CUDA's rules: no int2 (2-bit runs in the 4-bit kernel), no blocked Q/DQ
+  but int4, no integer GEMM kernels.
+- `tensorrt`: 8-bit explicit quantization: int8 weights with zero point 0 (exact up to 7 bits), activations as
+  symmetric int8 over the calibrated range (TensorRT has no zero points: this changes numerics, by design).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+
+from qbert_deploy.atomic import atomic_file
+from qbert_deploy.runtimes.attention_fusion import fuse_attention
+from qbert_deploy.runtimes.graph_checks import blocked_int8_pitfalls, cuda_violations, weight_sites
+from qbert_deploy.runtimes.lowering_passes import (
+    LoweringError,
+    gather_then_dequantize,
+    residual_sum,
+    symmetric_activations,
+    symmetric_weights,
+    weights_to_matmulnbits,
+    widen_weights_to_int8,
+)
+
+__all__ = ["MATMULNBITS_ACCURACY_LEVEL", "PROFILES", "LoweringError", "Profile", "default_profile", "lower",
+           "lower_model", "lowered_path", "profile_info"]
+
+MATMULNBITS_ACCURACY_LEVEL = 1  # fp32 compute: level 4 would quantize activations to int8 inside the kernel
+METADATA_KEY = "qbert.lowering"
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    providers: tuple[str, ...]  # execution providers the lowered file is meant for
+    numerics: str  # what, if anything, differs from the canonical graph
+    passes: tuple[Callable[[ir.Model], int], ...]
+    session_config: Mapping[str, str] = field(default_factory=dict)
+    disabled_optimizers: tuple[str, ...] = ()
+
+
+def matmulnbits(model: ir.Model) -> int:
+    """weight-only: 2-bit weights keep ORT CPU's 2-bit MatMulNBits kernel."""
+    return weights_to_matmulnbits(model, MATMULNBITS_ACCURACY_LEVEL, widen_2bit=False)
+
+
+def matmulnbits_4bit(model: ir.Model) -> int:
+    """cuda: 2-bit weights go to the 4-bit kernel (the one certain to exist on the CUDA EP)."""
+    return weights_to_matmulnbits(model, MATMULNBITS_ACCURACY_LEVEL, widen_2bit=True)
+
+
+_PROFILES = {
+    "cpu-w8a8": Profile(
+        "cpu-w8a8", ("cpu",), "exact: same integers and scales as the canonical graph",
+        (widen_weights_to_int8, gather_then_dequantize, fuse_attention, residual_sum)),
+    "weight-only": Profile(
+        "weight-only", ("cpu", "cuda"),
+        f"weights exact; MatMulNBits accuracy_level={MATMULNBITS_ACCURACY_LEVEL} (fp32 compute)",
+        (gather_then_dequantize, matmulnbits),
+        {"session.qdq_matmulnbits_accuracy_level": str(MATMULNBITS_ACCURACY_LEVEL)}),
+    "cuda": Profile(
+        "cuda", ("cuda", "cpu"),
+        f"weights exact (2-bit in the 4-bit kernel); MatMulNBits accuracy_level={MATMULNBITS_ACCURACY_LEVEL}",
+        (gather_then_dequantize, matmulnbits_4bit),
+        {"session.qdq_matmulnbits_accuracy_level": str(MATMULNBITS_ACCURACY_LEVEL)}),
+    "tensorrt": Profile(
+        "tensorrt", ("tensorrt",),
+        "weights exact as symmetric int8; activations requantized to symmetric int8 over the same range",
+        (gather_then_dequantize, symmetric_weights, symmetric_activations)),
+}
+PROFILES: tuple[str, ...] = tuple(_PROFILES)
+_DEFAULT_FOR_PROVIDER = {"cpu": "cpu-w8a8", "cuda": "cuda", "tensorrt": "tensorrt"}
+
+
+def profile_info(name: str) -> Profile:
+    if name not in _PROFILES:
+        raise LoweringError(f"unknown lowering profile {name!r}; choose from {', '.join(PROFILES)}")
+    return _PROFILES[name]
+
+
+def default_profile(provider: str) -> str:
+    """The profile that runs fastest on an execution provider (`cpu`, `cuda`, `tensorrt`)."""
+    if provider not in _DEFAULT_FOR_PROVIDER:
+        raise LoweringError(f"no lowering profile for provider {provider!r}")
+    return _DEFAULT_FOR_PROVIDER[provider]
+
+
+def _check_canonical(model: ir.Model) -> list[str]:
+    """Precondition: a canonical qbert export (not already lowered), each quantized Linear a DQ -> MatMul."""
+    props = model.metadata_props
+    if METADATA_KEY in props:
+        done = json.loads(props[METADATA_KEY]).get("profile", "?")
+        raise LoweringError(f"the model is already lowered (profile {done}); lower the canonical model.onnx")
+    if "qbert.format_version" not in props:
+        raise LoweringError("not a qbert-deploy export (no qbert.format_version metadata)")
+    try:
+        bits: dict[str, int] = json.loads(props.get("qbert.weight_bits", "{}"))
+    except json.JSONDecodeError:
+        raise LoweringError("qbert.weight_bits metadata is not JSON") from None
+    found = {site.module for site in weight_sites(model.graph)}
+    linears = [name for name in bits if ".embeddings." not in f".{name}."]
+    missing = [name for name in linears if name not in found]
+    if missing:
+        raise LoweringError(f"{missing[0]}: no DequantizeLinear -> MatMul found for this quantized Linear")
+    return linears
+
+
+def _check_lowered(model: ir.Model, profile: Profile) -> None:
+    """Postconditions every lowered graph must meet before it is written."""
+    bad = blocked_int8_pitfalls(model.graph)
+    if bad:
+        raise LoweringError(f"{bad[0]}: blocked int8 weight + activation Q/DQ without Q after the MatMul "
+                            "(ORT fuses this wrongly)")
+    if profile.name == "cuda":
+        problems = cuda_violations(model.graph)
+        if problems:
+            raise LoweringError(f"cannot lower for CUDA: {problems[0]}")
+
+
+def lower_model(model: ir.Model, profile: str) -> dict[str, int]:
+    """Lower `model` in place for `profile`; returns how many sites each pass rewrote."""
+    info = profile_info(profile)
+    linears = _check_canonical(model)
+    counts = {}
+    for rewrite in info.passes:
+        counts[rewrite.__name__.lstrip("_")] = rewrite(model)
+    common_passes.RemoveUnusedNodesPass()(model)
+    _check_lowered(model, info)
+    model.metadata_props[METADATA_KEY] = json.dumps({
+        "profile": info.name, "providers": list(info.providers), "numerics": info.numerics,
+        "linears": len(linears), "passes": counts, "session_config": dict(info.session_config)}, sort_keys=True)
+    return counts
+
+
+def lowered_path(export_dir: str | os.PathLike[str], profile: str) -> Path:
+    """Where `qbert-export --lower PROFILE` puts a profile's file: beside model.onnx."""
+    return Path(export_dir) / f"model.{profile_info(profile).name}.onnx"
+
+
+def lower(src: str | os.PathLike[str], profile: str, dst: str | os.PathLike[str]) -> Path:
+    """Write `src` (a canonical model.onnx) lowered for `profile` to `dst`, atomically; returns `dst`."""
+    profile_info(profile)
+    src, dst = Path(src), Path(dst)
+    if not src.is_file():
+        raise LoweringError(f"{src}: no such model file")
+    if src.resolve() == dst.resolve():
+        raise LoweringError("the lowered file must not replace the canonical model")
+    try:
+        model = ir.load(src)
+    except Exception as err:  # onnx raises DecodeError and others for a file that is not a model
+        raise LoweringError(f"{src}: not a readable ONNX model ({type(err).__name__})") from None
+    lower_model(model, profile)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(dst) as tmp:
+        ir.save(model, tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o666 & ~umask)  # a model file, readable like model.onnx (the temporary file is 0600)
+    return dst
