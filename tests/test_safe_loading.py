@@ -93,13 +93,16 @@ def test_safetensors_folder_is_the_same_checkpoint(tmp_path: Path, tiny_ckpt: Ch
 
 def test_deterministic_export_from_both_formats(tmp_path: Path, tiny_model_pt: Path, tiny_ckpt: Checkpoint,
                                                tiny_export: Path) -> None:
-    """model.pt (loaded from disk) and the safetensors folder both export byte for byte the fixture's model.onnx."""
+    """model.pt (loaded from disk) and the safetensors folder (through `qbert-export FOLDER -o OUT`) both export
+    byte for byte the fixture's model.onnx."""
+    from qbert_deploy.cli.export import main
+
     folder = tmp_path / "st"
     save_safetensors_checkpoint(tiny_ckpt, folder)
     digests = {"in-memory (fixture)": hashlib.sha256((tiny_export / "model.onnx").read_bytes()).hexdigest()}
-    for label, source in (("model.pt", tiny_model_pt), ("safetensors", folder)):
-        out = tmp_path / f"export-{label}"
-        export_checkpoint(load_checkpoint(source), out)
+    export_checkpoint(load_checkpoint(tiny_model_pt), tmp_path / "from-pt")
+    assert main([str(folder), "-o", str(tmp_path / "from-st"), "--no-parity"]) == 0
+    for label, out in (("model.pt", tmp_path / "from-pt"), ("safetensors via CLI", tmp_path / "from-st")):
         digests[label] = hashlib.sha256((out / "model.onnx").read_bytes()).hexdigest()
     assert len(set(digests.values())) == 1, digests
 
