@@ -55,7 +55,7 @@ def parity_check(model: nn.Module, onnx_path: Path, batch: Batch) -> list[Parity
     step = output_step(expected)
     session = open_session(onnx_path, optimize=False)
     ort_logits = session.run(["logits"], batch)[0]
-    ref_logits = list(ReferenceEvaluator(str(onnx_path)).run(["logits"], dict(batch)))[0]
+    ref_logits = next(iter(ReferenceEvaluator(str(onnx_path)).run(["logits"], dict(batch))))
     return [compare(expected, np.asarray(ort_logits), "onnxruntime (no opt)", step),
             compare(expected, np.asarray(ref_logits), "onnx.reference", step)]
 
