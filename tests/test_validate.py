@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import BertForSequenceClassification
 
-from qbert_deploy.checkpoint import Checkpoint, save_checkpoint
+from qbert_deploy.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from qbert_deploy.cli.validate import main
 from qbert_deploy.data.tsv import Example, write_tsv
 from qbert_deploy.exporters.onnx_export import export_checkpoint
@@ -161,11 +161,12 @@ def test_bad_dataset_is_a_clear_error(fitted: dict[str, Path], tmp_path: Path, c
 
 def test_export_from_another_checkpoint_is_a_clear_error(fitted: dict[str, Path], tmp_path: Path,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
-    same_recipe = fitted_checkpoint()
+    same_recipe = load_checkpoint(fitted["model"])
     same_recipe.state_dict["classifier.bias"] = same_recipe.state_dict["classifier.bias"] + 1.0
     save_checkpoint(same_recipe, tmp_path / "weights.pt")
     other_recipe = tiny_checkpoint()
     save_checkpoint(other_recipe, tmp_path / "recipe.pt")
+    capsys.readouterr()
     for name, message in (("weights.pt", "different checkpoint"), ("recipe.pt", "different recipe")):
         err = _error_of(capsys, [str(fitted["export"]), "--checkpoint", str(tmp_path / name), "--data",
                                  str(fitted["dev"])])
