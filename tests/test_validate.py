@@ -185,3 +185,16 @@ def test_bad_profile_baseline_and_paths_are_clear_errors(fitted: dict[str, Path]
     assert "no such baseline" in _error_of(capsys, _args(fitted, "export", "--baseline", str(tmp_path / "x.json")))
     err = _error_of(capsys, [str(tmp_path), "--checkpoint", str(fitted["model"]), "--data", str(fitted["dev"])])
     assert "no model.onnx" in err, err
+
+
+def test_profile_uses_the_lowered_model_in_the_export(fitted: dict[str, Path], tmp_path: Path) -> None:
+    """`--profile X` runs EXPORT/model.X.onnx when the export holds one (here: a copy of the canonical model)."""
+    export = tmp_path / "export"
+    shutil.copytree(fitted["export"], export)
+    shutil.copy(export / "model.onnx", export / "model.weight-only.onnx")
+    report = validate(export, fitted["model"], fitted["dev"], Settings(profiles=("canonical", "weight-only"),
+                                                                       limit=8), tmp_path / "work")
+    by_name = {s.name: s for s in report.summaries}
+    assert by_name["ort-cpu-weight-only"].model == str(export / "model.weight-only.onnx"), by_name
+    assert by_name["ort-cpu-weight-only"].agreement_fakequant == 100.0, by_name
+    assert not report.failures, report.failures
