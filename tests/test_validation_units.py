@@ -33,20 +33,21 @@ def test_error_stats_and_sqnr() -> None:
     assert math.isinf(error_stats(ref, other * np.nan).max_abs)
 
 
-def _summary(name: str, accuracy: float, agree: float = 100.0, error: float = 0.0) -> BackendSummary:
-    stats = error_stats(np.array([0.0, 1.0]), np.array([0.0, 1.0 + error]), step=1.0)
-    return BackendSummary(name, name, 100, accuracy, 0.0, 100.0, agree, agree, stats, 1.0, 1.0, None)
+def _summary(name: str, accuracy: float, agree: float = 100.0, error: float = 0.0, exact: bool = False
+             ) -> BackendSummary:
+    stats = error_stats(np.array([0.0, 1.0, 2.0]), np.array([0.0, 1.0 + error, 2.0 + error]), step=1.0)
+    return BackendSummary(name, name, 100, accuracy, 0.0, 100.0, agree, agree, stats, 1.0, 1.0, None, exact)
 
 
 def test_gate_checks_baseline_pytorch_agreement_and_error() -> None:
     runs = [_summary("pytorch-fp32", 90.0), _summary("pytorch-fakequant", 88.0),
-            _summary("ort-spec", 87.6), _summary("ort-cpu-canonical", 87.0, agree=98.0, error=5.0)]
+            _summary("ort-spec", 87.6), _summary("ort-cpu-canonical", 87.0, agree=98.0, error=5.0, exact=True)]
     baseline = {"pytorch-fp32": 90.2, "pytorch-fakequant": 88.0, "ort-spec": 88.0}
     failures = check(runs, Tolerance(max_drop=0.5), baseline)
     got = {(f.backend, f.check) for f in failures}
     assert got == {("ort-cpu-canonical", "baseline"), ("ort-cpu-canonical", "drop vs PyTorch fake-quant"),
                    ("ort-cpu-canonical", "agreement with PyTorch fake-quant"),
-                   ("ort-cpu-canonical", "p99 logit error vs PyTorch fake-quant")}, got
+                   ("ort-cpu-canonical", "median logit error vs PyTorch fake-quant")}, got
     relative = check(runs[:3], Tolerance(max_drop=0.5, relative=True), {"pytorch-fakequant": 88.5})
     assert {(f.backend, f.check) for f in relative} == {
         ("pytorch-fakequant", "drop vs baseline"), ("pytorch-fp32", "baseline"), ("ort-spec", "baseline")}, relative

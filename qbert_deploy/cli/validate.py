@@ -47,8 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     layer.add_argument("--layerwise", action="store_true",
                        help="compare each encoder layer and quantized Linear with PyTorch; name the first that departs")
     layer.add_argument("--layer-examples", type=_positive, default=32, help="examples for the layerwise pass")
-    layer.add_argument("--layer-tolerance", type=float, default=2.0,
-                       help="p99 |error| allowed per layer, in 8-bit steps of the PyTorch tensor (default 2)")
+    layer.add_argument("--layer-tolerance", type=float, default=0.1,
+                       help="median |error| allowed per layer, in 8-bit steps of the PyTorch tensor (default 0.1)")
     gate = parser.add_argument_group("gate")
     gate.add_argument("--baseline", type=Path, help="baseline JSON to compare accuracies with")
     gate.add_argument("--max-drop", type=float, default=0.5,
@@ -56,8 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     gate.add_argument("--relative", action="store_true", help="--max-drop is percent of the reference accuracy")
     gate.add_argument("--min-agreement", type=float, default=99.0,
                       help="least %% of ORT predictions equal to PyTorch fake-quant's (default 99)")
-    gate.add_argument("--max-error-steps", type=float, default=4.0,
-                      help="p99 |logit error| of ORT vs PyTorch fake-quant allowed, in 8-bit output steps (default 4)")
+    gate.add_argument("--max-error-steps", type=float, default=0.5,
+                      help="median |logit error| vs PyTorch fake-quant allowed for the ONNX spec and the canonical "
+                           "profile, in 8-bit output steps (default 0.5)")
     gate.add_argument("--write-baseline", type=Path, help="record this run's accuracies as a baseline file")
     return parser
 

@@ -26,7 +26,10 @@ class Tolerance:
     max_drop: float = 0.5  # percentage points, or percent of the reference when relative
     relative: bool = False
     min_agreement: float = 99.0  # percent of predictions equal to PyTorch fake-quant (ONNX backends)
-    max_error_steps: float = 4.0  # p99 |logit error| vs PyTorch fake-quant, in 8-bit output steps (ONNX backends)
+    # Median |logit error| vs PyTorch fake-quant in 8-bit output steps, for the backends that must reproduce the
+    # ONNX spec (the spec itself and the canonical profile); lowered profiles may approximate by design
+    # (e.g. MatMulNBits' int8 activations) and answer to the accuracy and agreement checks.
+    max_error_steps: float = 0.5
 
     def drop(self, reference: float, value: float) -> float:
         """How far `value` fell below `reference`, in the unit `max_drop` is given in."""
@@ -107,9 +110,9 @@ def check(summaries: Sequence[BackendSummary], tolerance: Tolerance,
             failures.append(Failure(s.name, "agreement with PyTorch fake-quant", f"{s.agreement_fakequant:.2f}%",
                                     f">= {tolerance.min_agreement:g}%"))
         # Catches a numerically wrong export even where the predictions happen not to flip.
-        if not s.error.p99_steps <= tolerance.max_error_steps:
-            failures.append(Failure(s.name, "p99 logit error vs PyTorch fake-quant", f"{s.error.p99_steps:.3g} steps",
-                                    f"<= {tolerance.max_error_steps:g} steps"))
+        if s.exact and not s.error.median_steps <= tolerance.max_error_steps:
+            failures.append(Failure(s.name, "median logit error vs PyTorch fake-quant",
+                                    f"{s.error.median_steps:.3g} steps", f"<= {tolerance.max_error_steps:g} steps"))
     return failures
 
 

@@ -21,6 +21,7 @@ from qbert_deploy.validation.backends import (
     make_runner,
     run_backend,
 )
+from qbert_deploy.validation.profiles import CANONICAL
 from qbert_deploy.validation.stats import ErrorStats, agreement, error_stats, wilson_interval
 
 
@@ -52,6 +53,7 @@ class BackendSummary:
     median_batch_ms: float
     examples_per_second: float
     model: str | None
+    exact: bool = False  # must reproduce the ONNX spec numerically (the spec and the canonical profile)
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "description": self.description, "examples": self.examples,
@@ -75,7 +77,8 @@ def summarize(runs: dict[str, BackendRun], labels: np.ndarray) -> list[BackendSu
             agreement_fp32=100.0 * agreement(run.logits, fp32),
             error=error_stats(reference, run.logits, step), median_batch_ms=run.median_batch_ms,
             examples_per_second=run.examples_per_second,
-            model=str(run.model_path) if run.model_path else None))
+            model=str(run.model_path) if run.model_path else None,
+            exact=run.spec.is_onnx and run.spec.profile == CANONICAL))
     return out
 
 

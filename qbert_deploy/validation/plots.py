@@ -22,18 +22,18 @@ def _short(module: str) -> str:
 
 
 def layer_error_plot(path: Path, layers: Mapping[str, Sequence[LayerError]], tolerance_steps: float) -> None:
-    """p99 |error| in 8-bit steps per watched module (execution order), one line per backend, log scale."""
+    """Median |error| in 8-bit steps per watched module (execution order), one line per backend, log scale."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(8.0, 0.22 * max((len(v) for v in layers.values()), default=1)), 4.5))
     names: list[str] = []
     for backend, errors in layers.items():
         names = names or [e.module for e in errors]
-        ys = [max(e.error.p99_steps, 1e-4) if e.error is not None else float("nan") for e in errors]
+        ys = [max(e.error.median_steps, 1e-7) if e.error is not None else float("nan") for e in errors]
         ax.plot(range(len(ys)), ys, marker=".", label=backend)
     ax.axhline(tolerance_steps, color="red", linestyle="--", linewidth=1, label=f"tolerance {tolerance_steps:g}")
     ax.set_yscale("log")
     ax.set_xticks(range(len(names)), [_short(n) for n in names], rotation=90, fontsize=6)
-    ax.set_ylabel("p99 |error| vs PyTorch fake-quant (8-bit steps)")
+    ax.set_ylabel("median |error| vs PyTorch fake-quant (8-bit steps)")
     ax.set_title("Per-layer error by backend")
     ax.legend(fontsize=7)
     fig.tight_layout()

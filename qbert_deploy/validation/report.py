@@ -48,7 +48,7 @@ class Report:
                     "passed": not self.failures, "failures": [vars(f) for f in self.failures]}
         layerwise = None
         if self.layers:
-            layerwise = {"tolerance_p99_steps": self.layer_tolerance, "examples": self.layer_examples,
+            layerwise = {"tolerance_median_steps": self.layer_tolerance, "examples": self.layer_examples,
                          "first_departure": self.departures(),
                          "backends": {k: [e.to_json() for e in v] for k, v in self.layers.items()}}
         return {"format": REPORT_FORMAT, "version": 1, "export_dir": self.export_dir, "checkpoint": self.checkpoint,
@@ -85,7 +85,7 @@ def _layer_table(report: Report) -> str:
         cells = []
         for b in backends:
             err = report.layers[b][i].error
-            cells.append("n/a" if err is None else _num(err.p99_steps))
+            cells.append("n/a" if err is None else f"{_num(err.median_steps, 2)} / {_num(err.p99_steps, 2)}")
         lines.append(f"| {module} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -99,8 +99,9 @@ def markdown(report: Report) -> str:
            backend_table(report.summaries), ""]
     if report.layers:
         out += ["## Layerwise", "",
-                f"p99 |error| in 8-bit steps of each PyTorch fake-quant tensor, over {report.layer_examples} "
-                f"examples' real tokens; tolerance {report.layer_tolerance:g} steps.", ""]
+                f"median / p99 |error| in 8-bit steps of each PyTorch fake-quant tensor, over "
+                f"{report.layer_examples} examples' real tokens; a module departs when its median exceeds "
+                f"{report.layer_tolerance:g} steps.", ""]
         for name, module in report.departures().items():
             if name == FP32:
                 out.append(f"- {name}: the quantization error itself (float weights against fake-quant)")
@@ -113,7 +114,7 @@ def markdown(report: Report) -> str:
         verdict = "PASSED" if not report.failures else f"FAILED ({len(report.failures)} checks)"
         against = f"baseline `{report.baseline}`" if report.baseline else "no baseline"
         out += ["## Gate", "", f"{verdict}: {against}, max drop {t.max_drop:g} {t.unit()}, min agreement "
-                f"{t.min_agreement:g}%, p99 logit error <= {t.max_error_steps:g} steps.", ""]
+                f"{t.min_agreement:g}%, median logit error <= {t.max_error_steps:g} steps (spec and canonical).", ""]
         if report.failures:
             out += ["| backend | check | value | limit |", "|---|---|---|---|"]
             out += [f"| {f.backend} | {f.check} | {f.value} | {f.limit} |" for f in report.failures]

@@ -16,6 +16,7 @@ from qbert_deploy.validation.gate import Tolerance, check, read_baseline, write_
 from qbert_deploy.validation.harness import dataset_digest, run_all, summarize, tokenize
 from qbert_deploy.validation.layers import bits_per_layer, sensitivity_per_layer
 from qbert_deploy.validation.layerwise import (
+    DEFAULT_TOLERANCE_STEPS,
     LayerError,
     capture_onnx,
     capture_torch,
@@ -37,11 +38,11 @@ class Settings:
     limit: int | None = None
     layerwise: bool = False
     layer_examples: int = 32
-    layer_tolerance: float = 2.0
+    layer_tolerance: float = DEFAULT_TOLERANCE_STEPS
     max_drop: float = 0.5
     relative: bool = False
     min_agreement: float = 99.0
-    max_error_steps: float = 4.0
+    max_error_steps: float = 0.5
 
 
 def load_tokenizer(export_dir: Path) -> Any:

@@ -58,8 +58,13 @@ class ErrorStats:
     def p99_steps(self) -> float:
         return self.p99_abs / self.step
 
+    @property
+    def median_steps(self) -> float:
+        return self.median_abs / self.step
+
     def to_json(self) -> dict[str, Any]:
-        out = asdict(self) | {"max_steps": self.max_steps, "p99_steps": self.p99_steps}
+        out = asdict(self) | {"max_steps": self.max_steps, "p99_steps": self.p99_steps,
+                              "median_steps": self.median_steps}
         return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in out.items()}
 
 
