@@ -68,11 +68,17 @@ def _args(paths: dict[str, Path], export: str = "export", *extra: str) -> list[s
     return [str(paths[export]), "--checkpoint", str(paths["model"]), "--data", str(paths["dev"]), *extra]
 
 
-def test_clean_export_passes_and_baseline_round_trips(fitted: dict[str, Path], capsys: pytest.CaptureFixture[str]
-                                                      ) -> None:
-    baseline = fitted["root"] / "baseline.json"
+@pytest.fixture(scope="module")
+def baseline(fitted: dict[str, Path]) -> Path:
+    """The clean export's baseline (and report, in the same folder)."""
+    path = fitted["root"] / "baseline.json"
+    assert main(_args(fitted, "export", "--write-baseline", str(path), "--report", str(fitted["root"] / "report"))) == 0
+    return path
+
+
+def test_clean_export_passes_and_baseline_round_trips(fitted: dict[str, Path], baseline: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
     report = fitted["root"] / "report"
-    assert main(_args(fitted, "export", "--write-baseline", str(baseline), "--report", str(report))) == 0
     recorded = json.loads(baseline.read_text())["backends"]
     assert set(recorded) == {"pytorch-fp32", "pytorch-fakequant", "ort-spec", "ort-cpu-canonical"}
     assert recorded["pytorch-fakequant"]["accuracy"] >= 80.0, f"the fitted tiny model did not learn: {recorded}"
@@ -87,24 +93,22 @@ def test_clean_export_passes_and_baseline_round_trips(fitted: dict[str, Path], c
 
 
 @pytest.mark.parametrize(("raise_by", "code"), [(0.4, 0), (0.6, 1)])
-def test_drop_within_tolerance_passes_and_beyond_fails(fitted: dict[str, Path], tmp_path: Path, raise_by: float,
-                                                       code: int, capsys: pytest.CaptureFixture[str]) -> None:
+def test_drop_within_tolerance_passes_and_beyond_fails(fitted: dict[str, Path], baseline: Path, tmp_path: Path,
+                                                       raise_by: float, code: int,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
     """A baseline 0.4 pp above today's accuracy is within --max-drop 0.5; 0.6 pp above is not."""
-    baseline = tmp_path / "baseline.json"
-    assert main(_args(fitted, "export", "--write-baseline", str(baseline))) == 0
     data = json.loads(baseline.read_text())
     for entry in data["backends"].values():
         entry["accuracy"] += raise_by
-    baseline.write_text(json.dumps(data))
-    assert main(_args(fitted, "export", "--baseline", str(baseline), "--max-drop", "0.5")) == code
+    raised = tmp_path / "raised.json"
+    raised.write_text(json.dumps(data))
+    assert main(_args(fitted, "export", "--baseline", str(raised), "--max-drop", "0.5")) == code
     err = capsys.readouterr().err
     assert ("drop vs baseline" in err) == (code == 1), err
 
 
-def test_corrupted_scale_fails_the_gate(fitted: dict[str, Path], tmp_path: Path) -> None:
+def test_corrupted_scale_fails_the_gate(fitted: dict[str, Path], baseline: Path) -> None:
     """One weight's scale changed in the ONNX file (the checkpoint hash still matches): exit 1 with a table."""
-    baseline = tmp_path / "baseline.json"
-    assert main(_args(fitted, "export", "--write-baseline", str(baseline))) == 0
     result = subprocess.run([sys.executable, "-m", "qbert_deploy.cli.validate",
                              *_args(fitted, "corrupted", "--baseline", str(baseline))],
                             capture_output=True, text=True, check=False)
