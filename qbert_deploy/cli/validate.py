@@ -1,0 +1,97 @@
+"""qbert-validate: PyTorch fp32 | PyTorch fake-quant | ORT spec | ORT optimized per provider and profile.
+
+Exit codes: 0 every backend within tolerance; 1 the gate failed (a table says what); 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from qbert_deploy.cli.common import fail, run_cli
+
+
+def _list(text: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("expected a comma-separated list")
+    return items
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qbert-validate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("export_dir", type=Path, help="export directory written by qbert-export")
+    parser.add_argument("--checkpoint", type=Path, required=True, help="the model.pt the export was made from")
+    parser.add_argument("--data", type=Path, required=True, help="labelled TSV (sentence<TAB>label, with a header)")
+    parser.add_argument("--providers", type=_list, default=["cpu"], help="ORT execution providers (default cpu)")
+    parser.add_argument("--profile", type=_list, default=["canonical"],
+                        help="runtime profiles, comma-separated: canonical (model.onnx), or a lowering profile "
+                             "such as cpu-w8a8 or weight-only (model.<profile>.onnx, or lowered now)")
+    parser.add_argument("--report", type=Path, help="write report.json, report.md and PNG plots into this folder")
+    parser.add_argument("--batch-size", type=_positive, default=32)
+    parser.add_argument("--max-length", type=_positive, default=128)
+    parser.add_argument("--threads", type=_positive, help="intra-op threads for ORT and PyTorch")
+    parser.add_argument("--limit", type=_positive, help="only the first N examples")
+    layer = parser.add_argument_group("layerwise")
+    layer.add_argument("--layerwise", action="store_true",
+                       help="compare each encoder layer and quantized Linear with PyTorch; name the first that departs")
+    layer.add_argument("--layer-examples", type=_positive, default=32, help="examples for the layerwise pass")
+    layer.add_argument("--layer-tolerance", type=float, default=0.1,
+                       help="median |error| allowed per layer, in 8-bit steps of the PyTorch tensor (default 0.1)")
+    gate = parser.add_argument_group("gate")
+    gate.add_argument("--baseline", type=Path, help="baseline JSON to compare accuracies with")
+    gate.add_argument("--max-drop", type=float, default=0.5,
+                      help="accuracy drop allowed vs the baseline and vs PyTorch fake-quant, percentage points")
+    gate.add_argument("--relative", action="store_true", help="--max-drop is percent of the reference accuracy")
+    gate.add_argument("--min-agreement", type=float, default=99.0,
+                      help="least %% of ORT predictions equal to PyTorch fake-quant's (default 99)")
+    gate.add_argument("--max-error-steps", type=float, default=0.5,
+                      help="median |logit error| vs PyTorch fake-quant allowed for the ONNX spec and the canonical "
+                           "profile, in 8-bit output steps (default 0.5)")
+    gate.add_argument("--write-baseline", type=Path, help="record this run's accuracies as a baseline file")
+    return parser
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from qbert_deploy.validation.run import Settings, validate
+
+    if args.max_drop < 0 or not 0 <= args.min_agreement <= 100 or args.layer_tolerance <= 0 \
+            or args.max_error_steps <= 0:
+        return fail("--max-drop must be >= 0, --min-agreement in 0..100, --layer-tolerance and --max-error-steps > 0",
+                    prog="qbert-validate")
+    settings = Settings(providers=args.providers, profiles=args.profile, batch_size=args.batch_size,
+                        max_length=args.max_length, threads=args.threads, limit=args.limit,
+                        layerwise=args.layerwise, layer_examples=args.layer_examples,
+                        layer_tolerance=args.layer_tolerance, max_drop=args.max_drop, relative=args.relative,
+                        min_agreement=args.min_agreement, max_error_steps=args.max_error_steps)
+    with tempfile.TemporaryDirectory(prefix="qbert-validate-") as work:
+        report = validate(args.export_dir, args.checkpoint, args.data, settings, Path(work), args.baseline,
+                          args.write_baseline, args.report)
+    if report.failures:
+        from qbert_deploy.validation.gate import failure_table
+
+        print(f"\nqbert-validate: GATE FAILED ({len(report.failures)} checks)\n{failure_table(report.failures)}",
+              file=sys.stderr)
+        return 1
+    print("qbert-validate: every backend within tolerance")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_cli("qbert-validate", lambda: _validate(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

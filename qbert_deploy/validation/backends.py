@@ -1,0 +1,115 @@
+"""The backends a validation run compares: PyTorch fp32 and fake-quant, the ONNX spec, ORT per provider/profile."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qbert_deploy.checkpoint import Checkpoint
+from qbert_deploy.runtimes.session import open_session
+from qbert_deploy.validation.profiles import CANONICAL, profile_model
+
+Batch = dict[str, np.ndarray]
+Runner = Callable[[Batch], np.ndarray]
+FP32 = "pytorch-fp32"
+FAKEQUANT = "pytorch-fakequant"
+SPEC = "ort-spec"
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """One way of running the model. ORT backends name the provider, the profile and the optimization level."""
+
+    name: str
+    kind: str  # "pytorch" or "onnxruntime"
+    quantized: bool = True
+    provider: str = "cpu"
+    profile: str = CANONICAL
+    optimize: bool = True
+
+    @property
+    def is_onnx(self) -> bool:
+        return self.kind == "onnxruntime"
+
+    def describe(self) -> str:
+        if not self.is_onnx:
+            return "PyTorch, fake-quant" if self.quantized else "PyTorch, float weights"
+        level = "optimizations on" if self.optimize else "optimizations off (the ONNX spec)"
+        return f"ONNX Runtime {self.provider}, {self.profile}, {level}"
+
+
+def backend_specs(providers: Sequence[str], profiles: Sequence[str]) -> list[BackendSpec]:
+    """The PyTorch references, the ONNX spec, then every provider x profile optimized."""
+    specs = [BackendSpec(FP32, "pytorch", quantized=False), BackendSpec(FAKEQUANT, "pytorch"),
+             BackendSpec(SPEC, "onnxruntime", profile=CANONICAL, optimize=False)]
+    for provider in providers:
+        for profile in profiles:
+            specs.append(BackendSpec(f"ort-{provider}-{profile}", "onnxruntime", provider=provider, profile=profile))
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ValueError("a provider or profile is named twice")
+    return specs
+
+
+@dataclass
+class BackendRun:
+    spec: BackendSpec
+    logits: np.ndarray
+    batch_seconds: list[float]
+    model_path: Path | None
+
+    @property
+    def median_batch_ms(self) -> float:
+        return 1000.0 * float(np.median(self.batch_seconds)) if self.batch_seconds else 0.0
+
+    @property
+    def examples_per_second(self) -> float:
+        total = sum(self.batch_seconds)
+        return len(self.logits) / total if total > 0 else 0.0
+
+
+def torch_runner(model: torch.nn.Module) -> Runner:
+    @torch.no_grad()
+    def run(batch: Batch) -> np.ndarray:
+        out = model(**{k: torch.from_numpy(v) for k, v in batch.items()})
+        return np.asarray(out.logits.float().numpy())
+    return run
+
+
+def onnx_model_path(spec: BackendSpec, export_dir: Path, workdir: Path) -> Path:
+    return profile_model(export_dir, spec.profile, workdir)
+
+
+def ort_runner(model: Path | bytes, spec: BackendSpec, threads: int | None) -> Runner:
+    session = open_session(model, providers=(spec.provider,), threads=threads, optimize=spec.optimize)
+
+    def run(batch: Batch) -> np.ndarray:
+        return np.asarray(session.run(["logits"], batch)[0])
+    return run
+
+
+def make_runner(spec: BackendSpec, checkpoint: Checkpoint, export_dir: Path, workdir: Path,
+                threads: int | None) -> tuple[Runner, Path | None]:
+    if not spec.is_onnx:
+        from qbert_deploy.models.build import build_model
+
+        return torch_runner(build_model(checkpoint, quantized=spec.quantized)), None
+    path = onnx_model_path(spec, export_dir, workdir)
+    return ort_runner(path, spec, threads), path
+
+
+def run_backend(spec: BackendSpec, runner: Runner, batches: Sequence[Batch], model_path: Path | None) -> BackendRun:
+    """Logits over all batches, timing each batch after one untimed warm-up call."""
+    if batches:
+        runner(batches[0])
+    logits, seconds = [], []
+    for batch in batches:
+        start = time.perf_counter()
+        logits.append(runner(batch))
+        seconds.append(time.perf_counter() - start)
+    return BackendRun(spec, np.concatenate(logits) if logits else np.zeros((0, 0), np.float32), seconds, model_path)

@@ -1,0 +1,123 @@
+"""The accuracy regression gate: every backend within tolerance of the baseline and of PyTorch."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qbert_deploy.atomic import write_text_atomic
+from qbert_deploy.validation.backends import FAKEQUANT
+from qbert_deploy.validation.harness import BackendSummary
+
+BASELINE_FORMAT = "qbert-validate-baseline"
+BASELINE_VERSION = 1
+
+
+class BaselineError(ValueError):
+    """A baseline file that cannot be read or does not fit this run."""
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    max_drop: float = 0.5  # percentage points, or percent of the reference when relative
+    relative: bool = False
+    min_agreement: float = 99.0  # percent of predictions equal to PyTorch fake-quant (ONNX backends)
+    # Median |logit error| vs PyTorch fake-quant in 8-bit output steps, for the backends that must reproduce the
+    # ONNX spec (the spec itself and the canonical profile); lowered profiles may approximate by design
+    # (e.g. MatMulNBits' int8 activations) and answer to the accuracy and agreement checks.
+    max_error_steps: float = 0.5
+
+    def drop(self, reference: float, value: float) -> float:
+        """How far `value` fell below `reference`, in the unit `max_drop` is given in."""
+        fall = reference - value
+        return 100.0 * fall / reference if self.relative and reference > 0 else fall
+
+    def unit(self) -> str:
+        return "% rel" if self.relative else "pp"
+
+
+@dataclass(frozen=True)
+class Failure:
+    backend: str
+    check: str
+    value: str
+    limit: str
+
+
+def write_baseline(path: Path, summaries: Sequence[BackendSummary], dataset_sha256: str,
+                   checkpoint_sha256: str) -> None:
+    data = {"format": BASELINE_FORMAT, "version": BASELINE_VERSION,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "dataset_sha256": dataset_sha256, "checkpoint_sha256": checkpoint_sha256,
+            "backends": {s.name: {"accuracy": round(s.accuracy, 4), "examples": s.examples,
+                                  "agreement_fakequant": round(s.agreement_fakequant, 4)} for s in summaries}}
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def read_baseline(path: Path, dataset_sha256: str) -> dict[str, float]:
+    """Backend name -> baseline accuracy (percent). The baseline must come from the same examples."""
+    if not path.is_file():
+        raise BaselineError(f"{path}: no such baseline file (record one with --write-baseline)")
+    try:
+        data: Any = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise BaselineError(f"{path}: not a JSON baseline ({err})") from None
+    if not isinstance(data, dict) or data.get("format") != BASELINE_FORMAT:
+        raise BaselineError(f"{path}: not a qbert-validate baseline (no '{BASELINE_FORMAT}' format marker)")
+    if data.get("version") != BASELINE_VERSION:
+        raise BaselineError(f"{path}: baseline version {data.get('version')!r} is not supported")
+    if data.get("dataset_sha256") != dataset_sha256:
+        raise BaselineError(f"{path}: the baseline was measured on different examples than --data "
+                            f"(dataset sha256 {str(data.get('dataset_sha256'))[:12]} vs {dataset_sha256[:12]})")
+    backends = data.get("backends")
+    if not isinstance(backends, dict):
+        raise BaselineError(f"{path}: 'backends' must be an object")
+    out = {}
+    for name, entry in backends.items():
+        value = entry.get("accuracy") if isinstance(entry, dict) else None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 100:
+            raise BaselineError(f"{path}: backend {name!r} has no accuracy in 0..100")
+        out[str(name)] = float(value)
+    return out
+
+
+def check(summaries: Sequence[BackendSummary], tolerance: Tolerance,
+          baseline: dict[str, float] | None) -> list[Failure]:
+    """Every failed check. ONNX backends must also match PyTorch fake-quant in accuracy and predictions."""
+    failures = []
+    by_name = {s.name: s for s in summaries}
+    reference = by_name[FAKEQUANT]
+    limit = f"<= {tolerance.max_drop:g} {tolerance.unit()}"
+    for s in summaries:
+        if baseline is not None:
+            if s.name not in baseline:
+                failures.append(Failure(s.name, "baseline", "no entry", "refresh with --write-baseline"))
+            elif (drop := tolerance.drop(baseline[s.name], s.accuracy)) > tolerance.max_drop:
+                failures.append(Failure(s.name, "drop vs baseline",
+                                        f"{drop:.2f} {tolerance.unit()} ({baseline[s.name]:.2f} -> {s.accuracy:.2f})",
+                                        limit))
+        if not s.name.startswith("ort-"):
+            continue
+        if (drop := tolerance.drop(reference.accuracy, s.accuracy)) > tolerance.max_drop:
+            failures.append(Failure(s.name, "drop vs PyTorch fake-quant",
+                                    f"{drop:.2f} {tolerance.unit()} ({reference.accuracy:.2f} -> {s.accuracy:.2f})",
+                                    limit))
+        if s.agreement_fakequant < tolerance.min_agreement:
+            failures.append(Failure(s.name, "agreement with PyTorch fake-quant", f"{s.agreement_fakequant:.2f}%",
+                                    f">= {tolerance.min_agreement:g}%"))
+        # Catches a numerically wrong export even where the predictions happen not to flip.
+        if s.exact and not s.error.median_steps <= tolerance.max_error_steps:
+            failures.append(Failure(s.name, "median logit error vs PyTorch fake-quant",
+                                    f"{s.error.median_steps:.3g} steps", f"<= {tolerance.max_error_steps:g} steps"))
+    return failures
+
+
+def failure_table(failures: Sequence[Failure]) -> str:
+    rows = [("backend", "check", "value", "limit")] + [(f.backend, f.check, f.value, f.limit) for f in failures]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
