@@ -5,7 +5,7 @@ MiniLM-L6 fine-tuned on the movie-review train split (reduced step budget), quan
 
     python ci/accuracy_gate.py --out ci-out                       # gate (what .ci/run does)
     python ci/accuracy_gate.py --out ci-out --write-baseline      # refresh ci/baseline.json
-    python ci/accuracy_gate.py --out ci-out --profiles canonical,weight-only   # one more ORT profile
+    python ci/accuracy_gate.py --out ci-out --profiles canonical,cpu-w8a8          # fewer ORT profiles
 """
 
 from __future__ import annotations
@@ -120,7 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--recipe", choices=RECIPES, default="w4")
     parser.add_argument("--steps", type=int, default=FINE_TUNE_STEPS, help="float fine-tuning steps")
     parser.add_argument("--qat-steps", type=int, default=0, help="quantization-aware training steps")
-    parser.add_argument("--profiles", default="canonical", help="ORT CPU profiles to validate, comma-separated")
+    parser.add_argument("--profiles", default="canonical,cpu-w8a8,weight-only",
+                        help="ORT CPU profiles to validate, comma-separated")
     parser.add_argument("--baseline", type=Path, default=BASELINE)
     parser.add_argument("--write-baseline", action="store_true", help="record --baseline from this run instead")
     parser.add_argument("--max-drop", default="0.5", help="accuracy drop allowed, percentage points")
