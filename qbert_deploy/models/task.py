@@ -106,7 +106,7 @@ def fp32_model(model_dir: str | Path, task: Task, steps: int, lr: float, cache: 
     log.info("fp32: %d steps, dev accuracy %.4f", steps, acc)
     if cache is not None:
         with atomic_dir(cache) as tmp:
-            model.save_pretrained(tmp)
+            model.save_pretrained(tmp)  # type: ignore[operator]
             task.tokenizer.save_pretrained(tmp)
             (tmp / FP32_STAMP).write_text(json.dumps({"key": key, "accuracy": acc}, indent=1))
     return model.eval(), acc

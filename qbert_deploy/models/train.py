@@ -58,7 +58,7 @@ def train(model: nn.Module, make_batches: Callable[[int], Iterable[Batch]], step
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             schedule.step()
-            losses.append(float(out.loss))
+            losses.append(float(out.loss.detach()))
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
             bar.update()
             if save is not None and (step + 1) % save_every == 0 and step + 1 < steps:

@@ -7,6 +7,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from qbert_deploy.models.allocation import allocate_bits
@@ -50,7 +51,8 @@ def mixed_recipe(model: nn.Module, base: Recipe, sens: Sensitivity, choices: tup
     params = [0] * count
     for name in linears:
         weight = model.get_submodule(name).weight
-        params[layer_of(name)] += int(weight.numel())  # type: ignore[union-attr]
+        assert isinstance(weight, torch.Tensor)
+        params[layer_of(name)] += int(weight.numel())
     fixed = 0.0
     if budget_mb is not None:
         at_eight = paper_size(model, Recipe(default=WeightQuant(bits=8, groups=base.default.groups),
