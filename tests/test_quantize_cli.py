@@ -122,8 +122,8 @@ def test_bad_inputs_fail_in_one_line(tiny_dir: Path, tmp_path: Path, args: list[
 
 def test_missing_data_and_model_are_one_line_errors(tiny_dir: Path, tmp_path: Path) -> None:
     for command, message in [
-        (_cli(tiny_dir, "--bits", "4", "-o", str(tmp_path / "a"))[:4] + [str(tmp_path), "--bits", "4", "-o",
-                                                                         str(tmp_path / "a")], "no config.json"),
+        ([sys.executable, "-m", "qbert_deploy.cli.quantize", "--model", str(tmp_path), "--bits", "4", "-o",
+          str(tmp_path / "a")], "no config.json"),
         ([sys.executable, "-m", "qbert_deploy.cli.quantize", "--model", str(tiny_dir / "model"), "--train",
           str(tmp_path / "none.tsv"), "--dev", str(tiny_dir / "dev.tsv"), "--bits", "4", "-o", str(tmp_path / "b")],
          "no such data file"),

