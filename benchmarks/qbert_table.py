@@ -37,7 +37,7 @@ def _markdown(data: dict[str, Any], command: str) -> str:
     def line(method: str, label: str | None = None) -> str:
         r = rows.get(method)
         if r is None:
-            return f"| {label or method} | | | | | not measured yet | `{command} --only {method}` |"
+            return f"| {label or method} | | | | not measured yet | | | `{command} --only {method}` |"
         delta = "" if fp32 is None or method == "fp32" else f" ({100 * (r['accuracy'] - fp32['accuracy']):+.2f})"
         return (f"| {label or method} | {r['weight_bits']} | {r['embedding_bits']} | {r['groups']} | "
                 f"{100 * r['accuracy']:.2f}{delta} | {r['size_mb']:.2f} | {r['compression']:.2f}x | "
@@ -100,6 +100,17 @@ def run(args: argparse.Namespace) -> int:
     if data.get("settings") not in (None, settings):
         log.warning("settings differ from the JSON's; its rows are kept: %s", data.get("settings"))
     data["settings"] = settings
+    for extra in args.merge or []:  # rows measured by another process (same settings) into another JSON
+        other = json.loads(Path(extra).read_text())
+        if other.get("settings") != settings:
+            raise ValueError(f"{extra}: measured with other settings, not merged")
+        merged = {r["method"] for r in other["rows"]}
+        data["rows"] = [r for r in data["rows"] if r["method"] not in merged] + other["rows"]
+    if args.merge:
+        order = {m: i for i, m in enumerate(TABLE + ABLATION)}
+        data["rows"].sort(key=lambda r: order.get(r["method"], 99))
+        write_results(data, json_path, md_path, command)
+        return 0
     done = {r["method"] for r in data["rows"]}
     wanted = args.only or ROWS
     splits = load_splits()
@@ -155,9 +166,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--markdown", default="docs/RESULTS.md")
     parser.add_argument("--only", nargs="+", choices=ROWS, help="measure (again) just these rows")
     parser.add_argument("--fresh", action="store_true", help="drop the rows already in the JSON")
+    parser.add_argument("--merge", nargs="+", help="merge the rows of these JSON files (same settings) and stop")
     parser.add_argument("--fp32-steps", type=int, default=60)
-    parser.add_argument("--qat-steps", type=int, default=40)
-    parser.add_argument("--qat-lr", type=float, default=5e-5)
+    parser.add_argument("--qat-steps", type=int, default=20)
+    parser.add_argument("--qat-lr", type=float, default=1e-4)
     parser.add_argument("--calibration-batches", type=int, default=4)
     parser.add_argument("--hessian-subsets", type=int, default=2)
     parser.add_argument("--hessian-batch", type=int, default=16)

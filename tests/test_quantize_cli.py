@@ -42,7 +42,7 @@ def _cli(tiny_dir: Path, *args: str) -> list[str]:
 
 
 def _run(command: list[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=os.environ.copy())
+    return subprocess.run(command, capture_output=True, text=True, timeout=900, env=os.environ.copy())
 
 
 def test_mixed_precision_run_writes_model_sensitivity_and_log(tiny_dir: Path, tmp_path: Path) -> None:
@@ -61,7 +61,7 @@ def test_mixed_precision_run_writes_model_sensitivity_and_log(tiny_dir: Path, tm
 
 def test_killed_run_leaves_no_model_and_resumes(tiny_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    args = [*FAST, "--qat-steps", "60", "--save-every", "2", "--bits", "4", "-o", str(out)]
+    args = [*FAST, "--qat-steps", "12", "--save-every", "2", "--bits", "4", "-o", str(out)]
     process = subprocess.Popen(_cli(tiny_dir, *args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                env=os.environ.copy())
     try:
@@ -84,7 +84,7 @@ def test_killed_run_leaves_no_model_and_resumes(tiny_dir: Path, tmp_path: Path) 
     assert "fp32: reusing the fine-tuned baseline" in log, log[-2000:]
     load_checkpoint(out / "model.pt")
     # Other settings are another run: the saved state is not applied to a different schedule.
-    state_args = [a if a != "60" else "4" for a in args]
+    state_args = [a if a != "12" else "4" for a in args]
     (out / "qat-state.pt").write_bytes((out / "model.pt").read_bytes())
     result = _run(_cli(tiny_dir, *state_args))
     assert result.returncode == 0, result.stderr[-2000:]
