@@ -62,18 +62,21 @@ def test_mixed_precision_run_writes_model_sensitivity_and_log(tiny_dir: Path, tm
 def test_killed_run_leaves_no_model_and_resumes(tiny_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     args = [*FAST, "--qat-steps", "12", "--save-every", "2", "--bits", "4", "-o", str(out)]
-    process = subprocess.Popen(_cli(tiny_dir, *args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    stderr = (tmp_path / "stderr.txt").open("w")
+    process = subprocess.Popen(_cli(tiny_dir, *args), stdout=subprocess.DEVNULL, stderr=stderr,
                                env=os.environ.copy())
     try:
-        deadline = time.time() + 240
+        deadline = time.time() + 600
         while not (out / "qat-state.pt").exists() and time.time() < deadline and process.poll() is None:
             time.sleep(0.2)
-        assert (out / "qat-state.pt").exists(), "QAT never saved a resume state"
+        assert (out / "qat-state.pt").exists(), \
+            f"QAT never saved a resume state: {(tmp_path / 'stderr.txt').read_text()[-2000:]}"
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=30)
     finally:
         if process.poll() is None:
             process.kill()
+        stderr.close()
     assert not (out / "model.pt").exists(), "a killed run must not leave a model.pt behind"
     state = torch.load(out / "qat-state.pt", weights_only=True)
     assert state["step"] >= 2, f"resume state at step {state['step']}"
