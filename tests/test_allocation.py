@@ -28,7 +28,8 @@ def test_size_budget_counts_fixed_bytes_and_layer_sizes() -> None:
     bits = allocate_bits([3.0, 0.5, 1.0], sizes, budget_bytes=budget, fixed_bytes=fixed)
     used = fixed + sum(n * b for n, b in zip(sizes, bits, strict=True)) / 8
     assert used <= budget, (bits, used, budget)
-    assert bits == [8, 2, 4], bits
+    # [8, 2, 4] fits exactly too, but its expected loss sum(Omega * 4^-bits) is higher than [4, 3, 4]'s.
+    assert bits == [4, 3, 4], bits
 
 
 def test_mixed_two_choices_split_the_layers() -> None:
