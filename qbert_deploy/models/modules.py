@@ -52,6 +52,9 @@ class QuantLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear, spec: WeightQuant, activation_bits: int | None) -> None:
         super().__init__()
+        # Quant-Noise (Fan et al. 2020): in training, only this fraction of the weights is fake-quantized each
+        # forward pass (the rest stay float); 0 means plain QAT. Eval always quantizes every weight.
+        self.quant_noise = 0.0
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
         self.bias = linear.bias
@@ -62,6 +65,9 @@ class QuantLinear(nn.Module):
         if self.input_quant is not None:
             x = self.input_quant(x)
         weight = fake_quant_weight(self.weight, self.spec.bits, self.spec.groups, self.spec.symmetric)
+        if self.training and self.quant_noise > 0:
+            mask = torch.rand_like(self.weight) < self.quant_noise
+            weight = torch.where(mask, weight, self.weight)
         return F.linear(x, weight, self.bias)
 
 

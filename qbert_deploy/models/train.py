@@ -1,8 +1,10 @@
-"""Fine-tuning and evaluation loops for sequence classification, with progress bars."""
+"""Fine-tuning and evaluation loops for sequence classification, with progress bars and resumable state."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -10,6 +12,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 Batch = tuple[dict[str, np.ndarray], np.ndarray]
+# Called with the full training state (model, optimizer, schedule, step, losses) every `save_every` steps.
+SaveHook = Callable[[dict[str, Any]], None]
 
 
 def to_torch(inputs: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -24,17 +28,29 @@ def _cycle(make_batches: Callable[[int], Iterable[Batch]]) -> Iterator[Batch]:
 
 
 def train(model: nn.Module, make_batches: Callable[[int], Iterable[Batch]], steps: int, lr: float = 5e-5,
-          desc: str = "fine-tune", warmup: float = 0.1) -> list[float]:
-    """AdamW with linear warm-up and decay for `steps` steps; `make_batches(epoch)` yields shuffled batches."""
+          desc: str = "fine-tune", warmup: float = 0.1, resume: dict[str, Any] | None = None,
+          save: SaveHook | None = None, save_every: int = 50) -> list[float]:
+    """AdamW with linear warm-up and decay for `steps` steps; `make_batches(epoch)` yields shuffled batches.
+
+    `resume` is a state that `save` was given earlier: training goes on from its step with the same data order.
+    """
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
     warm = max(1, int(steps * warmup))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm))))
     losses: list[float] = []
+    start = 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        schedule.load_state_dict(resume["schedule"])
+        start, losses = int(resume["step"]), list(resume["losses"])
     data = _cycle(make_batches)
-    with tqdm(total=steps, desc=desc, unit="step", dynamic_ncols=True) as bar:
-        for _ in range(steps):
+    for _ in itertools.islice(data, start):  # same batches as an uninterrupted run
+        pass
+    with tqdm(total=steps, initial=start, desc=desc, unit="step", dynamic_ncols=True) as bar:
+        for step in range(start, steps):
             inputs, labels = next(data)
             out = model(**to_torch(inputs), labels=torch.from_numpy(labels))
             optimizer.zero_grad(set_to_none=True)
@@ -42,9 +58,12 @@ def train(model: nn.Module, make_batches: Callable[[int], Iterable[Batch]], step
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             schedule.step()
-            losses.append(float(out.loss))
+            losses.append(float(out.loss.detach()))
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
             bar.update()
+            if save is not None and (step + 1) % save_every == 0 and step + 1 < steps:
+                save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                      "schedule": schedule.state_dict(), "step": step + 1, "losses": losses})
     model.eval()
     return losses
 

@@ -1,0 +1,121 @@
+"""The whole qbert-quantize workflow as one call: fp32 fine-tune, Hessian, allocation, QAT/PTQ, model.pt.
+
+State lives in the output folder (fp32/, sensitivity.json, qat-state.pt), so a killed run goes on from there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qbert_deploy.atomic import atomic_file
+from qbert_deploy.checkpoint import Checkpoint, save_checkpoint
+from qbert_deploy.models.build import make_checkpoint, tokenizer_files
+from qbert_deploy.models.hessian import sensitivity
+from qbert_deploy.models.methods import Method
+from qbert_deploy.models.sensitivity_io import load_sensitivity, save_sensitivity
+from qbert_deploy.models.size import paper_size
+from qbert_deploy.models.task import Task, fp32_model
+from qbert_deploy.models.train import accuracy
+from qbert_deploy.models.workflow import Settings, apply_method, mixed_recipe
+from qbert_deploy.recipe import Recipe
+
+log = logging.getLogger("qbert_deploy.quantize")
+
+
+@dataclass
+class Job:
+    """Everything a run needs besides the task and the method."""
+
+    model_dir: Path
+    out: Path
+    finetune_steps: int = 300
+    lr: float = 1e-4
+    qat_steps: int = 200
+    qat_lr: float = 5e-5
+    quant_noise: float = 0.0
+    hessian_subsets: int = 3
+    hessian_batch: int = 32
+    hessian_iters: int = 20
+    budget_mb: float | None = None
+    calibration_batches: int = 8
+    save_every: int = 50
+    seed: int = 0
+    fp32_cache: Path | None = None
+
+
+def _allocate(job: Job, task: Task, fp32: torch.nn.Module, fp32_acc: float, method: Method,
+              recipe: Recipe) -> Recipe:
+    assert method.mixed is not None
+    key = {"subsets": job.hessian_subsets, "batch": job.hessian_batch, "iters": job.hessian_iters,
+           "seed": job.seed, "fp32": fp32_acc}
+    path = job.out / "sensitivity.json"
+    sens = None
+    if path.exists() and json.loads(path.read_text()).get("settings") == key:
+        sens = load_sensitivity(path)
+        log.info("sensitivity: reusing %s", path)
+    if sens is None:
+        sens = sensitivity(fp32, task.input_batches(job.hessian_subsets, job.seed + 1, job.hessian_batch),
+                           iters=job.hessian_iters, tol=1e-2)
+    choices, average = method.mixed
+    recipe = mixed_recipe(fp32, recipe, sens, choices, average_bits=average or None,
+                          budget_mb=job.budget_mb if not average else None)
+    bits = [recipe.for_module(f"{layer}.output.dense").bits for layer in sens.layers]
+    save_sensitivity(sens, path, job.out / "sensitivity.png", bits)
+    data = json.loads(path.read_text())
+    data["settings"] = key
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    log.info("bits per encoder layer: %s", bits)
+    return recipe
+
+
+def run_job(job: Job, task: Task, method: Method, recipe: Recipe) -> Checkpoint:
+    """Run the workflow and write OUT/model.pt (atomically); returns the checkpoint written."""
+    job.out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(job.seed)
+    fp32, fp32_acc = fp32_model(job.model_dir, task, job.finetune_steps, job.lr, job.fp32_cache or job.out / "fp32",
+                                job.seed)
+    metrics = {"dev_accuracy_fp32": fp32_acc}
+    if method.mixed is not None:
+        recipe = _allocate(job, task, fp32, fp32_acc, method, recipe)
+    state_path = job.out / "qat-state.pt"
+    run_key = hashlib.sha256(json.dumps([recipe.dumps(), method.id, job.qat_steps, job.qat_lr, job.seed,
+                                         job.quant_noise, fp32_acc]).encode()).hexdigest()
+    resume = None
+    if state_path.exists():
+        try:
+            state = torch.load(state_path, map_location="cpu", weights_only=True)
+        except Exception:  # a torn or foreign file is just not a state to resume from
+            state = None
+        if isinstance(state, dict) and state.get("key") == run_key:
+            resume = state
+            log.info("resuming QAT from step %d (%s)", state["step"], state_path)
+        else:
+            log.info("%s belongs to another run; starting QAT afresh", state_path)
+
+    def save(state: dict[str, Any]) -> None:
+        with atomic_file(state_path) as tmp:
+            torch.save({**state, "key": run_key}, tmp)
+
+    settings = Settings(qat_steps=job.qat_steps, lr=job.qat_lr, quant_noise=job.quant_noise,
+                        calibration_batches=job.calibration_batches, seed=job.seed, resume=resume, save=save,
+                        save_every=job.save_every)
+    model = apply_method(fp32, task, method, recipe, settings)
+    acc = accuracy(model, task.dev_batches(), "dev quantized")
+    size = paper_size(model, recipe)
+    metrics.update({"dev_accuracy_quantized": acc, "size_mb": size["size_mb"], "compression": size["compression"]})
+    with tempfile.TemporaryDirectory() as tmp:
+        texts = tokenizer_files(task.tokenizer, Path(tmp))
+    checkpoint = make_checkpoint(model, recipe, task.labels, texts, metrics)
+    save_checkpoint(checkpoint, job.out / "model.pt")
+    state_path.unlink(missing_ok=True)
+    log.info("wrote %s: dev accuracy %.4f (fp32 %.4f), %.2f MB the paper's way, %.2fx smaller than fp32",
+             job.out / "model.pt", acc, fp32_acc, size["size_mb"], size["compression"])
+    return checkpoint

@@ -1,0 +1,112 @@
+"""A classification task on disk and its base model: tokenizer, splits, batching, and the cached fp32 fine-tune."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from qbert_deploy.atomic import atomic_dir
+from qbert_deploy.data.batches import batches
+from qbert_deploy.data.tsv import Example
+from qbert_deploy.models.train import Batch, accuracy, train
+
+log = logging.getLogger("qbert_deploy.quantize")
+FP32_STAMP = "qbert_fp32.json"
+
+
+def _length(example: Example) -> int:
+    return len(example.text) + len(example.text_pair or "")
+
+
+@dataclass
+class Task:
+    """Labelled train/dev examples, the tokenizer, and the batch shape used everywhere in the workflow."""
+
+    tokenizer: Any
+    train: list[Example]
+    dev: list[Example]
+    labels: list[str]
+    batch_size: int = 32
+    max_length: int = 64
+
+    def train_batches(self, epoch: int) -> Iterator[Batch]:
+        """Shuffled batches of similar lengths: each pool of 16 batches is sorted by length, so batches carry
+        little padding (a third less compute on short sentences) while their order stays random."""
+        rng = np.random.default_rng(epoch)
+        order = rng.permutation(len(self.train))
+        pool = self.batch_size * 16
+        chunks: list[list[Example]] = []
+        for start in range(0, len(order), pool):
+            ordered = sorted((self.train[i] for i in order[start:start + pool]), key=_length)
+            chunks += [ordered[i:i + self.batch_size] for i in range(0, len(ordered), self.batch_size)]
+        for index in rng.permutation(len(chunks)):
+            yield from batches(self.tokenizer, chunks[index], self.batch_size, self.max_length)
+
+    def dev_batches(self) -> list[Batch]:
+        # Sorted by length so that batches carry little padding: evaluation is most of a PTQ run's time.
+        ordered = sorted(self.dev, key=_length)
+        return list(batches(self.tokenizer, ordered, 64, self.max_length))
+
+    def input_batches(self, count: int, seed: int, size: int | None = None) -> list[dict[str, torch.Tensor]]:
+        """`count` random training batches with labels, as torch tensors (calibration, Hessian subsets)."""
+        out = []
+        for inputs, labels in batches(self.tokenizer, self.train, size or self.batch_size, self.max_length,
+                                      shuffle_seed=10_000 + seed):
+            out.append({**{k: torch.from_numpy(v) for k, v in inputs.items()}, "labels": torch.from_numpy(labels)})
+            if len(out) == count:
+                break
+        return out
+
+
+def load_base(model_dir: str | Path, labels: list[str]) -> nn.Module:
+    """A Hugging Face BERT directory with a fresh classification head (eager attention: export-friendly)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{path}: not a Hugging Face model directory (no config.json)")
+    config = AutoConfig.from_pretrained(path)
+    if config.model_type != "bert":
+        raise ValueError(f"{path}: model_type {config.model_type!r} is not supported; only 'bert'")
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=len(labels), attn_implementation="eager",
+        id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
+    assert isinstance(model, nn.Module)
+    return model
+
+
+def fp32_model(model_dir: str | Path, task: Task, steps: int, lr: float, cache: Path | None,
+               seed: int = 0) -> tuple[nn.Module, float]:
+    """The fine-tuned fp32 baseline and its dev accuracy, reused from `cache` when it was made the same way."""
+    from transformers import AutoModelForSequenceClassification
+
+    key = {"base": str(Path(model_dir).resolve()), "steps": steps, "lr": lr, "seed": seed,
+           "train": len(task.train), "batch_size": task.batch_size, "max_length": task.max_length}
+    stamp = cache / FP32_STAMP if cache else None
+    if cache is not None and stamp is not None and stamp.is_file():
+        saved = json.loads(stamp.read_text())
+        if saved.get("key") == key:
+            log.info("fp32: reusing the fine-tuned baseline in %s (dev accuracy %.4f)", cache, saved["accuracy"])
+            model = AutoModelForSequenceClassification.from_pretrained(cache, attn_implementation="eager")
+            return model.eval(), float(saved["accuracy"])
+        log.info("fp32: %s was made differently; fine-tuning again", cache)
+    torch.manual_seed(seed)
+    model = load_base(model_dir, task.labels)
+    if steps > 0:
+        train(model, task.train_batches, steps, lr=lr, desc="fine-tune fp32")
+    acc = accuracy(model, task.dev_batches(), "dev fp32")
+    log.info("fp32: %d steps, dev accuracy %.4f", steps, acc)
+    if cache is not None:
+        with atomic_dir(cache) as tmp:
+            model.save_pretrained(tmp)  # type: ignore[operator]
+            task.tokenizer.save_pretrained(tmp)
+            (tmp / FP32_STAMP).write_text(json.dumps({"key": key, "accuracy": acc}, indent=1))
+    return model.eval(), acc

@@ -1,0 +1,83 @@
+"""One method applied to a fine-tuned fp32 model: allocate bits, clip (PTQ), quantize, calibrate, QAT."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from qbert_deploy.models.allocation import allocate_bits
+from qbert_deploy.models.hessian import Sensitivity
+from qbert_deploy.models.methods import Method
+from qbert_deploy.models.modules import QuantLinear
+from qbert_deploy.models.ptq import clip_model
+from qbert_deploy.models.size import MB, paper_size
+from qbert_deploy.models.task import Task
+from qbert_deploy.models.train import SaveHook, train
+from qbert_deploy.models.wrap import calibrate, quantizable_linears, quantize_model
+from qbert_deploy.recipe import Recipe, WeightQuant
+
+log = logging.getLogger("qbert_deploy.quantize")
+
+
+@dataclass
+class Settings:
+    qat_steps: int = 200
+    lr: float = 5e-5
+    quant_noise: float = 0.0
+    calibration_batches: int = 8
+    seed: int = 0
+    resume: dict[str, Any] | None = None
+    save: SaveHook | None = None
+    save_every: int = 50
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def layer_of(module_name: str) -> int:
+    """Encoder layer index of a module name like bert.encoder.layer.3.attention.self.query."""
+    parts = module_name.split(".")
+    return int(parts[parts.index("layer") + 1])
+
+
+def mixed_recipe(model: nn.Module, base: Recipe, sens: Sensitivity, choices: tuple[int, ...],
+                 average_bits: float | None = None, budget_mb: float | None = None) -> Recipe:
+    """Per-layer bits from Omega: every Linear of an encoder layer gets that layer's bits."""
+    linears = quantizable_linears(model)
+    count = len(sens.layers)
+    params = [0] * count
+    for name in linears:
+        weight = model.get_submodule(name).weight
+        assert isinstance(weight, torch.Tensor)
+        params[layer_of(name)] += int(weight.numel())
+    fixed = 0.0
+    if budget_mb is not None:
+        at_eight = paper_size(model, Recipe(default=WeightQuant(bits=8, groups=base.default.groups),
+                                            embedding=base.embedding))["size_mb"] * MB
+        fixed = at_eight - sum(params)  # everything but the encoder Linears (8 bits = 1 byte each)
+    bits = allocate_bits(sens.omega, params, average_bits=average_bits,
+                         budget_bytes=None if budget_mb is None else budget_mb * MB, fixed_bytes=fixed,
+                         choices=choices)
+    log.info("allocation: Omega %s -> bits %s", ", ".join(f"{v:.3g}" for v in sens.omega), bits)
+    return base.with_overrides({name: WeightQuant(bits=bits[layer_of(name)], groups=base.default.groups,
+                                                  symmetric=base.default.symmetric) for name in linears})
+
+
+def apply_method(fp32: nn.Module, task: Task, method: Method, recipe: Recipe, settings: Settings) -> nn.Module:
+    """A quantized copy of `fp32` made by `method` with `recipe` (mixed-precision overrides already in it)."""
+    model = copy.deepcopy(fp32)
+    if method.clip is not None:
+        clip_model(model, recipe, method.clip)
+    quantize_model(model, recipe)
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            module.quant_noise = settings.quant_noise
+    calibrate(model, [{k: v for k, v in b.items() if k != "labels"}
+                      for b in task.input_batches(settings.calibration_batches, settings.seed)])
+    if method.qat and settings.qat_steps > 0:
+        train(model, task.train_batches, settings.qat_steps, lr=settings.lr, desc=f"QAT {method.id}",
+              resume=settings.resume, save=settings.save, save_every=settings.save_every)
+    return model.eval()

@@ -1,0 +1,138 @@
+"""qbert-quantize end to end on a tiny random BERT: outputs, resume after a kill, and one-line errors."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import BertForSequenceClassification
+
+from qbert_deploy.checkpoint import load_checkpoint
+from qbert_deploy.cli.quantize import main
+from qbert_deploy.data.tsv import Example, write_tsv
+from tests.tiny import SENTENCES, tiny_config, tokenizer
+
+FAST = ["--finetune-steps", "2", "--qat-steps", "2", "--hessian-subsets", "2", "--hessian-batch", "4",
+        "--hessian-iters", "3", "--calibration-batches", "1", "--batch-size", "4", "--groups", "4"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny BERT as a Hugging Face directory, plus GLUE-style train/dev TSVs beside it."""
+    root = tmp_path_factory.mktemp("tinyhf")
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(tiny_config())
+    model.save_pretrained(root / "model")
+    tokenizer().save_pretrained(root / "model")  # type: ignore[attr-defined]
+    examples = [Example(s, i % 2) for i, s in enumerate(SENTENCES)]
+    write_tsv(root / "train.tsv", examples * 4)
+    write_tsv(root / "dev.tsv", examples)
+    return root
+
+
+def _cli(tiny_dir: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "qbert_deploy.cli.quantize", "--model", str(tiny_dir / "model"),
+            "--train", str(tiny_dir / "train.tsv"), "--dev", str(tiny_dir / "dev.tsv"), *args]
+
+
+def _run(command: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(command, capture_output=True, text=True, timeout=900, env=os.environ.copy())
+
+
+def test_mixed_precision_run_writes_model_sensitivity_and_log(tiny_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = _run(_cli(tiny_dir, "--avg-bits", "3", "--bit-choices", "2,4", *FAST, "-o", str(out)))
+    assert result.returncode == 0, result.stderr[-2000:]
+    checkpoint = load_checkpoint(out / "model.pt")
+    bits = {spec.bits for spec in checkpoint.recipe.overrides.values()}
+    assert bits == {2, 4}, f"a 2-layer model at 3 average bits from {{2,4}} gets one layer each, got {bits}"
+    assert "dev_accuracy_quantized" in checkpoint.metrics
+    assert (out / "sensitivity.png").read_bytes()[:4] == b"\x89PNG"
+    assert '"omega"' in (out / "sensitivity.json").read_text()
+    assert "wrote" in (out / "quantize.log").read_text()
+    assert not (out / "qat-state.pt").exists(), "the resume state must be removed after a finished run"
+
+
+def test_killed_run_leaves_no_model_and_resumes(tiny_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    args = [*FAST, "--qat-steps", "12", "--save-every", "2", "--bits", "4", "-o", str(out)]
+    stderr = (tmp_path / "stderr.txt").open("w")
+    process = subprocess.Popen(_cli(tiny_dir, *args), stdout=subprocess.DEVNULL, stderr=stderr,
+                               env=os.environ.copy())
+    try:
+        deadline = time.time() + 600
+        while not (out / "qat-state.pt").exists() and time.time() < deadline and process.poll() is None:
+            time.sleep(0.2)
+        assert (out / "qat-state.pt").exists(), \
+            f"QAT never saved a resume state: {(tmp_path / 'stderr.txt').read_text()[-2000:]}"
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        stderr.close()
+    assert not (out / "model.pt").exists(), "a killed run must not leave a model.pt behind"
+    state = torch.load(out / "qat-state.pt", weights_only=True)
+    assert state["step"] >= 2, f"resume state at step {state['step']}"
+    result = _run(_cli(tiny_dir, *args))
+    assert result.returncode == 0, result.stderr[-2000:]
+    log = (out / "quantize.log").read_text()
+    assert "resuming QAT from step" in log, log[-2000:]
+    assert "fp32: reusing the fine-tuned baseline" in log, log[-2000:]
+    load_checkpoint(out / "model.pt")
+    # Other settings are another run: the saved state is not applied to a different schedule.
+    state_args = [a if a != "12" else "4" for a in args]
+    (out / "qat-state.pt").write_bytes((out / "model.pt").read_bytes())
+    result = _run(_cli(tiny_dir, *state_args))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "belongs to another run" in (out / "quantize.log").read_text()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--bits", "4", "--groups", "5"], "groups do not divide"),
+    (["--preset", "w4", "--method", "ptq-aciq"], "--preset names Q-BERT settings"),
+    (["--avg-bits", "1.5"], "must be at least 2"),
+    (["--avg-bits", "2.0", "--bit-choices", "3,4"], "no allocation"),
+    (["--bits", "4", "--recipe", "x.json"], "not allowed with argument"),
+    (["--recipe", "/nonexistent/r.json"], "no such recipe file"),
+    (["--bits", "4", "--quant-noise", "1.5"], "must be in [0, 1)"),
+    (["--bits", "9"], "invalid choice"),
+    (["--bit-choices", "2,9", "--avg-bits", "3"], "bit widths must be in 2..8"),
+    (["--bits", "4", "--labels", "only"], "at least two distinct names"),
+])
+def test_bad_inputs_fail_in_one_line(tiny_dir: Path, tmp_path: Path, args: list[str], message: str,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    # In process (main() is what the console script calls): a subprocess per case would cost seconds of imports.
+    argv = _cli(tiny_dir, *FAST, *args, "-o", str(tmp_path / "out"))[3:]
+    try:
+        code = main(argv)
+    except SystemExit as exit_:  # argparse's own usage errors
+        code = exit_.code
+    stderr = capsys.readouterr().err
+    lines = stderr.strip().splitlines()
+    assert code not in (0, None), f"expected a failure for {args}"
+    assert message in stderr, stderr[-1500:]
+    assert "Traceback" not in stderr, stderr[-1500:]
+    assert lines[-1].startswith("qbert-quantize: error:"), lines[-3:]
+    assert not (tmp_path / "out" / "model.pt").exists()
+
+
+def test_missing_data_and_model_are_one_line_errors(tiny_dir: Path, tmp_path: Path) -> None:
+    for command, message in [
+        ([sys.executable, "-m", "qbert_deploy.cli.quantize", "--model", str(tmp_path), "--bits", "4", "-o",
+          str(tmp_path / "a")], "no config.json"),
+        ([sys.executable, "-m", "qbert_deploy.cli.quantize", "--model", str(tiny_dir / "model"), "--train",
+          str(tmp_path / "none.tsv"), "--dev", str(tiny_dir / "dev.tsv"), "--bits", "4", "-o", str(tmp_path / "b")],
+         "no such data file"),
+        ([sys.executable, "-m", "qbert_deploy.cli.quantize", "--model", str(tiny_dir / "model"), "--train",
+          str(tiny_dir / "train.tsv"), "--bits", "4", "-o", str(tmp_path / "c")], "give both --train and --dev"),
+    ]:
+        result = _run(command)
+        assert result.returncode == 2, (command, result.stderr[-1500:])
+        assert message in result.stderr and "Traceback" not in result.stderr, result.stderr[-1500:]
