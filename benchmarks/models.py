@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from qbert_deploy.exporters.onnx_export import LogitsOnly
 from qbert_deploy.recipe import Recipe, WeightQuant
 
 SEQUENCE = 128
@@ -83,21 +84,9 @@ def _export_fp32(model: nn.Module, path: Path) -> None:
             contextlib.redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")
         logging.getLogger("torch").setLevel(logging.ERROR)
-        torch.onnx.export(_Logits(model), example, str(path), dynamo=False, opset_version=17,
+        torch.onnx.export(LogitsOnly(model), example, str(path), dynamo=False, opset_version=17,
                           input_names=["input_ids", "attention_mask", "token_type_ids"], output_names=["logits"],
                           dynamic_axes={"input_ids": dims, "attention_mask": dims, "token_type_ids": dims})
-
-
-class _Logits(nn.Module):
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                token_type_ids: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                                       token_type_ids=token_type_ids).logits
-        return out
 
 
 def _export_quantized(name: str, model: nn.Module, out_dir: Path, opset: int) -> None:

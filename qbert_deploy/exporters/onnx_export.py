@@ -50,7 +50,9 @@ class ExportResult:
     size: dict[str, Any]
 
 
-class _LogitsOnly(nn.Module):
+class LogitsOnly(nn.Module):
+    """A sequence classifier as a function of the three BERT inputs to its logits: the exported signature."""
+
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
@@ -71,7 +73,7 @@ def _versions() -> dict[str, str]:
 
 
 def _torch_export(model: nn.Module, max_positions: int) -> ir.Model:
-    wrapped = _LogitsOnly(model).eval()
+    wrapped = LogitsOnly(model).eval()
     example = (torch.ones(2, 8, dtype=torch.long), torch.ones(2, 8, dtype=torch.long),
                torch.zeros(2, 8, dtype=torch.long))
     batch = torch.export.Dim("batch", max=1 << 16)
