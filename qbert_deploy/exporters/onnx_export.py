@@ -82,7 +82,9 @@ def _torch_export(model: nn.Module, max_positions: int) -> ir.Model:
     quiet = io.StringIO()
     with warnings.catch_warnings(), contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
         warnings.simplefilter("ignore")
-        logging.getLogger("torch").setLevel(logging.ERROR)
+        # The exporter and its graph optimizer narrate every step at INFO; a user only needs our summary.
+        for name in ("torch", "onnxscript", "onnx_ir"):
+            logging.getLogger(name).setLevel(logging.ERROR)
         program = torch.onnx.export(
             wrapped, example, dynamo=True, opset_version=EXPORT_OPSET, optimize=False,
             input_names=list(INPUT_NAMES), output_names=["logits"],
