@@ -81,7 +81,7 @@ def _export(args: argparse.Namespace) -> int:
         for line in results:
             print(f"parity vs PyTorch fake-quant: {line.line()}")
         if any(r.argmax_agreement < 1.0 for r in results):
-            return fail("parity check: argmax differs between PyTorch and ONNX", code=1)
+            return fail("parity check: argmax differs between PyTorch and ONNX", code=1, prog="qbert-export")
     if args.triton_repo:
         from qbert_deploy.runtimes.triton_repo import write_triton_repo
 
