@@ -69,28 +69,31 @@ def configs(model: BenchModel, cache: Path) -> list[Config]:
     return out
 
 
+_ABLATIONS = {  # cpu-w8a8 pass left out -> row label
+    "residual_sum": "ablation: cpu-w8a8 without residual Sum (ORT forms SkipLayerNorm)",
+    "fuse_attention": "ablation: cpu-w8a8 without attention fusion",
+    "gather_then_dequantize": "ablation: cpu-w8a8 dequantizing whole embedding tables (no gather-then-dequantize)",
+    "integer_matmuls": "ablation: cpu-w8a8 leaving the integer GEMMs to ORT's Q/DQ fusion (bias outside, "
+                       "zero points kept, no shared Q/K/V quantizer)",
+    "centre_weights": "ablation: cpu-w8a8 keeping weight zero points",
+}
+
+
 def ablations(export: Path, folder: Path) -> dict[str, Path]:
     """cpu-w8a8 with one of its passes left out, to measure what each buys in the same run."""
     import onnx_ir as ir
     import onnx_ir.passes.common as common_passes
 
-    from qbert_deploy.runtimes import lowering_passes as passes
-    from qbert_deploy.runtimes.attention_fusion import fuse_attention
+    from qbert_deploy.runtimes.lowering import profile_info
 
-    variants = {
-        "ablation: cpu-w8a8 without residual Sum (ORT forms SkipLayerNorm)":
-            (passes.widen_weights_to_int8, passes.gather_then_dequantize, fuse_attention),
-        "ablation: cpu-w8a8 without attention fusion":
-            (passes.widen_weights_to_int8, passes.gather_then_dequantize, passes.residual_sum),
-        "ablation: cpu-w8a8 dequantizing whole embedding tables (no gather-then-dequantize)":
-            (passes.widen_weights_to_int8, fuse_attention, passes.residual_sum),
-    }
+    steps = profile_info("cpu-w8a8").passes
     out = {}
-    for index, (label, steps) in enumerate(variants.items()):
+    for index, (left_out, label) in enumerate(_ABLATIONS.items()):
         path = folder / f"ablation-{index}.onnx"
         model = ir.load(export)
         for step in steps:
-            step(model)
+            if step.__name__ != left_out:
+                step(model)
         common_passes.RemoveUnusedNodesPass()(model)
         ir.save(model, path)
         out[label] = path
