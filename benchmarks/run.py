@@ -72,6 +72,7 @@ def configs(model: BenchModel, cache: Path) -> list[Config]:
 _ABLATIONS = {  # cpu-w8a8 pass left out -> row label
     "residual_sum": "ablation: cpu-w8a8 without residual Sum (ORT forms SkipLayerNorm)",
     "fuse_attention": "ablation: cpu-w8a8 without attention fusion",
+    "unmasked_attention_branch": "ablation: cpu-w8a8 always passing the attention mask (no flash kernel)",
     "gather_then_dequantize": "ablation: cpu-w8a8 dequantizing whole embedding tables (no gather-then-dequantize)",
     "integer_matmuls": "ablation: cpu-w8a8 leaving the integer GEMMs to ORT's Q/DQ fusion (bias outside, "
                        "zero points kept, no shared Q/K/V quantizer)",

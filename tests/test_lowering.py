@@ -65,7 +65,10 @@ def test_cpu_w8a8_runs_every_encoder_linear_in_an_integer_kernel(tiny_export: Pa
                        and any(produced_by.get(i) is not None and produced_by[i].op_type == "DequantizeLinear"
                                for i in n.input)]
     assert float_behind_dq == [], f"float GEMMs still fed by DequantizeLinear: {float_behind_dq}"
-    assert ops["MultiHeadAttention"] == 2, f"attention core not fused in each of the 2 layers: {ops}"
+    branches = Counter(inner.op_type for node in graph.node if node.op_type == "If" for attr in node.attribute
+                       for inner in attr.g.node)
+    assert ops["If"] == 2 and branches["MultiHeadAttention"] == 4, \
+        f"attention core not fused (unmasked and masked branch) in each of the 2 layers: {ops}, {branches}"
     assert ops["SkipLayerNormalization"] == 0, f"ORT formed its slower SkipLayerNormalization: {ops}"
 
 

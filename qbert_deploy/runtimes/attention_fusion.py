@@ -141,3 +141,46 @@ def fuse_attention(model: ir.Model) -> int:
     if fused:
         model.opset_imports.setdefault("com.microsoft", 1)
     return fused
+
+
+def unmasked_attention_branch(model: ir.Model) -> int:
+    """Run each MultiHeadAttention without its key padding mask when the batch has no padding.
+
+    ORT's CPU MultiHeadAttention takes its flash-attention kernel (~14% faster here) only without a mask, and an
+    all-ones mask masks nothing. Pre: MultiHeadAttention(q, k, v, bias, mask) from `fuse_attention`, the mask the
+    int32 cast of the `attention_mask` input. Post: If(min(attention_mask) == 1, then: MultiHeadAttention(q, k, v,
+    bias), else: the node as it was). Numerics: the same attention, the softmax evaluated in another float order.
+    """
+    graph = model.graph
+    mask = next((v for v in graph.inputs if v.name == "attention_mask"), None)
+    nodes = [n for n in graph if n.op_type == "MultiHeadAttention" and n.domain == "com.microsoft"
+             and len(n.inputs) == 5 and n.inputs[4] is not None]
+    if mask is None or not nodes:
+        return 0
+    one = ir.val("attention_mask.one", const_value=ir.tensor(np.array(1, np.int64), name="attention_mask.one"))
+    graph.register_initializer(one)
+    smallest = ir.node("ReduceMin", [mask], attributes={"keepdims": 0}, name="attention_mask/min")
+    unpadded = ir.node("Equal", [smallest.outputs[0], one], name="attention_mask/unpadded")
+    smallest.outputs[0].name, unpadded.outputs[0].name = "attention_mask_min", "attention_mask_unpadded"
+    graph.insert_before(nodes[0], [smallest, unpadded])
+    for index, node in enumerate(nodes):
+        for value in node.inputs:
+            if value is not None and not value.name:
+                value.name = f"{node.name}/input_{index}"
+        attributes = {name: attr.value for name, attr in node.attributes.items()}
+        out = node.outputs[0]
+        branches = []
+        for kind, inputs in (("unmasked", node.inputs[:4]), ("masked", node.inputs)):
+            inner = ir.node("MultiHeadAttention", list(inputs), attributes=attributes, domain="com.microsoft",
+                            name=f"{node.name}/{kind}")
+            inner.outputs[0].name, inner.outputs[0].type = f"{out.name}_{kind}", out.type
+            branches.append(ir.Graph([], inner.outputs, nodes=[inner], name=f"{node.name}/{kind}_branch"))
+        choose = ir.node("If", [unpadded.outputs[0]], attributes={"then_branch": branches[0],
+                                                                   "else_branch": branches[1]},
+                         name=f"{node.name}/If")
+        choose.outputs[0].type, choose.outputs[0].shape = out.type, out.shape
+        graph.insert_before(node, choose)
+        out.replace_all_uses_with(choose.outputs[0], replace_graph_outputs=True)
+        choose.outputs[0].name, out.name = out.name, None
+        graph.remove(node, safe=True)
+    return len(nodes)
