@@ -164,6 +164,8 @@ def op_profile(path: str, feed: Feed, threads: int, runs: int = 3) -> list[tuple
     totals: Counter[str] = Counter()
     for event in events:
         if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time"):
+            if event["args"]["op_name"] in ("If", "Loop", "Scan"):
+                continue  # control flow: the nodes of its branches are in the trace themselves
             totals[event["args"]["op_name"]] += event["dur"]
     # the warm-up run is in the trace too
     whole = sum(totals.values()) or 1
