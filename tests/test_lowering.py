@@ -181,6 +181,9 @@ def test_cuda_rules_on_a_2bit_graph(tiny_export: Path, tmp_path: Path) -> None:
     assert bits == {4}, f"2-bit weights must run in CUDA's 4-bit kernel, got {bits}"
     integer = [n.op_type for n in model.graph if n.op_type in INTEGER_GEMMS]
     assert integer == [], f"the CUDA EP has no integer GEMMs: {integer}"
+    attention = [n for n in model.graph if n.op_type == "MultiHeadAttention"]
+    assert len(attention) == 2, "each of the tiny model's 2 attention cores should be one MultiHeadAttention"
+    assert profile_info("cuda").provider_options["CUDAExecutionProvider"] == {"use_tf32": "0"}
 
 
 def test_tensorrt_form_is_symmetric_int8(tiny_export: Path, tmp_path: Path) -> None:

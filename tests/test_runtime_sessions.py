@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes.util
 import subprocess
 import sys
 import textwrap
@@ -18,7 +19,8 @@ from qbert_deploy.runtimes.session import SessionError, model_lowering, open_ses
 from tests.tiny import text_batch
 
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
-HAS_TENSORRT = "TensorrtExecutionProvider" in ort.get_available_providers()
+TENSORRT_LISTED = "TensorrtExecutionProvider" in ort.get_available_providers()
+HAS_TENSORRT = TENSORRT_LISTED and ctypes.util.find_library("nvinfer") is not None
 
 
 def test_profile_lowers_a_canonical_model_in_memory(tiny_export: Path, tmp_path: Path) -> None:
@@ -58,7 +60,9 @@ def test_missing_provider_needs_allow_fallback(tiny_export: Path) -> None:
 def test_cuda_profile_runs_on_the_gpu(tiny_export: Path, tmp_path: Path) -> None:
     lowered = lower(tiny_export / "model.onnx", "cuda", tmp_path / "model.cuda.onnx")
     expected = open_session(tiny_export / "model.onnx", optimize=False).run(["logits"], text_batch())[0]
-    got = open_session(lowered, providers=("cuda",), profile="cuda").run(["logits"], text_batch())[0]
+    session = open_session(lowered, providers=("cuda",), profile="cuda")
+    assert session.get_provider_options()["CUDAExecutionProvider"]["use_tf32"] == "0", "cuda profile runs TF32"
+    got = session.run(["logits"], text_batch())[0]
     step = (expected.max() - min(expected.min(), 0)) / 255
     assert np.abs(got - expected).max() <= 4 * step, "CUDA logits drift from the canonical graph's"
 
@@ -70,6 +74,14 @@ def test_tensorrt_profile_runs_on_tensorrt(tiny_export: Path, tmp_path: Path) ->
     expected = open_session(tiny_export / "model.onnx", optimize=False).run(["logits"], text_batch())[0]
     got = open_session(lowered, providers=("tensorrt",), profile="tensorrt").run(["logits"], text_batch())[0]
     assert (got.argmax(-1) == expected.argmax(-1)).all(), "TensorRT changes predictions"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not TENSORRT_LISTED or HAS_TENSORRT, reason="needs onnxruntime-gpu without TensorRT's libraries")
+def test_provider_that_does_not_start_is_refused(tiny_export: Path, tmp_path: Path) -> None:
+    lowered = lower(tiny_export / "model.onnx", "tensorrt", tmp_path / "model.tensorrt.onnx")
+    with pytest.raises(SessionError, match="TensorrtExecutionProvider is in this onnxruntime build but did not start"):
+        open_session(lowered, providers=("tensorrt",), profile="tensorrt")
 
 
 def test_runtimes_import_and_lower_without_torch(tiny_export: Path, tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ Profiles (the name is written into the lowered file's metadata, `qbert.lowering`
 - `weight-only`: weights in com.microsoft.MatMulNBits (2-, 4- or 8-bit kernels), accuracy level pinned in the
   node (`accuracy_level=1`: fp32 compute); activation Q/DQ kept, so only the GEMM's float summation differs.
 - `cuda`: the weight-only form with CUDA's rules: no int2 (2-bit runs in the 4-bit kernel), no blocked Q/DQ
-  but int4, no integer GEMM kernels.
+  but int4, no integer GEMM kernels; the attention core as one MultiHeadAttention; sessions run with TF32 off.
 - `tensorrt`: 8-bit explicit quantization: int8 weights with zero point 0 (exact up to 7 bits), activations as
   symmetric int8 over the calibrated range (TensorRT has no zero points: this changes numerics, by design).
 """
@@ -57,6 +57,7 @@ class Profile:
     passes: tuple[Callable[[ir.Model], int], ...]
     session_config: Mapping[str, str] = field(default_factory=dict)
     disabled_optimizers: tuple[str, ...] = ()
+    provider_options: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # by ORT provider name
 
 
 def matmulnbits(model: ir.Model) -> int:
@@ -81,9 +82,12 @@ _PROFILES = {
         {"session.qdq_matmulnbits_accuracy_level": str(MATMULNBITS_ACCURACY_LEVEL)}),
     "cuda": Profile(
         "cuda", ("cuda", "cpu"),
-        f"weights exact (2-bit in the 4-bit kernel); MatMulNBits accuracy_level={MATMULNBITS_ACCURACY_LEVEL}",
-        (gather_then_dequantize, matmulnbits_4bit),
-        {"session.qdq_matmulnbits_accuracy_level": str(MATMULNBITS_ACCURACY_LEVEL)}),
+        f"weights exact (2-bit in the 4-bit kernel); MatMulNBits accuracy_level={MATMULNBITS_ACCURACY_LEVEL}; "
+        "fp32 GEMMs (TF32 off)",
+        (gather_then_dequantize, matmulnbits_4bit, fuse_attention),
+        {"session.qdq_matmulnbits_accuracy_level": str(MATMULNBITS_ACCURACY_LEVEL)},
+        # ORT's CUDA EP computes fp32 GEMMs in TF32 by default: 10-bit mantissas, not the fp32 the profile promises
+        provider_options={"CUDAExecutionProvider": {"use_tf32": "0"}}),
     "tensorrt": Profile(
         "tensorrt", ("tensorrt",),
         "weights exact as symmetric int8; activations requantized to symmetric int8 over the same range",

@@ -114,6 +114,7 @@ def open_session(model: str | os.PathLike[str] | bytes, providers: Sequence[str]
         raise SessionError(f"{model}: no such model file")
     config: dict[str, str] = {}
     disabled: list[str] = []
+    provider_options: list[dict[str, str]] = [{} for _ in usable]
     if profile is not None:
         from qbert_deploy.runtimes.lowering import default_profile, profile_info
 
@@ -122,10 +123,21 @@ def open_session(model: str | os.PathLike[str] | bytes, providers: Sequence[str]
         model = _profiled_model(model, profile, provider)
         config = dict(profile_info(profile).session_config)
         disabled = list(profile_info(profile).disabled_optimizers)
+        provider_options = [dict(profile_info(profile).provider_options.get(p, {})) for p in usable]
     options = session_options(threads, optimize, optimized_model_path, config)
     try:
         if disabled:
-            return ort.InferenceSession(model, options, providers=usable, disabled_optimizers=disabled)
-        return ort.InferenceSession(model, options, providers=usable)
+            session = ort.InferenceSession(model, options, providers=usable, provider_options=provider_options,
+                                           disabled_optimizers=disabled)
+        else:
+            session = ort.InferenceSession(model, options, providers=usable, provider_options=provider_options)
     except Exception as err:  # onnxruntime raises its own untyped exceptions
         raise SessionError(f"onnxruntime could not load the model: {_short(err)}") from None
+    # A listed provider can still fail to start (no libcudnn, no libnvinfer): ORT then quietly uses the CPU.
+    running = session.get_providers()[0]
+    if running != usable[0] and not allow_fallback:
+        raise SessionError(f"{usable[0]} is in this onnxruntime build but did not start (its libraries are "
+                           f"missing or the device is unusable); ONNX Runtime would run on {running}")
+    if running != usable[0]:
+        warnings.warn(f"{usable[0]} did not start; falling back to {running}", stacklevel=2)
+    return session
