@@ -29,6 +29,7 @@ Feed = dict[str, np.ndarray]
 ROOT = Path(__file__).resolve().parent.parent
 OURS_CPU = "ours cpu-w8a8"
 ANCHORS = ("ORT dynamic int8", "ORT dynamic int8 (fused)")
+CORE = ("ORT fp32", *ANCHORS, OURS_CPU)  # what the targets compare: `--core` times only these
 
 
 @dataclass
@@ -173,7 +174,7 @@ def op_profile(path: str, feed: Feed, threads: int, runs: int = 3) -> list[tuple
 
 
 def measure(names: Sequence[str], batches: Sequence[int], rounds: dict[int, int], threads: int, cache: Path,
-            memory: bool) -> dict[str, object]:
+            memory: bool, core: bool = False, extra: Sequence[str] = ()) -> dict[str, object]:
     import torch
 
     torch.set_num_threads(threads)
@@ -182,7 +183,10 @@ def measure(names: Sequence[str], batches: Sequence[int], rounds: dict[int, int]
     for name in names:
         print(f"[{name}] preparing models", flush=True)
         model = prepare(name, cache)
-        items = configs(model, cache)
+        items = [c for c in configs(model, cache) if not core or c.label in CORE]
+        for spec in extra:  # LABEL=PATH: another ONNX file in the same rounds (e.g. lowered by an older version)
+            label, _, path = spec.partition("=")
+            items.append(Config(label, "ort", path, Path(path).stat().st_size, ablation=True))
         runners = {c.label: _runner(c, model, threads) for c in items}
         for batch in batches:
             print(f"[{name}] batch {batch}: {rounds[batch]} interleaved rounds", flush=True)
@@ -222,13 +226,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache", type=Path, default=ROOT / "benchmarks" / ".cache")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-configuration memory processes")
+    parser.add_argument("--core", action="store_true",
+                        help="time only the targets' configurations (ORT fp32, ORT dynamic int8, ours cpu-w8a8), "
+                             "so more rounds fit in the same time on a busy machine")
+    parser.add_argument("--extra", action="append", default=[], metavar="LABEL=PATH",
+                        help="also time this ONNX file in the same rounds (repeatable)")
     parser.add_argument("--results", type=Path, default=ROOT / "docs" / "RESULTS.md")
     args = parser.parse_args(argv)
     from benchmarks.report import write_report
 
+    for spec in args.extra:
+        label, _, path = spec.partition("=")
+        if not label or not Path(path).is_file():
+            parser.error(f"--extra {spec!r}: expected LABEL=PATH of an existing ONNX file")
     batches = [int(b) for b in args.batches.split(",")]
     rounds = {b: args.rounds if b == 1 else args.rounds_large for b in batches}
-    results = measure(args.models.split(","), batches, rounds, args.threads, args.cache, not args.no_memory)
+    results = measure(args.models.split(","), batches, rounds, args.threads, args.cache, not args.no_memory,
+                      args.core, args.extra)
     command = "python -m benchmarks.run" + ("" if argv is None else " " + " ".join(argv))
     results["command"] = command.strip()
     (args.cache / "results.json").write_text(json.dumps(results, indent=1))
