@@ -169,6 +169,7 @@ def unmasked_attention_branch(model: ir.Model) -> int:
                 value.name = f"{node.name}/input_{index}"
         attributes = {name: attr.value for name, attr in node.attributes.items()}
         out = node.outputs[0]
+        out.name = out.name or f"{node.name}/output"
         branches = []
         for kind, inputs in (("unmasked", node.inputs[:4]), ("masked", node.inputs)):
             inner = ir.node("MultiHeadAttention", list(inputs), attributes=attributes, domain="com.microsoft",
