@@ -89,6 +89,9 @@ def ablations(export: Path, folder: Path) -> dict[str, Path]:
     from qbert_deploy.runtimes.lowering import profile_info
 
     steps = profile_info("cpu-w8a8").passes
+    unknown = set(_ABLATIONS) - {step.__name__ for step in steps}
+    if unknown:
+        raise ValueError(f"ablations name passes cpu-w8a8 does not have: {sorted(unknown)}")
     out = {}
     for index, (left_out, label) in enumerate(_ABLATIONS.items()):
         path = folder / f"ablation-{index}.onnx"
