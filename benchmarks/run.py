@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -246,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rounds = {b: args.rounds if b == 1 else args.rounds_large for b in batches}
     results = measure(args.models.split(","), batches, rounds, args.threads, args.cache, not args.no_memory,
                       args.core, args.extra)
-    command = "python -m benchmarks.run" + ("" if argv is None else " " + " ".join(argv))
+    command = "python -m benchmarks.run " + shlex.join(sys.argv[1:] if argv is None else argv)
     results["command"] = command.strip()
     (args.cache / "results.json").write_text(json.dumps(results, indent=1))
     write_report(results, args.results, args.results.parent / "issue4_latency.png")
