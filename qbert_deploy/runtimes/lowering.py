@@ -11,6 +11,8 @@ Profiles (the name is written into the lowered file's metadata, `qbert.lowering`
   node (`accuracy_level=1`: fp32 compute); activation Q/DQ kept, so only the GEMM's float summation differs.
 - `cuda`: the weight-only form with CUDA's rules: no int2 (2-bit runs in the 4-bit kernel), no blocked Q/DQ
   but int4, no integer GEMM kernels; the attention core as one MultiHeadAttention; sessions run with TF32 off.
+- `cuda-fp16`: the `cuda` form with float tensors, scales and math in fp16 (the GPU's fast kernels): numerics
+  differ from the canonical graph by fp16 rounding, by design.
 - `tensorrt`: 8-bit explicit quantization: int8 weights with zero point 0 (exact up to 7 bits), activations as
   symmetric int8 over the calibrated range (TensorRT has no zero points: this changes numerics, by design).
 """
@@ -67,6 +69,16 @@ def matmulnbits_4bit(model: ir.Model) -> int:
     return weights_to_matmulnbits(model, MATMULNBITS_ACCURACY_LEVEL, widen_2bit=True)
 
 
+def float16_compute(model: ir.Model) -> int:
+    """cuda-fp16: float tensors, scales and math in fp16 (inputs and logits stay as they are), so MatMulNBits,
+    MultiHeadAttention and LayerNorm take their fp16 GPU kernels. onnxruntime.transformers does the conversion."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    converted = ir.from_proto(convert_float_to_float16(ir.to_proto(model), keep_io_types=True))
+    model.graph = converted.graph
+    return sum(1 for value in model.graph.initializers.values() if value.dtype == ir.DataType.FLOAT16)
+
+
 _PROFILES = {
     "cpu-w8a8": Profile(
         "cpu-w8a8", ("cpu",), "exact: same integers and scales as the canonical graph",
@@ -84,6 +96,10 @@ _PROFILES = {
         {"session.qdq_matmulnbits_accuracy_level": str(MATMULNBITS_ACCURACY_LEVEL)},
         # ORT's CUDA EP computes fp32 GEMMs in TF32 by default: 10-bit mantissas, not the fp32 the profile promises
         provider_options={"CUDAExecutionProvider": {"use_tf32": "0"}}),
+    "cuda-fp16": Profile(
+        "cuda-fp16", ("cuda",),
+        "weights exact (2-bit in the 4-bit kernel); activations, scales and float math in fp16",
+        (gather_then_dequantize, matmulnbits_4bit, fuse_attention, float16_compute)),
     "tensorrt": Profile(
         "tensorrt", ("tensorrt",),
         "weights exact as symmetric int8; activations requantized to symmetric int8 over the same range",
@@ -132,7 +148,7 @@ def _check_lowered(model: ir.Model, profile: Profile) -> None:
     if bad:
         raise LoweringError(f"{bad[0]}: blocked int8 weight + activation Q/DQ without Q after the MatMul "
                             "(ORT fuses this wrongly)")
-    if profile.name == "cuda":
+    if profile.name.startswith("cuda"):
         problems = cuda_violations(model.graph)
         if problems:
             raise LoweringError(f"cannot lower for CUDA: {problems[0]}")
