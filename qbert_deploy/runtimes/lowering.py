@@ -3,7 +3,8 @@
 Profiles (the name is written into the lowered file's metadata, `qbert.lowering`):
 
 - `cpu-w8a8`: packed int2/int4 weights widened to int8 (same integers, same scales) through Casts that ORT folds
-  at session start, so the file stays packed on disk; ORT then fuses every encoder Linear into
+  at session start, so the file stays packed on disk (3-bit weights densely, 8 values in 3 bytes, unpacked by
+  plain ONNX ops that ORT folds too); ORT then fuses every encoder Linear into
   MatMulIntegerToFloat. Embeddings gather rows before dequantizing; the attention core becomes one
   MultiHeadAttention; residual Adds become Sum so ORT does not form its slower SkipLayerNormalization.
   Numerics: those of the canonical graph (up to float summation order in fused kernels).
@@ -28,6 +29,7 @@ import onnx_ir.passes.common as common_passes
 
 from qbert_deploy.atomic import atomic_file
 from qbert_deploy.runtimes.attention_fusion import fuse_attention
+from qbert_deploy.runtimes.bitpack import pack_3bit_weights
 from qbert_deploy.runtimes.graph_checks import blocked_int8_pitfalls, cuda_violations, weight_sites
 from qbert_deploy.runtimes.lowering_passes import (
     LoweringError,
@@ -70,7 +72,7 @@ def matmulnbits_4bit(model: ir.Model) -> int:
 _PROFILES = {
     "cpu-w8a8": Profile(
         "cpu-w8a8", ("cpu",), "exact: same integers and scales as the canonical graph",
-        (widen_weights_to_int8, gather_then_dequantize, fuse_attention, residual_sum)),
+        (widen_weights_to_int8, gather_then_dequantize, fuse_attention, residual_sum, pack_3bit_weights)),
     "weight-only": Profile(
         "weight-only", ("cpu", "cuda"),
         f"weights exact; MatMulNBits accuracy_level={MATMULNBITS_ACCURACY_LEVEL} (fp32 compute)",
