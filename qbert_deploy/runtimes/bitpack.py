@@ -57,13 +57,12 @@ def unpack_3bit(low: np.ndarray, high: np.ndarray, size: int) -> np.ndarray:
 class _Builder:
     """Appends unpack nodes to a list; small constants (shifts, masks, shapes) are shared by every site."""
 
-    def __init__(self, graph: ir.Graph) -> None:
-        self.graph = graph
+    def __init__(self, graph: ir.Graph, prefix: str) -> None:
+        self.graph, self.prefix = graph, prefix
         self.nodes: list[ir.Node] = []
-        self.prefix = ""
 
     def const(self, name: str, array: np.ndarray) -> ir.Value:
-        name = f"qbert.unpack3.{name}"
+        name = f"unpack3.{name}"
         if name in self.graph.initializers:
             return self.graph.initializers[name]
         tensor = ir.tensor(array, name=name)
@@ -73,9 +72,10 @@ class _Builder:
 
     def op(self, op_type: str, inputs: Sequence[ir.Value], dtype: ir.DataType, shape: Sequence[int],
            step: str, **attributes: int | str) -> ir.Value:
+        # short names, as each appears up to four times in the file; the planes' names tell the module
         node = ir.node(op_type, inputs, attributes=attributes or None, name=f"{self.prefix}/{step}")
         out = node.outputs[0]
-        out.dtype, out.shape, out.name = dtype, ir.Shape(shape), f"{self.prefix}_{step}"
+        out.dtype, out.shape, out.name = dtype, ir.Shape(shape), node.name
         self.nodes.append(node)
         return out
 
@@ -84,11 +84,11 @@ def unpack_3bit_nodes(graph: ir.Graph, low: ir.Value, high: ir.Value, shape: Seq
                       prefix: str) -> tuple[list[ir.Node], ir.Value]:
     """Nodes (not yet in the graph) that turn `pack_3bit`'s planes back into `shape` integers minus `offset`.
 
-    The result is uint8 when `offset` is 0, else int8. Shared constants are registered in `graph` as initializers.
+    The result is uint8 when `offset` is 0, else int8. Nodes and their outputs are named `prefix/step` (`prefix`
+    unique in the graph); shared constants are registered in `graph` as initializers.
     """
     u8 = ir.DataType.UINT8
-    b = _Builder(graph)
-    b.prefix = prefix
+    b = _Builder(graph, prefix)
     size = int(np.prod(shape))
     groups = [-(-size // 8), 2, 4]  # groups of 8 values (3 bytes)
     lo = b.op("BitShift", [low, b.const("shift_low", _LOW_SHIFTS)], u8, groups, "low_shift", direction="RIGHT")
@@ -152,7 +152,7 @@ def pack_3bit_weights(model: ir.Model) -> int:
             graph.register_initializer(value)
             planes.append(value)
         nodes, unpacked = unpack_3bit_nodes(graph, planes[0], planes[1], values.shape,
-                                            _OFFSET[source.dtype], f"{site.module}/weight_unpack3")
+                                            _OFFSET[source.dtype], f"unpack3_{len(done)}")
         assert cast is not None
         graph.insert_before(cast, nodes)
         cast.replace_input_with(0, unpacked)
