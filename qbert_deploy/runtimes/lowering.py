@@ -3,10 +3,10 @@
 Profiles (the name is written into the lowered file's metadata, `qbert.lowering`):
 
 - `cpu-w8a8`: packed int2/int4 weights widened to int8 (same integers, same scales) through Casts that ORT folds
-  at session start, so the file stays packed on disk (3-bit weights densely, 8 values in 3 bytes, unpacked by
-  plain ONNX ops that ORT folds too); ORT then fuses every encoder Linear into
+  at session start, so the file stays packed on disk; ORT then fuses every encoder Linear into
   MatMulIntegerToFloat. Embeddings gather rows before dequantizing; the attention core becomes one
   MultiHeadAttention; residual Adds become Sum so ORT does not form its slower SkipLayerNormalization.
+  3-bit weights are stored at 3 bits per value (bitpack.py), unpacked by plain ONNX ops that ORT folds too.
   Numerics: those of the canonical graph (up to float summation order in fused kernels).
 - `weight-only`: weights in com.microsoft.MatMulNBits (2-, 4- or 8-bit kernels), accuracy level pinned in the
   node (`accuracy_level=1`: fp32 compute); activation Q/DQ kept, so only the GEMM's float summation differs.
