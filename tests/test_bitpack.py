@@ -172,6 +172,16 @@ def test_packing_skips_other_bit_widths(tiny_export: Path) -> None:
     assert not any(name.endswith(("weight_q3_low", "weight_q3_high")) for name in model.graph.initializers)
 
 
+def test_3bit_weights_outside_4bit_containers_are_left_alone(tiny_export: Path, tmp_path: Path) -> None:
+    model = ir.load(requantized(tiny_export / "model.onnx", tmp_path / "model.onnx", 8))  # int8/uint8 containers
+    model.metadata_props["qbert.weight_bits"] = json.dumps(dict.fromkeys(_linear_names(model), 3))
+    assert lowering.lower_model(model, "cpu-w8a8")["pack_3bit_weights"] == 0
+
+
+def _linear_names(model: ir.Model) -> list[str]:
+    return [m for m in json.loads(model.metadata_props["qbert.weight_bits"]) if ".embeddings." not in f".{m}."]
+
+
 def test_a_3bit_recipe_with_4bit_integers_is_refused(tiny_export: Path, tmp_path: Path) -> None:
     model = ir.load(requantized(tiny_export / "model.onnx", tmp_path / "model.onnx", 4))
     bits = json.loads(model.metadata_props["qbert.weight_bits"])
