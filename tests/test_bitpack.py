@@ -15,14 +15,14 @@ import pytest
 from onnx.reference import ReferenceEvaluator
 
 import qbert_deploy.runtimes.lowering as lowering
-from qbert_deploy.runtimes.bitpack import pack_3bit, pack_3bit_weights, unpack_3bit, unpack_3bit_nodes
+from qbert_deploy.runtimes.bitpack import UINT2_OPSET, pack_3bit, pack_3bit_weights, unpack_3bit, unpack_3bit_nodes
 from qbert_deploy.runtimes.graph_checks import INTEGER_GEMMS
 from qbert_deploy.runtimes.lowering import LoweringError, lower
 from qbert_deploy.runtimes.session import open_session
 from tests.qdq_variants import requantized
 from tests.tiny import text_batch
 
-UNPACK_OPS = ("BitShift", "BitwiseAnd", "BitwiseOr")
+UNPACK_OPS = ("BitShift", "BitwiseAnd", "BitwiseXor")
 # bytes of unpack nodes, names and types one packed weight may add to the file (~1.3 KB uint4, ~1.5 KB int4 measured
 # on the tiny BERT): the tiny BERT's 64-wide weights save less than that, BERT-base's 768 x 768 ones save 72 KB each
 SITE_COST = 1600
@@ -33,12 +33,13 @@ def _sizes(n: int) -> tuple[int, int]:
     return -(-n // 2), 3 * -(-n // 8)
 
 
+@pytest.mark.parametrize("uint2", [False, True], ids=["uint8-low", "uint2-low"])
 @pytest.mark.parametrize("size", [1, 7, 8, 9, 61, 4096])
-def test_planes_hold_3_bits_per_value(size: int) -> None:
+def test_planes_hold_3_bits_per_value(size: int, uint2: bool) -> None:
     values = np.random.default_rng(size).integers(0, 8, size)
-    low, high = pack_3bit(values)
-    assert low.dtype == high.dtype == np.uint8
-    assert low.nbytes + high.nbytes == _sizes(size)[1], f"{size} values in {low.nbytes + high.nbytes} bytes"
+    low, high = pack_3bit(values, uint2)
+    stored = len(ir.tensor(low).tobytes()) + len(ir.tensor(high).tobytes())  # as written to the file
+    assert stored == _sizes(size)[1], f"{size} values in {stored} bytes"
     np.testing.assert_array_equal(unpack_3bit(low, high, size), values, err_msg=f"round trip of {size} values")
 
 
@@ -47,12 +48,13 @@ def test_pack_refuses_values_beyond_3_bits() -> None:
         pack_3bit(np.array([0, 8]))
 
 
-def _unpack_model(values: np.ndarray, offset: int) -> onnx.ModelProto:
+def _unpack_model(values: np.ndarray, offset: int, opset: int) -> onnx.ModelProto:
     """A graph with no inputs: the planes of `values` + the unpack chain + the int8 Cast of cpu-w8a8."""
-    graph = ir.Graph([], [], nodes=[], opset_imports={"": 21}, name="unpack")
+    graph = ir.Graph([], [], nodes=[], opset_imports={"": opset}, name="unpack")
     planes = []
-    for name, array in zip(("low", "high"), pack_3bit(values + offset), strict=True):
-        value = ir.val(name, ir.DataType.UINT8, ir.Shape(array.shape), const_value=ir.tensor(array, name=name))
+    for name, array in zip(("low", "high"), pack_3bit(values + offset, opset >= UINT2_OPSET), strict=True):
+        tensor = ir.tensor(array, name=name)
+        value = ir.val(name, tensor.dtype, ir.Shape(array.shape), const_value=tensor)
         graph.register_initializer(value)
         planes.append(value)
     nodes, unpacked = unpack_3bit_nodes(graph, planes[0], planes[1], values.shape, offset, "unpack")
@@ -65,12 +67,13 @@ def _unpack_model(values: np.ndarray, offset: int) -> onnx.ModelProto:
     return ir.serde.serialize_model(ir.Model(graph, ir_version=10))
 
 
+@pytest.mark.parametrize("opset", [21, 25])
 @pytest.mark.parametrize("shape", [(5, 7), (8, 3), (64, 128)])
 @pytest.mark.parametrize("signed", [False, True])
-def test_unpack_chain_gives_the_container_integers(shape: tuple[int, int], signed: bool) -> None:
+def test_unpack_chain_gives_the_container_integers(shape: tuple[int, int], signed: bool, opset: int) -> None:
     offset = 4 if signed else 0
     values = np.random.default_rng(shape[0]).integers(-offset, 8 - offset, shape)
-    model = _unpack_model(values, offset)
+    model = _unpack_model(values, offset, opset)
     onnx.checker.check_model(model, full_check=True)
     (reference,) = ReferenceEvaluator(model).run(None, {})
     (folded,) = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {})
@@ -117,10 +120,21 @@ def _evaluate(model: onnx.ModelProto, name: str) -> np.ndarray:
 
 @pytest.fixture
 def three_bit(tiny_export: Path, tmp_path: Path, request: pytest.FixtureRequest) -> Path:
-    return requantized(tiny_export / "model.onnx", tmp_path / "model.onnx", 3, symmetric=request.param)
+    """The tiny BERT with 3-bit weights: (symmetric, opset) from the parameter (opset 25: uint2 low planes)."""
+    symmetric, opset = request.param
+    path = requantized(tiny_export / "model.onnx", tmp_path / "model.onnx", 3, symmetric=symmetric)
+    if opset != 21:
+        model = ir.load(path)
+        model.opset_imports[""] = opset
+        ir.save(model, path)
+    return path
 
 
-@pytest.mark.parametrize("three_bit", [False, True], ids=["uint4", "int4"], indirect=True)
+VARIANTS = pytest.mark.parametrize("three_bit", [(False, 21), (True, 21), (False, 25), (True, 25)],
+                                   ids=["uint4", "int4", "uint4-opset25", "int4-opset25"], indirect=True)
+
+
+@VARIANTS
 def test_lowered_3bit_weights_are_packed_exactly(three_bit: Path, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     packed = lower(three_bit, "cpu-w8a8", tmp_path / "packed.onnx")
@@ -130,11 +144,13 @@ def test_lowered_3bit_weights_are_packed_exactly(three_bit: Path, tmp_path: Path
     stored = _three_bit(three_bit)
     assert len(stored) == 12, f"expected 12 3-bit Linears in the tiny BERT, found {len(stored)}"
     model = onnx.load(str(packed))
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     inits = {init.name: init for init in model.graph.initializer}
     dqs = {n.name: n for n in model.graph.node if n.op_type == "DequantizeLinear"}
     for module, values in stored.items():
         assert f"{module}.weight_q" not in inits, f"{module}: the int4 container is still in the file"
         planes = [inits[f"{module}.weight_q3_{p}"] for p in ("low", "high")]
+        assert planes[0].data_type == (onnx.TensorProto.UINT2 if opset >= UINT2_OPSET else onnx.TensorProto.UINT8)
         assert sum(len(p.raw_data) for p in planes) == _sizes(values.size)[1], f"{module}: not 3 bits per value"
         got = _evaluate(model, dqs[f"{module}/weight_dequantize"].input[0])
         assert got.dtype == np.int8, f"{module}: the DequantizeLinear reads {got.dtype}"
@@ -147,7 +163,7 @@ def test_lowered_3bit_weights_are_packed_exactly(three_bit: Path, tmp_path: Path
         f"file shrank by {plain.stat().st_size - packed.stat().st_size} bytes for {saved} bytes of weights saved")
 
 
-@pytest.mark.parametrize("three_bit", [False, True], ids=["uint4", "int4"], indirect=True)
+@VARIANTS
 def test_ort_folds_the_unpacking_into_the_integer_kernels(three_bit: Path, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     packed = lower(three_bit, "cpu-w8a8", tmp_path / "packed.onnx")

@@ -1,21 +1,22 @@
 """cpu-w8a8: 3-bit weights stored at 3 bits per value, unpacked by standard ONNX ops that ORT folds at session start.
 
 ONNX has no int3, so the exporter keeps 3-bit weights in int4/uint4 containers: a quarter of their bytes is
-padding. Here each 3-bit weight is stored densely as two uint8 bit planes (8 values in 3 bytes):
+padding. Here each 3-bit weight is stored densely (8 values in 3 bytes), values flattened in row-major order,
+unsigned (signed int4 stored offset by +4) and zero-padded to a multiple of 8, as two planes:
 
-- `M.weight_q3_low`  uint8 [N/8, 2, 1]: byte (j, h) holds bits 0-1 of values 8j+4h..8j+4h+3, value 8j+4h+i at
-  bits 2i, 2i+1;
 - `M.weight_q3_high` uint8 [N/8, 1, 1]: byte j holds bit 2 of values 8j..8j+7, value 8j+i at bit i;
+- `M.weight_q3_low` [N/8, 2, 4]: bits 0-1 of each value, XORed with the two bits below its high bit in byte j
+  (bits i-1 and i-2, which the unpacking drags along); uint2 when the model's opset is >= 25, else uint8
+  [N/8, 2, 1] with value 8j+4h+i at bits 2i, 2i+1 of byte (j, h).
 
-with the values flattened in row-major order, unsigned (signed int4 stored offset by +4) and zero-padded to a
-multiple of 8. Plain ONNX ops (BitShift, BitwiseAnd, BitwiseOr, Reshape, Slice, Cast, Sub) turn the planes back
-into the very integers of the container; every input is a constant, so ORT's constant folding replaces the chain
-with one initializer at session start and the int8 weight DequantizeLinear fuses into MatMulIntegerToFloat as
-before. Planes rather than 24-bit words keep every op in uint8, which ORT's CPU kernels cover.
+Unpacking: `((high << (7 - i)) >> 5) XOR low` (uint8 shifts drop the bits above bit i; no mask needed), then
+Reshape (and Slice off the padding, Cast + Sub for signed). Every input is a constant, so ORT's constant folding
+replaces the chain with one initializer at session start and the int8 weight DequantizeLinear fuses into
+MatMulIntegerToFloat as before. Every op is uint8 (or a Cast from uint2), which ORT's CPU kernels cover.
 
-The cost is paid at session start: ORT keeps each folded intermediate (one weight-sized uint8 tensor per op) until
-folding ends, so the peak RSS of opening BERT-base MP 2/3 grows by ~7 bytes per 3-bit weight value (175 -> 453 MiB) and
-the session starts ~0.3 s later; steady-state memory and run time are unchanged (`python -m benchmarks.bitpack`).
+The cost is paid at session start: ORT holds each folded intermediate (one weight-sized uint8 tensor per op) until
+folding ends, and glibc keeps the freed pages, so opening BERT-base MP 2/3 takes ~0.3 s and ~200 MiB more
+(`python -m benchmarks.bitpack`); the graph that runs, and its speed, are unchanged.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
+import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
@@ -31,31 +33,42 @@ from qbert_deploy.runtimes.lowering_passes import LoweringError
 
 __all__ = ["pack_3bit", "pack_3bit_weights", "unpack_3bit", "unpack_3bit_nodes"]
 
-_LOW_SHIFTS = np.array([0, 2, 4, 6], np.uint8)  # value 4j+i of a group: bits 2i, 2i+1 of low byte j
-_HIGH_SHIFTS = np.arange(8, dtype=np.uint8).reshape(2, 4)  # value i of a group: bit i of its high byte
+UINT2_OPSET = 25  # Cast from uint2 exists from this opset on
+_LOW_SHIFTS = np.array([0, 2, 4, 6], np.uint8)  # uint8 low plane: value 4h+i of a group at bits 2i, 2i+1 of byte h
+_HIGH_LEFT = (7 - np.arange(8, dtype=np.uint8)).reshape(2, 4)  # value i's high bit (bit i) to bit 7 ...
+_HIGH_RIGHT = 5  # ... then to bit 2, with bits i-1 and i-2 in bits 1 and 0
 _OFFSET = {ir.DataType.UINT4: 0, ir.DataType.INT4: 4}  # signed 3-bit values -4..3 are stored as 0..7
 
 
-def pack_3bit(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Integers 0..7 (any shape) -> (low plane uint8 [N/8, 2, 1], high plane uint8 [N/8, 1, 1]), N = size padded to 8.
+def _high_part(high: np.ndarray) -> np.ndarray:
+    """[G, 1, 1] high bytes -> [G, 2, 4]: what the two BitShifts make of them (bit 2: the value's high bit)."""
+    return (high << _HIGH_LEFT) >> _HIGH_RIGHT  # uint8: the left shift drops what passes bit 7
 
-    The trailing axes of 1 let the unpack shifts broadcast straight to [N/8, 2, 4], i.e. N values in order.
+
+def pack_3bit(values: np.ndarray, uint2: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Integers 0..7 (any shape) -> (low plane, high plane uint8 [N/8, 1, 1]), N = size padded to 8.
+
+    The low plane is ml_dtypes.uint2 [N/8, 2, 4] with `uint2`, else uint8 [N/8, 2, 1]; the unpack shifts
+    broadcast both to [N/8, 2, 4], i.e. the N values in order.
     """
     flat = np.asarray(values).reshape(-1)
     if flat.size and (flat.min() < 0 or flat.max() > 7):
         raise LoweringError(f"values {flat.min()}..{flat.max()} do not fit in 3 unsigned bits")
     padded = np.zeros(-(-flat.size // 8) * 8, np.uint8)
     padded[:flat.size] = flat
-    low = (padded & 3).reshape(-1, 2, 4) << _LOW_SHIFTS
-    high = (padded >> 2).reshape(-1, 2, 4) << _HIGH_SHIFTS
-    return (np.bitwise_or.reduce(low, axis=2).astype(np.uint8)[:, :, None],
-            np.bitwise_or.reduce(high.reshape(-1, 8), axis=1).astype(np.uint8)[:, None, None])
+    groups = padded.reshape(-1, 2, 4)
+    high = np.bitwise_or.reduce((groups >> 2).reshape(-1, 8) << np.arange(8, dtype=np.uint8), axis=1)
+    high = high.astype(np.uint8)[:, None, None]
+    low = (groups & 3) ^ (_high_part(high) & 3)  # cancels the two bits the high part brings along
+    if uint2:
+        return low.astype(ml_dtypes.uint2), high
+    return np.bitwise_or.reduce(low << _LOW_SHIFTS, axis=2).astype(np.uint8)[:, :, None], high
 
 
 def unpack_3bit(low: np.ndarray, high: np.ndarray, size: int) -> np.ndarray:
     """The inverse of `pack_3bit` in numpy, flat: what the ONNX unpack chain computes (before offset/reshape)."""
-    values = ((low >> _LOW_SHIFTS) & 3) | (((high >> _HIGH_SHIFTS) & 1) << 2)
-    return values.reshape(-1)[:size].astype(np.uint8)
+    low_bits = low.astype(np.uint8) if low.dtype == ml_dtypes.uint2 else (low >> _LOW_SHIFTS) & 3
+    return (low_bits ^ _high_part(high)).reshape(-1)[:size].astype(np.uint8)
 
 
 class _Builder:
@@ -95,12 +108,15 @@ def unpack_3bit_nodes(graph: ir.Graph, low: ir.Value, high: ir.Value, shape: Seq
     b = _Builder(graph, prefix)
     size = int(np.prod(shape))
     groups = [-(-size // 8), 2, 4]  # groups of 8 values (3 bytes)
-    lo = b.op("BitShift", [low, b.const("shift_low", _LOW_SHIFTS)], u8, groups, "low_shift", direction="RIGHT")
-    lo = b.op("BitwiseAnd", [lo, b.const("mask_low", np.array(3, np.uint8))], u8, groups, "low_mask")
-    hi = b.op("BitShift", [high, b.const("shift_high", _HIGH_SHIFTS)], u8, groups, "high_shift", direction="RIGHT")
-    hi = b.op("BitwiseAnd", [hi, b.const("mask_high", np.array(1, np.uint8))], u8, groups, "high_mask")
-    hi = b.op("BitShift", [hi, b.const("two", np.array(2, np.uint8))], u8, groups, "high_bit2", direction="LEFT")
-    out = b.op("BitwiseOr", [lo, hi], u8, groups, "values")
+    if low.dtype == ir.DataType.UINT2:
+        lo = b.op("Cast", [low], u8, groups, "low", to=u8)
+    else:
+        lo = b.op("BitShift", [low, b.const("shift_low", _LOW_SHIFTS)], u8, groups, "low_shift", direction="RIGHT")
+        lo = b.op("BitwiseAnd", [lo, b.const("mask_low", np.array(3, np.uint8))], u8, groups, "low")
+    hi = b.op("BitShift", [high, b.const("high_left", _HIGH_LEFT)], u8, groups, "high_left", direction="LEFT")
+    hi = b.op("BitShift", [hi, b.const("high_right", np.array(_HIGH_RIGHT, np.uint8))], u8, groups, "high",
+              direction="RIGHT")
+    out = b.op("BitwiseXor", [lo, hi], u8, groups, "values")
     if size != groups[0] * 8:  # drop the zero padding
         out = b.op("Reshape", [out, b.const("flat", np.array([-1], np.int64))], u8, [groups[0] * 8], "flat")
         out = b.op("Slice", [out, b.const("zero", np.array([0], np.int64)),
@@ -145,14 +161,14 @@ def pack_3bit_weights(model: ir.Model) -> int:
             continue  # not in a 4-bit container (an 8-bit one, say): nothing to gain over what is stored
         values = np.asarray(source.const_value.numpy()).astype(np.int32) + _OFFSET[source.dtype]
         try:
-            low, high = pack_3bit(values)
+            low, high = pack_3bit(values, uint2=model.opset_imports.get("", 0) >= UINT2_OPSET)
         except LoweringError as err:
             raise LoweringError(f"{site.module}: recipe says 3 bits, but its {source.dtype} {err}") from None
         planes = []
         for plane, array in (("low", low), ("high", high)):
             name = f"{site.module}.weight_q3_{plane}"
             tensor = ir.tensor(array, name=name)
-            value = ir.val(name, ir.DataType.UINT8, ir.Shape(array.shape), const_value=tensor)
+            value = ir.val(name, tensor.dtype, ir.Shape(array.shape), const_value=tensor)
             graph.register_initializer(value)
             planes.append(value)
         nodes, unpacked = unpack_3bit_nodes(graph, planes[0], planes[1], values.shape,
