@@ -2,13 +2,16 @@
 
 `python -m benchmarks.bitpack EXPORT_MODEL_ONNX FP32_ONNX [--out DIR]` lowers the export for cpu-w8a8 with and
 without `pack_3bit_weights`, then prints each file's size and its ratio to the fp32 ONNX, the session-start time
-(median of 3, interleaved, 2 threads) and the peak RSS of a process that opens and runs it (benchmarks.memory).
+(median of 3, interleaved, 2 threads), and in a fresh process per file the peak RSS of opening it and running batch
+1, the RSS left afterwards and the RSS after glibc's malloc_trim (all over the imports' baseline).
 The two files' logits on one batch must be identical.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import json
 import statistics
 import subprocess
@@ -39,15 +42,45 @@ def _unpacked(src: Path, dst: Path) -> Path:
     return dst
 
 
-def _peak_mib(path: Path) -> str:
-    """Peak RSS over the imports' baseline after opening + batch 1, then + batch 8 (as the benchmark's table)."""
-    done = subprocess.run([sys.executable, "-m", "benchmarks.memory", "ort", str(path), "2"],
+def _status_mib(key: str) -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {key} in /proc/self/status")
+
+
+def _memory_child(path: str) -> None:
+    """In a fresh process: peak RSS of opening PATH + batch 1, the RSS left, and the RSS after malloc_trim."""
+    import onnxruntime  # noqa: F401  (counted in the baseline)
+
+    baseline = _status_mib("VmRSS")
+    session = open_session(path, threads=2)
+    session.run(["logits"], _feed())
+    left = _status_mib("VmRSS")
+    ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)  # glibc keeps freed heap pages until asked
+    print(json.dumps({"peak": _status_mib("VmHWM") - baseline, "left": left - baseline,
+                      "trimmed": _status_mib("VmRSS") - baseline}))
+
+
+def _memory(path: Path) -> str:
+    done = subprocess.run([sys.executable, "-m", "benchmarks.bitpack", "--memory-child", str(path)],
                           capture_output=True, text=True, check=True)
-    report = json.loads(done.stdout.strip().splitlines()[-1])
-    return " / ".join(f"{report['peak_mib'][b] - report['baseline_mib']:.0f}" for b in ("1", "8"))
+    mib = json.loads(done.stdout.strip().splitlines()[-1])
+    return (f"peak RSS {mib['peak']:.0f} MiB, {mib['left']:.0f} MiB left after opening + batch 1, "
+            f"{mib['trimmed']:.0f} MiB after malloc_trim")
+
+
+def _feed() -> dict[str, np.ndarray]:
+    ids = np.random.default_rng(0).integers(1000, 20000, (1, 128)).astype(np.int64)
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--memory-child"]:
+        _memory_child(argv[1])
+        return 0
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bitpack", description=__doc__.splitlines()[0])
     parser.add_argument("export", type=Path, help="a canonical model.onnx")
     parser.add_argument("fp32", type=Path, help="the fp32 ONNX of the same model")
@@ -58,8 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         files = {"int4 containers": _unpacked(args.export, out / "model.cpu-w8a8.unpacked.onnx"),
                  "3-bit packed": lower(args.export, "cpu-w8a8", out / "model.cpu-w8a8.onnx")}
-        ids = np.random.default_rng(0).integers(1000, 20000, (1, 128)).astype(np.int64)
-        feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+        feed = _feed()
         starts: dict[str, list[float]] = {label: [] for label in files}
         logits = {}
         for _ in range(ROUNDS):
@@ -74,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             size = path.stat().st_size
             print(f"{label}: {size} bytes ({size / 1e6:.2f} MB) = 1/{fp32 / size:.2f} of the fp32 ONNX "
                   f"({fp32} bytes); session start median {statistics.median(starts[label]):.3f} s "
-                  f"({', '.join(f'{s:.3f}' for s in starts[label])}); peak RSS b1 / b8 {_peak_mib(path)} MiB")
+                  f"({', '.join(f'{s:.3f}' for s in starts[label])}); {_memory(path)}")
         same = bool(np.array_equal(*logits.values()))
         print(f"logits identical: {same}")
     return 0 if same else 1

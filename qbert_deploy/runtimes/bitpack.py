@@ -144,8 +144,9 @@ def pack_3bit_weights(model: ir.Model) -> int:
     Pre: `widen_weights_to_int8` ran, so a 3-bit weight DequantizeLinear reads Cast(int4/uint4 initializer)
     (3-bit weights in other containers are left as they are).
     Post: that Cast reads the unpack chain of `M.weight_q3_low`/`M.weight_q3_high` instead, which yields the same
-    integers; the int4 initializer is left unused (removed by `lower_model`). Zero points stay in their container:
-    one per output column, packing them would save ~5 KB on BERT-base. Run it after every pass that looks for
+    integers; the int4 initializer is left unused (removed by `lower_model`). Signed weights take a Cast and a
+    Sub more. Zero points stay in their container: one per output column, packing them would save ~5 KB on
+    BERT-base, less than their unpack nodes would cost. Run it after every pass that looks for
     weight sites: the weight is no longer a constant behind Casts only, so `weight_sites` does not see it.
     Returns the number of weights packed.
     """
