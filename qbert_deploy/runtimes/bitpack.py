@@ -15,7 +15,7 @@ replaces the chain with one initializer at session start and the int8 weight Deq
 MatMulIntegerToFloat as before. Every op is uint8 (or a Cast from uint2), which ORT's CPU kernels cover.
 
 The cost is paid at session start: ORT holds each folded intermediate (one weight-sized uint8 tensor per op) until
-folding ends, and glibc keeps the freed pages, so opening BERT-base MP 2/3 takes ~0.3 s and ~200 MiB more
+folding ends, and glibc keeps the freed pages, so opening BERT-base MP 2/3 takes ~0.2 s and ~200 MiB more
 (`python -m benchmarks.bitpack`); the graph that runs, and its speed, are unchanged.
 """
 
