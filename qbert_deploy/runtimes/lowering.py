@@ -6,6 +6,7 @@ Profiles (the name is written into the lowered file's metadata, `qbert.lowering`
   at session start, so the file stays packed on disk; ORT then fuses every encoder Linear into
   MatMulIntegerToFloat. Embeddings gather rows before dequantizing; the attention core becomes one
   MultiHeadAttention; residual Adds become Sum so ORT does not form its slower SkipLayerNormalization.
+  3-bit weights are stored at 3 bits per value (bitpack.py), unpacked by plain ONNX ops that ORT folds too.
   Numerics: those of the canonical graph (up to float summation order in fused kernels).
 - `weight-only`: weights in com.microsoft.MatMulNBits (2-, 4- or 8-bit kernels), accuracy level pinned in the
   node (`accuracy_level=1`: fp32 compute); activation Q/DQ kept, so only the GEMM's float summation differs.
@@ -30,6 +31,7 @@ import onnx_ir.passes.common as common_passes
 
 from qbert_deploy.atomic import atomic_file
 from qbert_deploy.runtimes.attention_fusion import fuse_attention
+from qbert_deploy.runtimes.bitpack import pack_3bit_weights
 from qbert_deploy.runtimes.graph_checks import blocked_int8_pitfalls, cuda_violations, weight_sites
 from qbert_deploy.runtimes.lowering_passes import (
     LoweringError,
@@ -82,7 +84,7 @@ def float16_compute(model: ir.Model) -> int:
 _PROFILES = {
     "cpu-w8a8": Profile(
         "cpu-w8a8", ("cpu",), "exact: same integers and scales as the canonical graph",
-        (widen_weights_to_int8, gather_then_dequantize, fuse_attention, residual_sum)),
+        (widen_weights_to_int8, gather_then_dequantize, fuse_attention, residual_sum, pack_3bit_weights)),
     "weight-only": Profile(
         "weight-only", ("cpu", "cuda"),
         f"weights exact; MatMulNBits accuracy_level={MATMULNBITS_ACCURACY_LEVEL} (fp32 compute)",
