@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(PY) -m qbert_deploy.demo --out $(DEMO_OUT)
 
 lint: $(STAMP)
-	$(PY) -m ruff check qbert_deploy tests benchmarks
+	$(PY) -m ruff check qbert_deploy tests benchmarks ci
 	$(PY) -m mypy
 
 test: $(STAMP) lint

@@ -77,8 +77,7 @@ _ABLATIONS = {  # cpu-w8a8 pass left out -> row label
     "unmasked_attention_branch": "ablation: cpu-w8a8 always passing the attention mask (no flash kernel)",
     "gather_then_dequantize": "ablation: cpu-w8a8 dequantizing whole embedding tables (no gather-then-dequantize)",
     "integer_matmuls": "ablation: cpu-w8a8 leaving the integer GEMMs to ORT's Q/DQ fusion (bias outside, "
-                       "zero points kept, no shared Q/K/V quantizer)",
-    "centre_weights": "ablation: cpu-w8a8 keeping weight zero points",
+                       "no shared Q/K/V quantizer)",
 }
 
 

@@ -46,7 +46,7 @@ def _histogram(path: Path) -> Counter[str]:
 
 
 def test_public_api_is_what_it_claims() -> None:
-    assert PROFILES == ("cpu-w8a8", "weight-only", "cuda", "tensorrt")
+    assert PROFILES == ("cpu-w8a8", "weight-only", "cuda", "cuda-fp16", "tensorrt")
     for name in lowering.__all__:
         assert hasattr(lowering, name), name
 
@@ -184,6 +184,23 @@ def test_cuda_rules_on_a_2bit_graph(tiny_export: Path, tmp_path: Path) -> None:
     attention = [n for n in model.graph if n.op_type == "MultiHeadAttention"]
     assert len(attention) == 2, "each of the tiny model's 2 attention cores should be one MultiHeadAttention"
     assert profile_info("cuda").provider_options["CUDAExecutionProvider"] == {"use_tf32": "0"}
+
+
+def test_cuda_fp16_form_keeps_io_types_and_predictions(tiny_export: Path, tmp_path: Path) -> None:
+    canonical = tiny_export / "model.onnx"
+    lowered = lower(canonical, "cuda-fp16", tmp_path / "model.cuda-fp16.onnx")
+    model = ir.load(lowered)
+    assert cuda_violations(model.graph) == []
+    floats = {v.dtype for v in model.graph.initializers.values() if v.dtype.is_floating_point()}
+    assert floats == {ir.DataType.FLOAT16}, f"float initializers left in fp32: {floats}"
+    assert model.graph.outputs[0].dtype == ir.DataType.FLOAT, "logits must stay float32 for callers"
+    ops = Counter(n.op_type for n in model.graph)
+    assert ops["MultiHeadAttention"] == 2 and ops["MatMulNBits"] == len(_linears(canonical)), ops
+    # The CPU EP has fp16 kernels for all of it: check the numerics here, the speed on a GPU.
+    expected = _logits(canonical, optimize=False)
+    got = ort.InferenceSession(str(lowered), providers=["CPUExecutionProvider"]).run(["logits"], text_batch())[0]
+    assert (got.argmax(-1) == expected.argmax(-1)).all(), "fp16 changed a prediction"
+    assert np.abs(got - expected).max() <= 8 * output_step(expected), "fp16 drifted beyond 8 output steps"
 
 
 def test_tensorrt_form_is_symmetric_int8(tiny_export: Path, tmp_path: Path) -> None:

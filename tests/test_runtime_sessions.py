@@ -57,14 +57,18 @@ def test_missing_provider_needs_allow_fallback(tiny_export: Path) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and onnxruntime-gpu")
-def test_cuda_profile_runs_on_the_gpu(tiny_export: Path, tmp_path: Path) -> None:
-    lowered = lower(tiny_export / "model.onnx", "cuda", tmp_path / "model.cuda.onnx")
+@pytest.mark.parametrize(("profile", "tolerance"), [("cuda", 4), ("cuda-fp16", 8)])
+def test_cuda_profiles_run_on_the_gpu(tiny_export: Path, tmp_path: Path, profile: str, tolerance: int) -> None:
+    lowered = lower(tiny_export / "model.onnx", profile, tmp_path / f"model.{profile}.onnx")
     expected = open_session(tiny_export / "model.onnx", optimize=False).run(["logits"], text_batch())[0]
-    session = open_session(lowered, providers=("cuda",), profile="cuda")
-    assert session.get_provider_options()["CUDAExecutionProvider"]["use_tf32"] == "0", "cuda profile runs TF32"
+    session = open_session(lowered, providers=("cuda",), profile=profile)
+    assert session.get_providers()[0] == "CUDAExecutionProvider"
+    if profile == "cuda":
+        assert session.get_provider_options()["CUDAExecutionProvider"]["use_tf32"] == "0", "cuda profile runs TF32"
     got = session.run(["logits"], text_batch())[0]
     step = (expected.max() - min(expected.min(), 0)) / 255
-    assert np.abs(got - expected).max() <= 4 * step, "CUDA logits drift from the canonical graph's"
+    assert np.abs(got - expected).max() <= tolerance * step, f"{profile} logits drift from the canonical graph's"
+    assert (got.argmax(-1) == expected.argmax(-1)).all(), f"{profile} changes predictions"
 
 
 @pytest.mark.gpu

@@ -18,7 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-parity", action="store_true", help="skip the PyTorch vs ONNX parity check")
     parser.add_argument("--lower", action="append", type=_profiles, default=[], metavar="PROFILE[,PROFILE]",
                         help="also write OUT/model.PROFILE.onnx lowered for a runtime: cpu-w8a8, weight-only, "
-                             "cuda, tensorrt (repeatable or a comma list)")
+                             "cuda, cuda-fp16, tensorrt (repeatable or a comma list)")
     parser.add_argument("--triton-repo", default=None, metavar="DIR",
                         help="also write a Triton model repository here (see qbert-triton-repo for more options)")
     parser.add_argument("--triton-device", choices=("cpu", "gpu"), default="cpu",

@@ -4,15 +4,18 @@ Profiles (the name is written into the lowered file's metadata, `qbert.lowering`
 
 - `cpu-w8a8`: packed int2/int4 weights widened to int8 (same integers, same scales) through Casts that ORT folds
   at session start, so the file stays packed on disk; every encoder Linear is written as ORT's integer GEMM
-  (com.microsoft.MatMulIntegerToFloat) with its bias inside and, where q - z fits in int8, no weight zero point;
+  (com.microsoft.MatMulIntegerToFloat) with its bias inside (and no weight zero point when it is all zeros);
   Q, K and V share one activation quantizer when theirs are bitwise equal. Embeddings gather rows before
   dequantizing; the attention core becomes one MultiHeadAttention, run without its mask (ORT's flash kernel) when
   the batch has no padding; residual Adds become Sum so ORT does not form its slower SkipLayerNormalization.
+  3-bit weights are stored at 3 bits per value (bitpack.py), unpacked by plain ONNX ops that ORT folds too.
   Numerics: those of the canonical graph (up to float summation order in fused kernels).
 - `weight-only`: weights in com.microsoft.MatMulNBits (2-, 4- or 8-bit kernels), accuracy level pinned in the
   node (`accuracy_level=1`: fp32 compute); activation Q/DQ kept, so only the GEMM's float summation differs.
 - `cuda`: the weight-only form with CUDA's rules: no int2 (2-bit runs in the 4-bit kernel), no blocked Q/DQ
   but int4, no integer GEMM kernels; the attention core as one MultiHeadAttention; sessions run with TF32 off.
+- `cuda-fp16`: the `cuda` form with float tensors, scales and math in fp16 (the GPU's fast kernels): numerics
+  differ from the canonical graph by fp16 rounding, by design.
 - `tensorrt`: 8-bit explicit quantization: int8 weights with zero point 0 (exact up to 7 bits), activations as
   symmetric int8 over the calibrated range (TensorRT has no zero points: this changes numerics, by design).
 """
@@ -30,8 +33,9 @@ import onnx_ir.passes.common as common_passes
 
 from qbert_deploy.atomic import atomic_file
 from qbert_deploy.runtimes.attention_fusion import fuse_attention, unmasked_attention_branch
+from qbert_deploy.runtimes.bitpack import pack_3bit_weights
 from qbert_deploy.runtimes.graph_checks import blocked_int8_pitfalls, cuda_violations, weight_sites
-from qbert_deploy.runtimes.integer_gemms import centre_weights, integer_matmuls
+from qbert_deploy.runtimes.integer_gemms import integer_matmuls
 from qbert_deploy.runtimes.lowering_passes import (
     LoweringError,
     gather_then_dequantize,
@@ -70,11 +74,21 @@ def matmulnbits_4bit(model: ir.Model) -> int:
     return weights_to_matmulnbits(model, MATMULNBITS_ACCURACY_LEVEL, widen_2bit=True)
 
 
+def float16_compute(model: ir.Model) -> int:
+    """cuda-fp16: float tensors, scales and math in fp16 (inputs and logits stay as they are), so MatMulNBits,
+    MultiHeadAttention and LayerNorm take their fp16 GPU kernels. onnxruntime.transformers does the conversion."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    converted = ir.from_proto(convert_float_to_float16(ir.to_proto(model), keep_io_types=True))
+    model.graph = converted.graph
+    return sum(1 for value in model.graph.initializers.values() if value.dtype == ir.DataType.FLOAT16)
+
+
 _PROFILES = {
     "cpu-w8a8": Profile(
         "cpu-w8a8", ("cpu",), "exact: same integers and scales as the canonical graph",
         (widen_weights_to_int8, gather_then_dequantize, fuse_attention, unmasked_attention_branch, integer_matmuls,
-         centre_weights, residual_sum)),
+         residual_sum, pack_3bit_weights)),
     "weight-only": Profile(
         "weight-only", ("cpu", "cuda"),
         f"weights exact; MatMulNBits accuracy_level={MATMULNBITS_ACCURACY_LEVEL} (fp32 compute)",
@@ -88,6 +102,10 @@ _PROFILES = {
         {"session.qdq_matmulnbits_accuracy_level": str(MATMULNBITS_ACCURACY_LEVEL)},
         # ORT's CUDA EP computes fp32 GEMMs in TF32 by default: 10-bit mantissas, not the fp32 the profile promises
         provider_options={"CUDAExecutionProvider": {"use_tf32": "0"}}),
+    "cuda-fp16": Profile(
+        "cuda-fp16", ("cuda",),
+        "weights exact (2-bit in the 4-bit kernel); activations, scales and float math in fp16",
+        (gather_then_dequantize, matmulnbits_4bit, fuse_attention, float16_compute)),
     "tensorrt": Profile(
         "tensorrt", ("tensorrt",),
         "weights exact as symmetric int8; activations requantized to symmetric int8 over the same range",
@@ -136,7 +154,7 @@ def _check_lowered(model: ir.Model, profile: Profile) -> None:
     if bad:
         raise LoweringError(f"{bad[0]}: blocked int8 weight + activation Q/DQ without Q after the MatMul "
                             "(ORT fuses this wrongly)")
-    if profile.name == "cuda":
+    if profile.name.startswith("cuda"):
         problems = cuda_violations(model.graph)
         if problems:
             raise LoweringError(f"cannot lower for CUDA: {problems[0]}")
