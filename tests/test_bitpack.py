@@ -213,3 +213,14 @@ def test_a_3bit_recipe_with_4bit_integers_is_refused(tiny_export: Path, tmp_path
     with pytest.raises(LoweringError, match=f"{module}: recipe says 3 bits"):
         lowering.lower_model(model, "cpu-w8a8")
 
+
+
+def test_packing_is_for_files_only(tiny_export: Path, tmp_path: Path) -> None:
+    """In memory (a session lowering the canonical model) packing would only cost start-up time and RAM."""
+    canonical = requantized(tiny_export / "model.onnx", tmp_path / "model.onnx", 3)
+    counts = {for_file: lowering.lower_model(ir.load(canonical), "cpu-w8a8", for_file=for_file)
+              for for_file in (True, False)}
+    assert counts[True]["pack_3bit_weights"] == 12 and "pack_3bit_weights" not in counts[False], counts
+    lowered = lower(canonical, "cpu-w8a8", tmp_path / "model.cpu-w8a8.onnx")
+    in_memory = open_session(canonical, profile="cpu-w8a8").run(["logits"], text_batch())[0]
+    np.testing.assert_array_equal(in_memory, open_session(lowered, profile="cpu-w8a8").run(["logits"], text_batch())[0])

@@ -160,12 +160,21 @@ def _check_lowered(model: ir.Model, profile: Profile) -> None:
             raise LoweringError(f"cannot lower for CUDA: {problems[0]}")
 
 
-def lower_model(model: ir.Model, profile: str) -> dict[str, int]:
-    """Lower `model` in place for `profile`; returns how many sites each pass rewrote."""
+# Passes that only make the file on disk smaller; in memory they cost session-start time and RAM for nothing.
+FILE_ONLY_PASSES = (pack_3bit_weights,)
+
+
+def lower_model(model: ir.Model, profile: str, for_file: bool = True) -> dict[str, int]:
+    """Lower `model` in place for `profile`; returns how many sites each pass rewrote.
+
+    `for_file=False` (a model lowered in memory for a session) leaves out FILE_ONLY_PASSES.
+    """
     info = profile_info(profile)
     linears = _check_canonical(model)
     counts = {}
     for rewrite in info.passes:
+        if not for_file and rewrite in FILE_ONLY_PASSES:
+            continue
         counts[rewrite.__name__.lstrip("_")] = rewrite(model)
     common_passes.RemoveUnusedNodesPass()(model)
     _check_lowered(model, info)

@@ -85,7 +85,7 @@ def _profiled_model(model: str | os.PathLike[str] | bytes, profile: str, provide
 
     loaded = ir.from_proto(onnx.load_from_string(model)) if isinstance(model, bytes) else ir.load(os.fspath(model))
     try:
-        lower_model(loaded, profile)
+        lower_model(loaded, profile, for_file=False)
     except LoweringError as err:
         raise SessionError(f"cannot lower for {profile}: {err}") from None
     return ir.to_proto(loaded).SerializeToString()
