@@ -224,3 +224,18 @@ def test_packing_is_for_files_only(tiny_export: Path, tmp_path: Path) -> None:
     lowered = lower(canonical, "cpu-w8a8", tmp_path / "model.cpu-w8a8.onnx")
     in_memory = open_session(canonical, profile="cpu-w8a8").run(["logits"], text_batch())[0]
     np.testing.assert_array_equal(in_memory, open_session(lowered, profile="cpu-w8a8").run(["logits"], text_batch())[0])
+
+
+def test_lower_can_keep_3bit_weights_in_int4(tiny_export: Path, tmp_path: Path) -> None:
+    """`qbert-export --no-3bit-packing`: the file keeps int4 containers, so ORT unpacks nothing at session start."""
+    canonical = requantized(tiny_export / "model.onnx", tmp_path / "model.onnx", 3)
+    files = {pack: lower(canonical, "cpu-w8a8", tmp_path / f"packed-{pack}.onnx", pack_3bit=pack)
+             for pack in (True, False)}
+    passes = {pack: json.loads(ir.load(path).metadata_props["qbert.lowering"])["passes"]
+              for pack, path in files.items()}
+    assert passes[True]["pack_3bit_weights"] == 12 and "pack_3bit_weights" not in passes[False], passes
+    ops = Counter(n.op_type for n in ir.load(files[False]).graph)
+    assert ops["BitShift"] == 0, ops
+    logits = {pack: open_session(path, profile="cpu-w8a8").run(["logits"], text_batch())[0]
+              for pack, path in files.items()}
+    np.testing.assert_array_equal(logits[True], logits[False])

@@ -19,6 +19,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lower", action="append", type=_profiles, default=[], metavar="PROFILE[,PROFILE]",
                         help="also write OUT/model.PROFILE.onnx lowered for a runtime: cpu-w8a8, weight-only, "
                              "cuda, cuda-fp16, tensorrt (repeatable or a comma list)")
+    parser.add_argument("--no-3bit-packing", action="store_true",
+                        help="lowered files keep 3-bit weights in int4 containers: a bigger file, but no unpacking "
+                             "(and ~200 MiB less peak memory on BERT-base) when ONNX Runtime opens it")
     parser.add_argument("--triton-repo", default=None, metavar="DIR",
                         help="also write a Triton model repository here (see qbert-triton-repo for more options)")
     parser.add_argument("--triton-device", choices=("cpu", "gpu"), default="cpu",
@@ -70,7 +73,7 @@ def _export(args: argparse.Namespace) -> int:
     for profile in dict.fromkeys(name for names in args.lower for name in names):
         from qbert_deploy.runtimes.lowering import lower, lowered_path
 
-        path = lower(result.model_path, profile, lowered_path(args.out, profile))
+        path = lower(result.model_path, profile, lowered_path(args.out, profile), pack_3bit=not args.no_3bit_packing)
         print(f"wrote {path} (lowered for {profile}, {path.stat().st_size / 2**20:.2f} MB)")
     if not args.no_parity:
         from qbert_deploy.models.build import build_model
