@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections import Counter
 from pathlib import Path
@@ -15,7 +14,7 @@ import pytest
 from onnx.reference import ReferenceEvaluator
 
 import qbert_deploy.runtimes.lowering as lowering
-from qbert_deploy.runtimes.bitpack import UINT2_OPSET, pack_3bit, pack_3bit_weights, unpack_3bit, unpack_3bit_nodes
+from qbert_deploy.runtimes.bitpack import UINT2_OPSET, pack_3bit, unpack_3bit, unpack_3bit_nodes
 from qbert_deploy.runtimes.graph_checks import INTEGER_GEMMS
 from qbert_deploy.runtimes.lowering import LoweringError, lower
 from qbert_deploy.runtimes.session import open_session
@@ -82,12 +81,6 @@ def test_unpack_chain_gives_the_container_integers(shape: tuple[int, int], signe
         np.testing.assert_array_equal(got, values, err_msg=f"{name}, signed={signed}, shape {shape}")
 
 
-def _without_packing(monkeypatch: pytest.MonkeyPatch) -> None:
-    profile = lowering.profile_info("cpu-w8a8")
-    monkeypatch.setitem(lowering._PROFILES, "cpu-w8a8", dataclasses.replace(
-        profile, passes=tuple(p for p in profile.passes if p is not pack_3bit_weights)))
-
-
 def _three_bit(canonical: Path, kind: str = "weight_q") -> dict[str, np.ndarray]:
     """The stored integers of every 3-bit weight (or, with `kind`, its zero points) of a canonical file, by module."""
     model = ir.load(canonical)
@@ -135,12 +128,9 @@ VARIANTS = pytest.mark.parametrize("three_bit", [(False, 21), (True, 21), (False
 
 
 @VARIANTS
-def test_lowered_3bit_weights_are_packed_exactly(three_bit: Path, tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_lowered_3bit_weights_are_packed_exactly(three_bit: Path, tmp_path: Path) -> None:
     packed = lower(three_bit, "cpu-w8a8", tmp_path / "packed.onnx")
-    with monkeypatch.context() as patch:
-        _without_packing(patch)
-        plain = lower(three_bit, "cpu-w8a8", tmp_path / "plain.onnx")
+    plain = lower(three_bit, "cpu-w8a8", tmp_path / "plain.onnx", pack_3bit=False)
     stored = _three_bit(three_bit)
     assert len(stored) == 12, f"expected 12 3-bit Linears in the tiny BERT, found {len(stored)}"
     model = onnx.load(str(packed))
@@ -169,12 +159,9 @@ def test_lowered_3bit_weights_are_packed_exactly(three_bit: Path, tmp_path: Path
 
 
 @VARIANTS
-def test_ort_folds_the_unpacking_into_the_integer_kernels(three_bit: Path, tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ort_folds_the_unpacking_into_the_integer_kernels(three_bit: Path, tmp_path: Path) -> None:
     packed = lower(three_bit, "cpu-w8a8", tmp_path / "packed.onnx")
-    with monkeypatch.context() as patch:
-        _without_packing(patch)
-        plain = lower(three_bit, "cpu-w8a8", tmp_path / "plain.onnx")
+    plain = lower(three_bit, "cpu-w8a8", tmp_path / "plain.onnx", pack_3bit=False)
     optimized = tmp_path / "optimized.onnx"
     got = open_session(packed, optimized_model_path=optimized).run(["logits"], text_batch())[0]
     expected = open_session(plain).run(["logits"], text_batch())[0]
