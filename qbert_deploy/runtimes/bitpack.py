@@ -21,14 +21,13 @@ folding ends, and glibc keeps the freed pages, so opening BERT-base MP 2/3 takes
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 
 import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
-from qbert_deploy.runtimes.lowering_passes import LoweringError
+from qbert_deploy.runtimes.lowering_passes import LoweringError, weight_bits
 
 __all__ = ["pack_3bit", "pack_3bit_weights", "unpack_3bit", "unpack_3bit_nodes"]
 
@@ -129,14 +128,6 @@ def unpack_3bit_nodes(graph: ir.Graph, low: ir.Value, high: ir.Value, shape: Seq
     return b.nodes, out
 
 
-def _bits_by_module(model: ir.Model) -> dict[str, int]:
-    try:
-        bits = json.loads(model.metadata_props.get("qbert.weight_bits", "{}"))
-    except json.JSONDecodeError:
-        raise LoweringError("qbert.weight_bits metadata is not JSON") from None
-    return {str(k): int(v) for k, v in bits.items()}
-
-
 def _weight_casts(graph: ir.Graph, bits: dict[str, int]) -> list[tuple[str, ir.Node, np.ndarray, int]]:
     """(module, Cast, integers, offset) for each Cast that reads a 3-bit module's int4/uint4 `M.weight_q`."""
     found = []
@@ -165,7 +156,7 @@ def pack_3bit_weights(model: ir.Model) -> int:
     """
     graph = model.graph
     unpacked: dict[str, ir.Value] = {}
-    for module, cast, values, offset in _weight_casts(graph, _bits_by_module(model)):
+    for module, cast, values, offset in _weight_casts(graph, weight_bits(model)):
         if module not in unpacked:
             try:
                 low, high = pack_3bit(values, uint2=model.opset_imports.get("", 0) >= UINT2_OPSET)

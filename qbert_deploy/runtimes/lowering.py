@@ -42,6 +42,7 @@ from qbert_deploy.runtimes.lowering_passes import (
     residual_sum,
     symmetric_activations,
     symmetric_weights,
+    weight_bits,
     weights_to_matmulnbits,
     widen_weights_to_int8,
 )
@@ -136,10 +137,7 @@ def _check_canonical(model: ir.Model) -> list[str]:
         raise LoweringError(f"the model is already lowered (profile {done}); lower the canonical model.onnx")
     if "qbert.format_version" not in props:
         raise LoweringError("not a qbert-deploy export (no qbert.format_version metadata)")
-    try:
-        bits: dict[str, int] = json.loads(props.get("qbert.weight_bits", "{}"))
-    except json.JSONDecodeError:
-        raise LoweringError("qbert.weight_bits metadata is not JSON") from None
+    bits = weight_bits(model)
     found = {site.module for site in weight_sites(model.graph)}
     linears = [name for name in bits if ".embeddings." not in f".{name}."]
     missing = [name for name in linears if name not in found]
@@ -154,7 +152,7 @@ def _check_lowered(model: ir.Model, profile: Profile) -> None:
     if bad:
         raise LoweringError(f"{bad[0]}: blocked int8 weight + activation Q/DQ without Q after the MatMul "
                             "(ORT fuses this wrongly)")
-    if profile.name.startswith("cuda"):
+    if profile.providers[0] == "cuda":
         problems = cuda_violations(model.graph)
         if problems:
             raise LoweringError(f"cannot lower for CUDA: {problems[0]}")

@@ -6,6 +6,8 @@ Each pass states what it expects (precondition) and what holds afterwards (postc
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx_ir as ir
 
@@ -30,6 +32,18 @@ def _integers(value: ir.Value) -> np.ndarray:
     if tensor is None:
         raise LoweringError(f"{value.name}: expected a constant tensor")
     return np.asarray(tensor.numpy()).astype(np.int32)
+
+
+def weight_bits(model: ir.Model) -> dict[str, int]:
+    """The export's `qbert.weight_bits` metadata: quantized module name -> weight bits."""
+    try:
+        bits = json.loads(model.metadata_props.get("qbert.weight_bits", "{}"))
+    except json.JSONDecodeError:
+        raise LoweringError("qbert.weight_bits metadata is not JSON") from None
+    try:
+        return {str(k): int(v) for k, v in bits.items()}
+    except (AttributeError, TypeError, ValueError):
+        raise LoweringError("qbert.weight_bits metadata is not a JSON object of module -> bits") from None
 
 
 def _constant(graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.DataType | None = None) -> ir.Value:

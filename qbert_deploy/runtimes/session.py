@@ -121,16 +121,14 @@ def open_session(model: str | os.PathLike[str] | bytes, providers: Sequence[str]
         provider = next(name for name, full in PROVIDERS.items() if full == usable[0])
         profile = default_profile(provider) if profile == "auto" else profile
         model = _profiled_model(model, profile, provider)
-        config = dict(profile_info(profile).session_config)
-        disabled = list(profile_info(profile).disabled_optimizers)
-        provider_options = [dict(profile_info(profile).provider_options.get(p, {})) for p in usable]
+        info = profile_info(profile)
+        config = dict(info.session_config)
+        disabled = list(info.disabled_optimizers)
+        provider_options = [dict(info.provider_options.get(p, {})) for p in usable]
     options = session_options(threads, optimize, optimized_model_path, config)
     try:
-        if disabled:
-            session = ort.InferenceSession(model, options, providers=usable, provider_options=provider_options,
-                                           disabled_optimizers=disabled)
-        else:
-            session = ort.InferenceSession(model, options, providers=usable, provider_options=provider_options)
+        session = ort.InferenceSession(model, options, providers=usable, provider_options=provider_options,
+                                       disabled_optimizers=disabled)
     except Exception as err:  # onnxruntime raises its own untyped exceptions
         raise SessionError(f"onnxruntime could not load the model: {_short(err)}") from None
     # A listed provider can still fail to start (no libcudnn, no libnvinfer): ORT then quietly uses the CPU.
