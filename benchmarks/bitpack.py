@@ -21,25 +21,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx_ir as ir
-import onnx_ir.passes.common as common_passes
 
-from qbert_deploy.runtimes.bitpack import pack_3bit_weights
-from qbert_deploy.runtimes.lowering import lower, profile_info
+from qbert_deploy.runtimes.lowering import lower
 from qbert_deploy.runtimes.session import open_session
 
 ROUNDS = 3
-
-
-def _unpacked(src: Path, dst: Path) -> Path:
-    """cpu-w8a8 without the packing pass (3-bit weights left in int4 containers)."""
-    model = ir.load(src)
-    for step in profile_info("cpu-w8a8").passes:
-        if step is not pack_3bit_weights:
-            step(model)
-    common_passes.RemoveUnusedNodesPass()(model)
-    ir.save(model, dst)
-    return dst
 
 
 def _status_mib(key: str) -> float:
@@ -89,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or Path(tmp)
         out.mkdir(parents=True, exist_ok=True)
-        files = {"int4 containers": _unpacked(args.export, out / "model.cpu-w8a8.unpacked.onnx"),
+        files = {"int4 containers": lower(args.export, "cpu-w8a8", out / "model.cpu-w8a8.unpacked.onnx",
+                                           pack_3bit=False),
                  "3-bit packed": lower(args.export, "cpu-w8a8", out / "model.cpu-w8a8.onnx")}
         feed = _feed()
         starts: dict[str, list[float]] = {label: [] for label in files}

@@ -23,16 +23,11 @@ from typing import Any
 
 import numpy as np
 
-Feed = dict[str, np.ndarray]
+from benchmarks.run import Feed, _feed, time_interleaved
+
 ROOT = Path(__file__).resolve().parent.parent
-SEQUENCE = 128
 START, END = "<!-- gpu benchmark start -->", "<!-- gpu benchmark end -->"
 TF32 = "ablation: ours cuda with TF32 on (ORT's default)"
-
-
-def _feed(batch: int) -> Feed:
-    ids = np.random.default_rng(batch).integers(1000, 30000, size=(batch, SEQUENCE)).astype(np.int64)
-    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
 
 
 def _torch_model(export_dir: Path, half: bool, device: str = "cuda") -> Any:
@@ -165,21 +160,6 @@ def _memory_child(kind: str, target: str, profile: str) -> None:
     print(json.dumps(peaks))
 
 
-def time_interleaved(runs: dict[str, Callable[[Feed], np.ndarray]], feed: Feed, rounds: int,
-                     ) -> dict[str, list[float]]:
-    for run in runs.values():
-        for _ in range(3):
-            run(feed)  # warm-up: allocations, cuBLAS/cuDNN algorithm search
-    times: dict[str, list[float]] = {label: [] for label in runs}
-    labels = list(runs)
-    for r in range(rounds):
-        for label in labels[r % len(labels):] + labels[:r % len(labels)]:
-            start = time.perf_counter()
-            runs[label](feed)
-            times[label].append(time.perf_counter() - start)
-    return times
-
-
 def measure(exports: Path, names: Sequence[str], rounds: int, work: Path) -> dict[str, Any]:
     import onnxruntime as ort
     import pynvml
@@ -200,7 +180,8 @@ def measure(exports: Path, names: Sequence[str], rounds: int, work: Path) -> dic
         model: dict[str, Any] = {"file_bytes": sizes, "wall": {}, "fidelity": {}, "gpu_mib": {}}
         for batch in (1, 8):
             print(f"[{name}] batch {batch}: {rounds} interleaved rounds", flush=True)
-            model["wall"][batch] = time_interleaved(runs, _feed(batch), rounds)
+            times = time_interleaved(runs, _feed(batch), rounds, warmup=3)
+            model["wall"][batch] = {label: wall for label, (wall, _) in times.items()}
         for label in ("ours cuda", "ours cuda-fp16", TF32, "ours canonical QDQ (not lowered)"):
             model["fidelity"][label] = fidelity(export_dir / "model.onnx", runs[label], _feed(8))
         del runs
@@ -242,9 +223,9 @@ def report_lines(results: dict[str, Any]) -> list[str]:
             size = model["file_bytes"].get(label)
             mem = model["gpu_mib"].get(label) or {}
             mem_text = f"{mem['1']:.0f} / {mem['8']:.0f}" if mem else "-"
-            lines.append(f"| {label} | {size / 1e6:.1f} | {b1:.2f} | {1000 / b1:.0f} | {b8:.2f} | "
-                         f"{8000 / b8:.0f} | {mem_text} |" if size else
-                         f"| {label} | - | {b1:.2f} | {1000 / b1:.0f} | {b8:.2f} | {8000 / b8:.0f} | {mem_text} |")
+            size_text = f"{size / 1e6:.1f}" if size else "-"
+            lines.append(f"| {label} | {size_text} | {b1:.2f} | {1000 / b1:.0f} | {b8:.2f} | {8000 / b8:.0f} | "
+                         f"{mem_text} |")
         ratios = "; ".join(
             f"{ours} batch {b}: {_median_ms(model['wall'][b][ours]) / _median_ms(model['wall'][b][a]):.2f}x of {a}"
             for ours, a in (("ours cuda", "ORT CUDA fp32"), ("ours cuda-fp16", "ORT CUDA fp16 (fused)"))

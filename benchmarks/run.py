@@ -125,11 +125,12 @@ def _runner(config: Config, model: BenchModel, threads: int) -> Callable[[Feed],
     return lambda feed: session.run(["logits"], feed)
 
 
-def time_interleaved(runners: dict[str, Callable[[Feed], object]], feed: Feed, rounds: int,
+def time_interleaved(runners: dict[str, Callable[[Feed], object]], feed: Feed, rounds: int, warmup: int = 1,
                      ) -> dict[str, tuple[list[float], list[float]]]:
     """Round-robin over all configurations (start rotated each round); (wall, process CPU) seconds per run."""
     for run in runners.values():
-        run(feed)  # warm-up: allocations, prepacking
+        for _ in range(warmup):
+            run(feed)  # allocations, prepacking (on a GPU also cuBLAS/cuDNN algorithm search)
     times: dict[str, tuple[list[float], list[float]]] = {label: ([], []) for label in runners}
     labels = list(runners)
     for r in range(rounds):
@@ -180,7 +181,7 @@ def op_profile(path: str, feed: Feed, threads: int, runs: int = 3) -> list[tuple
 
 
 def measure(names: Sequence[str], batches: Sequence[int], rounds: dict[int, int], threads: int, cache: Path,
-            memory: bool, core: bool = False, extra: Sequence[str] = ()) -> dict[str, object]:
+            memory: bool, core: bool = False, extra: Sequence[tuple[str, Path]] = ()) -> dict[str, object]:
     import torch
 
     torch.set_num_threads(threads)
@@ -190,9 +191,8 @@ def measure(names: Sequence[str], batches: Sequence[int], rounds: dict[int, int]
         print(f"[{name}] preparing models", flush=True)
         model = prepare(name, cache)
         items = [c for c in configs(model, cache) if not core or c.label in CORE]
-        for spec in extra:  # LABEL=PATH: another ONNX file in the same rounds (e.g. lowered by an older version)
-            label, _, path = spec.partition("=")
-            items.append(Config(label, "ort", path, Path(path).stat().st_size, ablation=True))
+        for label, path in extra:  # another ONNX file in the same rounds (e.g. lowered by an older version)
+            items.append(Config(label, "ort", str(path), path.stat().st_size, ablation=True))
         runners = {c.label: _runner(c, model, threads) for c in items}
         for batch in batches:
             print(f"[{name}] batch {batch}: {rounds[batch]} interleaved rounds", flush=True)
@@ -241,14 +241,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from benchmarks.report import write_report
 
+    extra = []
     for spec in args.extra:
         label, _, path = spec.partition("=")
         if not label or not Path(path).is_file():
             parser.error(f"--extra {spec!r}: expected LABEL=PATH of an existing ONNX file")
+        extra.append((label, Path(path)))
     batches = [int(b) for b in args.batches.split(",")]
     rounds = {b: args.rounds if b == 1 else args.rounds_large for b in batches}
     results = measure(args.models.split(","), batches, rounds, args.threads, args.cache, not args.no_memory,
-                      args.core, args.extra)
+                      args.core, extra)
     command = "python -m benchmarks.run " + shlex.join(sys.argv[1:] if argv is None else argv)
     results["command"] = command.strip()
     (args.cache / "results.json").write_text(json.dumps(results, indent=1))
