@@ -16,6 +16,7 @@ from torch import nn
 from qbert_deploy.atomic import atomic_dir
 from qbert_deploy.data.batches import batches
 from qbert_deploy.data.tsv import Example
+from qbert_deploy.models import distributed
 from qbert_deploy.models.train import Batch, accuracy, train
 
 log = logging.getLogger("qbert_deploy.quantize")
@@ -102,11 +103,13 @@ def fp32_model(model_dir: str | Path, task: Task, steps: int, lr: float, cache: 
     model = load_base(model_dir, task.labels)
     if steps > 0:
         train(model, task.train_batches, steps, lr=lr, desc="fine-tune fp32")
-    acc = accuracy(model, task.dev_batches(), "dev fp32")
+    acc = distributed.broadcast(accuracy(model, task.dev_batches(), "dev fp32"))
     log.info("fp32: %d steps, dev accuracy %.4f", steps, acc)
-    if cache is not None:
+    distributed.barrier()  # every rank has read the old cache's stamp before rank 0 replaces it
+    if cache is not None and distributed.is_main():
         with atomic_dir(cache) as tmp:
             model.save_pretrained(tmp)  # type: ignore[operator]
             task.tokenizer.save_pretrained(tmp)
             (tmp / FP32_STAMP).write_text(json.dumps({"key": key, "accuracy": acc}, indent=1))
+    distributed.barrier()
     return model.eval(), acc
