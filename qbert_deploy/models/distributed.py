@@ -88,6 +88,14 @@ def broadcast(value: T) -> T:
     return box[0]
 
 
+def broadcast_weights(model: torch.nn.Module) -> None:
+    """Rank 0's parameters and buffers into every rank's copy of the same architecture (on this rank's device)."""
+    model.to(device())
+    if dist.is_initialized():
+        for tensor in model.state_dict().values():
+            dist.broadcast(tensor, src=0)
+
+
 def all_gather(value: T) -> list[T]:
     """Every rank's value (any picklable object), in rank order."""
     if not dist.is_initialized():

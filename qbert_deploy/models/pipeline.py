@@ -98,7 +98,7 @@ def run_job(job: Job, task: Task, method: Method, recipe: Recipe) -> Checkpoint:
     run_key = hashlib.sha256(json.dumps([recipe.dumps(), method.id, job.qat_steps, job.qat_lr, job.seed,
                                          job.quant_noise, fp32_acc]).encode()).hexdigest()
     resume = None
-    if state_path.exists():
+    if distributed.is_main() and state_path.exists():
         try:
             state = torch.load(state_path, map_location="cpu", weights_only=True)
         except Exception:  # a torn or foreign file is just not a state to resume from
@@ -108,6 +108,7 @@ def run_job(job: Job, task: Task, method: Method, recipe: Recipe) -> Checkpoint:
             log.info("resuming QAT from step %d (%s)", state["step"], state_path)
         else:
             log.info("%s belongs to another run; starting QAT afresh", state_path)
+    resume = distributed.broadcast(resume)  # rank 0's state (and step) on every rank, every machine
 
     def save(state: dict[str, Any]) -> None:  # train() calls it on rank 0 only
         with atomic_file(state_path) as tmp:
