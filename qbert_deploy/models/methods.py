@@ -1,7 +1,7 @@
 """The quantization methods that write model.pt, by id, and the recipes they use.
 
 Ids: `qbert-w{bits}` (uniform bits), `qbert-mp{lo}{hi}` (Hessian-allocated mixed precision), `q8bert`,
-`directq-w{bits}` (one group, no QAT), `ptq-{lq,aciq,ocs}-w{bits}` (no training); `-g{groups}` overrides the
+`directq-w{bits}` (one group, no QAT), `ptq-{lq,aciq,ocs,mse}-w{bits}` (no training); `-g{groups}` overrides the
 group count (default 128, the paper's).
 """
 
@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from qbert_deploy.recipe import Recipe, WeightQuant
 
 DEFAULT_GROUPS = 128
-FAMILIES = ("qbert", "q8bert", "directq", "ptq-lq", "ptq-aciq", "ptq-ocs")
+FAMILIES = ("qbert", "q8bert", "directq", "ptq-lq", "ptq-aciq", "ptq-ocs", "ptq-mse")
 # Mixed precision presets: the bit widths a layer may get, and the average the allocation must not exceed
 # (the midpoint: half the weights at each width when the layers are of equal size).
 MIXED = {"mp24": ((2, 4), 3.0), "mp23": ((2, 3), 2.5)}
-_ID = re.compile(r"^(?P<family>qbert|directq|ptq-lq|ptq-aciq|ptq-ocs)-(?:w(?P<bits>[2-8])|(?P<mp>mp24|mp23))"
+_ID = re.compile(r"^(?P<family>qbert|directq|ptq-lq|ptq-aciq|ptq-ocs|ptq-mse)-(?:w(?P<bits>[2-8])|(?P<mp>mp24|mp23))"
                  r"(?:-g(?P<groups>\d+))?$|^(?P<q8>q8bert)$")
 
 
@@ -52,7 +52,7 @@ def parse_method(method_id: str) -> Method:
     match = _ID.match(method_id)
     if match is None:
         raise ValueError(f"unknown method {method_id!r}: use qbert-w{{2,3,4,8}}, qbert-mp24, qbert-mp23, q8bert, "
-                         f"directq-w{{bits}}, ptq-{{lq,aciq,ocs}}-w{{bits}}, optionally with -g{{groups}}")
+                         f"directq-w{{bits}}, ptq-{{lq,aciq,ocs,mse}}-w{{bits}}, optionally with -g{{groups}}")
     if match["q8"]:
         return Method(method_id, "q8bert", 8, 1)
     family = match["family"]

@@ -14,6 +14,8 @@ from tqdm.auto import tqdm
 Batch = tuple[dict[str, np.ndarray], np.ndarray]
 # Called with the full training state (model, optimizer, schedule, step, losses) every `save_every` steps.
 SaveHook = Callable[[dict[str, Any]], None]
+# The training loss of one batch: (model, inputs, labels) -> scalar; default the model's own loss.
+LossFn = Callable[[nn.Module, dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
 
 
 def to_torch(inputs: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -29,7 +31,7 @@ def _cycle(make_batches: Callable[[int], Iterable[Batch]]) -> Iterator[Batch]:
 
 def train(model: nn.Module, make_batches: Callable[[int], Iterable[Batch]], steps: int, lr: float = 5e-5,
           desc: str = "fine-tune", warmup: float = 0.1, resume: dict[str, Any] | None = None,
-          save: SaveHook | None = None, save_every: int = 50) -> list[float]:
+          save: SaveHook | None = None, save_every: int = 50, loss_fn: LossFn | None = None) -> list[float]:
     """AdamW with linear warm-up and decay for `steps` steps; `make_batches(epoch)` yields shuffled batches.
 
     `resume` is a state that `save` was given earlier: training goes on from its step with the same data order.
@@ -52,13 +54,16 @@ def train(model: nn.Module, make_batches: Callable[[int], Iterable[Batch]], step
     with tqdm(total=steps, initial=start, desc=desc, unit="step", dynamic_ncols=True) as bar:
         for step in range(start, steps):
             inputs, labels = next(data)
-            out = model(**to_torch(inputs), labels=torch.from_numpy(labels))
+            if loss_fn is None:
+                loss = model(**to_torch(inputs), labels=torch.from_numpy(labels)).loss
+            else:
+                loss = loss_fn(model, to_torch(inputs), torch.from_numpy(labels))
             optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
+            loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             schedule.step()
-            losses.append(float(out.loss.detach()))
+            losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
             bar.update()
             if save is not None and (step + 1) % save_every == 0 and step + 1 < steps:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,7 +12,9 @@ import torch
 from torch import nn
 
 from qbert_deploy.models.allocation import allocate_bits
+from qbert_deploy.models.distill import Distiller, DistillWeights
 from qbert_deploy.models.hessian import Sensitivity
+from qbert_deploy.models.learned import bake_learned_ranges, enable_learned_ranges
 from qbert_deploy.models.methods import Method
 from qbert_deploy.models.modules import QuantLinear
 from qbert_deploy.models.ptq import clip_model
@@ -35,6 +38,11 @@ class Settings:
     save: SaveHook | None = None
     save_every: int = 50
     extra: dict[str, Any] = field(default_factory=dict)
+    # Distillation from the fp32 model (None: the paper's plain QAT) and learned ranges ("minmax"/"mse" start,
+    # None: min/max ranges recomputed every step as the paper does). Both only act on training methods.
+    distill: DistillWeights | None = None
+    learn_ranges: str | None = None
+    teacher: nn.Module | None = None  # default: the fp32 model being quantized
 
 
 def layer_of(module_name: str) -> int:
@@ -78,6 +86,11 @@ def apply_method(fp32: nn.Module, task: Task, method: Method, recipe: Recipe, se
     calibrate(model, [{k: v for k, v in b.items() if k != "labels"}
                       for b in task.input_batches(settings.calibration_batches, settings.seed)])
     if method.qat and settings.qat_steps > 0:
-        train(model, task.train_batches, settings.qat_steps, lr=settings.lr, desc=f"QAT {method.id}",
-              resume=settings.resume, save=settings.save, save_every=settings.save_every)
+        if settings.learn_ranges is not None:
+            enable_learned_ranges(model, settings.learn_ranges)
+        distiller = Distiller(settings.teacher or fp32, settings.distill) if settings.distill else None
+        with distiller.attached(model) if distiller is not None else nullcontext():
+            train(model, task.train_batches, settings.qat_steps, lr=settings.lr, desc=f"QAT {method.id}",
+                  resume=settings.resume, save=settings.save, save_every=settings.save_every, loss_fn=distiller)
+        bake_learned_ranges(model)
     return model.eval()
