@@ -14,7 +14,7 @@ from transformers import BertForSequenceClassification
 
 from qbert_deploy.exporters.onnx_export import export_checkpoint
 from qbert_deploy.models.build import build_model, make_checkpoint
-from qbert_deploy.models.distill import DistillError, Distiller, DistillWeights, check_teacher, resolve_weights
+from qbert_deploy.models.distill import Distiller, DistillError, DistillWeights, check_teacher, resolve_weights
 from qbert_deploy.models.learned import bake_learned_ranges, enable_learned_ranges
 from qbert_deploy.models.modules import ActQuant, QuantLinear
 from qbert_deploy.models.ptq import clipped, mse_range

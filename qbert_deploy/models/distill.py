@@ -73,12 +73,6 @@ def resolve_weights(preset: str, logits: float | None = None, hidden: float | No
     return DistillWeights(**values)
 
 
-def _shape(model: nn.Module) -> dict[str, Any]:
-    config = model.config  # type: ignore[union-attr]
-    return {"hidden_size": config.hidden_size, "num_hidden_layers": config.num_hidden_layers,
-            "num_attention_heads": config.num_attention_heads, "num_labels": config.num_labels}
-
-
 def check_teacher(teacher_config: dict[str, Any], student_config: dict[str, Any], labels: list[str],
                   weights: DistillWeights) -> None:
     """A teacher must predict the same labels and, for the hidden/attention terms, have the student's shape."""
@@ -133,7 +127,8 @@ class Distiller:
         """Pre-softmax attention scores [batch, heads, query, key] of every layer from the captured Q and K."""
         captured = self._captured.get(id(model), [])
         self._captured[id(model)] = []
-        heads = model.config.num_attention_heads  # type: ignore[union-attr]
+        config: Any = model.config
+        heads = int(config.num_attention_heads)
         scores = []
         for q, k in zip(captured[0::2], captured[1::2], strict=True):
             b, n, width = q.shape
