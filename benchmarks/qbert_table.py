@@ -24,12 +24,13 @@ from typing import Any
 
 # Measured in this order (the claims first), so a run cut short still answers the main questions.
 ROWS = ["fp32", "kd-mp23", "qbert-mp23", "kd-w4", "kd-w2", "directq-w4", "qbert-w4", "directq-w2", "qbert-w2",
-        "ptq-mse-w4", "ptq-lq-w4", "kd-w3", "kd-mp24", "ptq-mse-w3", "ptq-aciq-w4", "ptq-ocs-w4", "ptq-lq-w3",
-        "ptq-aciq-w3", "ptq-ocs-w3", "qbert-w3", "qbert-mp24", "qbert-w8", "q8bert", "qbert-w4-g1", "qbert-w4-g12",
-        "qbert-w4-g384"]
+        "ptq-mse-w4", "ptq-gptq-w4", "ptq-lq-w4", "kd-w3", "kd-mp24", "ptq-mse-w3", "ptq-gptq-w3", "ptq-aciq-w4",
+        "ptq-ocs-w4", "ptq-lq-w3", "ptq-aciq-w3", "ptq-ocs-w3", "qbert-w3", "qbert-mp24", "qbert-w8", "q8bert",
+        "qbert-w4-g1", "qbert-w4-g12", "qbert-w4-g384"]
 TABLE = ["fp32", "q8bert", "qbert-w8", "qbert-w4", "qbert-w3", "qbert-mp24", "qbert-mp23", "qbert-w2",
          "kd-w4", "kd-w3", "kd-mp24", "kd-mp23", "kd-w2", "directq-w4", "directq-w2", "ptq-lq-w4", "ptq-aciq-w4",
-         "ptq-ocs-w4", "ptq-mse-w4", "ptq-lq-w3", "ptq-aciq-w3", "ptq-ocs-w3", "ptq-mse-w3"]
+         "ptq-ocs-w4", "ptq-mse-w4", "ptq-gptq-w4", "ptq-lq-w3", "ptq-aciq-w3", "ptq-ocs-w3", "ptq-mse-w3",
+         "ptq-gptq-w3"]
 # Q-BERT (Shen et al. 2020) Table 1(a), SST-2 with BERT-base, for orientation: another model and data set.
 PAPER = {"fp32": "93.00", "qbert-w8": "92.88", "qbert-w4": "92.66", "qbert-w2": "84.63", "qbert-mp23": "92.08"}
 KD_PREFIX = "kd-"

@@ -178,3 +178,24 @@ def test_mse_range_never_loses_to_minmax() -> None:
         assert bool((errors[1] <= errors[0] + 1e-6).all()), bits
         if bits < 4:  # at 2-3 bits clipping a Gaussian always pays
             assert float(errors[1].sum()) < 0.95 * float(errors[0].sum()), bits
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_gptq_rounds_on_the_exported_grid_and_beats_rounding_on_the_layer_output(symmetric: bool) -> None:
+    from qbert_deploy.models.gptq import gptq_weight
+
+    torch.manual_seed(0)
+    x = torch.randn(512, 32) @ torch.randn(32, 32)  # correlated inputs: where error compensation pays
+    weight = torch.randn(16, 32)
+    spec = WeightQuant(bits=3, groups=4, symmetric=symmetric)
+    rounded = gptq_weight(weight, x.T @ x / len(x), spec)
+    params = group_qparams(weight, 3, 4, symmetric)
+    again = group_qparams(rounded, 3, 4, symmetric)
+    # The exporter recomputes the grid from the stored weights: same zero points, same integers, same values.
+    assert torch.equal(again.zero_point, params.zero_point)
+    torch.testing.assert_close(again.scale, params.scale, rtol=1e-6, atol=0)
+    assert torch.equal(dequantize_rows(quantize_rows(rounded, again), again), rounded)
+    nearest = dequantize_rows(quantize_rows(weight, params), params)
+    gptq_error = float(((x @ (rounded - weight).T) ** 2).mean())
+    nearest_error = float(((x @ (nearest - weight).T) ** 2).mean())
+    assert gptq_error < 0.8 * nearest_error, (gptq_error, nearest_error)

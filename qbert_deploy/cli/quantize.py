@@ -17,7 +17,7 @@ from typing import Any
 from qbert_deploy.cli.common import run_cli
 
 PROG = "qbert-quantize"
-FAMILIES = ("qbert", "q8bert", "directq", "ptq-lq", "ptq-aciq", "ptq-ocs", "ptq-mse")
+FAMILIES = ("qbert", "q8bert", "directq", "ptq-lq", "ptq-aciq", "ptq-ocs", "ptq-mse", "ptq-gptq")
 DISTILL_PRESETS = ("none", "logits", "full")  # models/distill.py PRESETS (not imported here: torch-free parser)
 FINETUNE_EPOCHS, QAT_EPOCHS = 2.0, 1.0
 log = logging.getLogger("qbert_deploy.quantize")
@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--labels", help="comma-separated label names, in id order (default: negative,positive)")
     parser.add_argument("--method", default="qbert", choices=FAMILIES,
                         help="qbert (group-wise + QAT), q8bert (symmetric 8-bit + QAT), directq (1 group, no QAT), "
-                        "ptq-lq / ptq-aciq / ptq-ocs (post-training, no training)")
+                        "ptq-lq / ptq-aciq / ptq-ocs / ptq-mse (post-training clipping, no training), ptq-gptq "
+                        "(GPTQ error-compensating rounding on 256 calibration sentences)")
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--preset", choices=PRESETS, help="the paper's settings (models/qbert-*.json)")
     target.add_argument("--recipe", help="a recipe JSON file (per-layer bits as written)")

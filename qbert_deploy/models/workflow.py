@@ -13,6 +13,7 @@ from torch import nn
 
 from qbert_deploy.models.allocation import allocate_bits
 from qbert_deploy.models.distill import Distiller, DistillWeights
+from qbert_deploy.models.gptq import gptq_model
 from qbert_deploy.models.hessian import Sensitivity
 from qbert_deploy.models.learned import bake_learned_ranges, enable_learned_ranges
 from qbert_deploy.models.methods import Method
@@ -25,6 +26,7 @@ from qbert_deploy.models.wrap import calibrate, quantizable_linears, quantize_mo
 from qbert_deploy.recipe import Recipe, WeightQuant
 
 log = logging.getLogger("qbert_deploy.quantize")
+GPTQ_BATCHES = 8  # of the task's batch size (32): 256 calibration sentences for GPTQ's input Hessians
 
 
 @dataclass
@@ -79,6 +81,8 @@ def apply_method(fp32: nn.Module, task: Task, method: Method, recipe: Recipe, se
     model = copy.deepcopy(fp32)
     if method.clip is not None:
         clip_model(model, recipe, method.clip)
+    if method.family == "ptq-gptq":
+        gptq_model(model, recipe, task.input_batches(GPTQ_BATCHES, settings.seed + 2))
     quantize_model(model, recipe)
     for module in model.modules():
         if isinstance(module, QuantLinear):
