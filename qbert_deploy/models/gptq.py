@@ -11,7 +11,7 @@ the exported integers are exactly the ones GPTQ chose everywhere else.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -31,11 +31,12 @@ def input_hessians(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]])
     counts: dict[str, int] = {name: 0 for name in names}
     mask_now: list[torch.Tensor] = []
 
-    def hook(name: str):  # type: ignore[no-untyped-def]
+    def hook(name: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...], torch.Tensor], None]:
         def keep(_m: nn.Module, inputs: tuple[torch.Tensor, ...], _out: torch.Tensor) -> None:
             x = inputs[0].detach().float()
             rows = x[mask_now[0].bool()] if mask_now else x.reshape(-1, x.shape[-1])
-            sums[name] = sums.get(name, 0) + rows.T @ rows  # type: ignore[assignment]
+            product = rows.T @ rows
+            sums[name] = sums[name] + product if name in sums else product
             counts[name] += rows.shape[0]
         return keep
 
