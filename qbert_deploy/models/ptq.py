@@ -5,6 +5,8 @@ min/max is exactly clipped quantization with range [lo, hi]: a clipping method n
 float weights in model.pt, and every exporter and runtime reproduces it unchanged.
 
 - LQ: plain linear min/max quantization, no clipping.
+- MSE: each group clipped at the fraction of its min/max range that minimises the squared quantization error
+  (a grid search); also how learned ranges start (models/learned.py).
 - ACIQ (Banner et al. 2019): clip each group at mean +- alpha*b, b = mean |w - mean| (Laplace fit), alpha
   optimal for the bit width.
 - OCS (Zhao et al. 2019): outlier channel splitting duplicates the input channel holding the largest |w| and
@@ -22,11 +24,12 @@ import math
 import torch
 from torch import nn
 
-from qbert_deploy.models.quantizer import resolve_groups
+from qbert_deploy.models.quantizer import int_range, range_qparams, resolve_groups
 from qbert_deploy.models.wrap import quantizable_linears
 from qbert_deploy.recipe import Recipe
 
-CLIP_METHODS = ("lq", "aciq", "ocs")
+CLIP_METHODS = ("lq", "aciq", "ocs", "mse")
+MSE_GRID = torch.linspace(0.2, 1.0, 81)
 # Optimal clipping of a Laplace(b) variable for 2^bits levels, in units of b (Banner et al. 2019, table 1).
 ACIQ_LAPLACE_ALPHA = {2: 2.83, 3: 3.89, 4: 5.03, 5: 6.20, 6: 7.41, 7: 8.64, 8: 9.89}
 OCS_EXPAND_RATIO = 0.05
@@ -38,6 +41,25 @@ def aciq_range(flat: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tenso
     b = (flat - mean[:, None]).abs().mean(dim=1)
     alpha = ACIQ_LAPLACE_ALPHA[bits] * b
     return torch.maximum(mean - alpha, flat.min(dim=1).values), torch.minimum(mean + alpha, flat.max(dim=1).values)
+
+
+@torch.no_grad()
+def mse_range(flat: torch.Tensor, bits: int, symmetric: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (group) range alpha*[min, max] of `flat` [groups, n], alpha from MSE_GRID minimising the error."""
+    qmin, qmax = int_range(bits, symmetric)
+    lo0, hi0 = flat.min(dim=1).values, flat.max(dim=1).values
+    best = torch.full_like(lo0, float("inf"))
+    best_lo, best_hi = lo0.clone(), hi0.clone()
+    for alpha in MSE_GRID.tolist():
+        lo, hi = alpha * lo0, alpha * hi0
+        clipped = torch.maximum(torch.minimum(flat, hi[:, None]), lo[:, None])
+        scale, zero = range_qparams(clipped.min(dim=1).values, clipped.max(dim=1).values, qmin, qmax, symmetric)
+        q = (torch.round(clipped / scale[:, None]) + zero[:, None]).clamp(qmin, qmax)
+        error = (((q - zero[:, None]) * scale[:, None] - flat) ** 2).sum(dim=1)
+        better = error < best
+        best = torch.where(better, error, best)
+        best_lo, best_hi = torch.where(better, lo, best_lo), torch.where(better, hi, best_hi)
+    return best_lo, best_hi
 
 
 def ocs_split(weight: torch.Tensor, expand_ratio: float = OCS_EXPAND_RATIO) -> torch.Tensor:
@@ -67,7 +89,10 @@ def clipped(weight: torch.Tensor, method: str, bits: int, groups: int | None) ->
         return weight.detach().clone()
     count = resolve_groups(weight.shape[0], groups)
     flat = weight.detach().float().reshape(count, -1)
-    lo, hi = aciq_range(flat, bits) if method == "aciq" else ocs_range(weight, groups)
+    if method == "mse":
+        lo, hi = mse_range(flat, bits)
+    else:
+        lo, hi = aciq_range(flat, bits) if method == "aciq" else ocs_range(weight, groups)
     return torch.maximum(torch.minimum(flat, hi[:, None]), lo[:, None]).reshape(weight.shape).to(weight.dtype)
 
 

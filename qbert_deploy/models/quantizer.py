@@ -48,15 +48,23 @@ def group_qparams(weight: torch.Tensor, bits: int, groups: int | None, symmetric
         raise ValueError("weights contain NaN or Inf")
     count = resolve_groups(w.shape[0], groups)
     flat = w.reshape(count, -1)
-    lo = flat.min(dim=1).values.clamp(max=0.0)
-    hi = flat.max(dim=1).values.clamp(min=0.0)
+    scale, zero_point = range_qparams(flat.min(dim=1).values, flat.max(dim=1).values, qmin, qmax, symmetric)
+    return QParams(scale.to(torch.float32), zero_point.to(torch.int32), qmin, qmax)
+
+
+def range_qparams(lo: torch.Tensor, hi: torch.Tensor, qmin: int, qmax: int, symmetric: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and (float, integer-valued) zero point of each range [lo, hi]; zero is always representable.
+
+    Differentiable in the scale: learned ranges (models/learned.py) train through this very function, so the
+    ranges they learn give bit for bit the parameters that `group_qparams` recomputes from the clipped weights.
+    """
+    lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
     scale = torch.maximum(-lo, hi) / qmax if symmetric else (hi - lo) / (qmax - qmin)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     if symmetric:
-        zero_point = torch.zeros_like(scale, dtype=torch.int32)
-    else:
-        zero_point = torch.clamp(torch.round(qmin - lo / scale), qmin, qmax).to(torch.int32)
-    return QParams(scale.to(torch.float32), zero_point, qmin, qmax)
+        return scale, torch.zeros_like(scale.detach())
+    return scale, torch.clamp(torch.round(qmin - lo.detach() / scale.detach()), qmin, qmax)
 
 
 def quantize_rows(weight: torch.Tensor, params: QParams) -> torch.Tensor:
@@ -90,6 +98,47 @@ class _FakeQuantSTE(torch.autograd.Function):
     def backward(ctx: torch.autograd.function.FunctionCtx, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         (inside,) = ctx.saved_tensors  # type: ignore[attr-defined]
         return grads[0] * inside, None, None, None, None
+
+
+class _LearnedScaleFakeQuant(torch.autograd.Function):
+    """The same forward as `_FakeQuantSTE`; backward also gives the scale its LSQ gradient (Esser et al. 2020).
+
+    d out / d scale is round(x/s) - x/s inside the range and (q_clamped - z) outside; it is multiplied by
+    `grad_scale` (1/sqrt(elements per scale * qmax)) so that the scale learns at the pace of the weights.
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, scale: torch.Tensor,
+                zero_point: torch.Tensor, qmin: int, qmax: int, grad_scale: float) -> torch.Tensor:
+        ratio = x / scale
+        unclamped = torch.round(ratio) + zero_point
+        clamped = unclamped.clamp(qmin, qmax)
+        inside = (unclamped >= qmin) & (unclamped <= qmax)
+        ctx.save_for_backward(inside, torch.where(inside, unclamped - zero_point - ratio, clamped - zero_point))
+        ctx.grad_scale = grad_scale  # type: ignore[attr-defined]
+        ctx.scale_shape = scale.shape  # type: ignore[attr-defined]
+        return (clamped - zero_point) * scale
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        inside, d_scale = ctx.saved_tensors  # type: ignore[attr-defined]
+        grad = grads[0]
+        per_element = grad * d_scale * ctx.grad_scale  # type: ignore[attr-defined]
+        shape = ctx.scale_shape  # type: ignore[attr-defined]
+        # The scale is a 0-d tensor or has x's rank: sum over the dimensions it was broadcast along.
+        if len(shape) == 0:
+            scale_grad = per_element.sum()
+        else:
+            dims = [i for i, n in enumerate(shape) if n == 1 and grad.shape[i] != 1]
+            scale_grad = per_element.sum(dim=dims, keepdim=True) if dims else per_element
+        return grad * inside, scale_grad.reshape(shape), None, None, None, None
+
+
+def fake_quant_learned(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+                       grad_scale: float) -> torch.Tensor:
+    """`fake_quant` with a trainable `scale` (LSQ gradient); identical values."""
+    out: torch.Tensor = _LearnedScaleFakeQuant.apply(x, scale, zero_point.to(x.dtype), qmin, qmax, grad_scale)
+    return out
 
 
 def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:

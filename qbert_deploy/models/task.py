@@ -51,6 +51,12 @@ class Task:
         for index in rng.permutation(len(chunks)):
             yield from batches(self.tokenizer, chunks[index], self.batch_size, self.max_length)
 
+    def steps_per_epoch(self) -> int:
+        """Batches in one pass of `train_batches` (each pool of 16 batches may end in a short one)."""
+        pool = self.batch_size * 16
+        full, rest = divmod(len(self.train), pool)
+        return full * 16 + -(-rest // self.batch_size)
+
     def dev_batches(self) -> list[Batch]:
         # Sorted by length so that batches carry little padding: evaluation is most of a PTQ run's time.
         ordered = sorted(self.dev, key=_length)
@@ -82,6 +88,17 @@ def load_base(model_dir: str | Path, labels: list[str]) -> nn.Module:
         id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
     assert isinstance(model, nn.Module)
     return model
+
+
+def load_teacher(path: Path, task: Task) -> nn.Module:
+    """A fine-tuned classifier to distil from; its labels must be the task's (checked before, again here)."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(path, attn_implementation="eager")
+    if model.config.num_labels != len(task.labels):
+        raise ValueError(f"{path}: the teacher predicts {model.config.num_labels} labels, the task has "
+                         f"{len(task.labels)}")
+    return model.eval()
 
 
 def fp32_model(model_dir: str | Path, task: Task, steps: int, lr: float, cache: Path | None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,7 +13,10 @@ from torch import nn
 
 from qbert_deploy.models import distributed
 from qbert_deploy.models.allocation import allocate_bits
+from qbert_deploy.models.distill import Distiller, DistillWeights
+from qbert_deploy.models.gptq import gptq_model
 from qbert_deploy.models.hessian import Sensitivity
+from qbert_deploy.models.learned import bake_learned_ranges, enable_learned_ranges
 from qbert_deploy.models.methods import Method
 from qbert_deploy.models.modules import QuantLinear
 from qbert_deploy.models.ptq import clip_model
@@ -23,6 +27,7 @@ from qbert_deploy.models.wrap import calibrate, quantizable_linears, quantize_mo
 from qbert_deploy.recipe import Recipe, WeightQuant
 
 log = logging.getLogger("qbert_deploy.quantize")
+GPTQ_BATCHES = 8  # of the task's batch size (32): 256 calibration sentences for GPTQ's input Hessians
 
 
 @dataclass
@@ -36,6 +41,11 @@ class Settings:
     save: SaveHook | None = None
     save_every: int = 50
     extra: dict[str, Any] = field(default_factory=dict)
+    # Distillation from the fp32 model (None: the paper's plain QAT) and learned ranges ("minmax"/"mse" start,
+    # None: min/max ranges recomputed every step as the paper does). Both only act on training methods.
+    distill: DistillWeights | None = None
+    learn_ranges: str | None = None
+    teacher: nn.Module | None = None  # default: the fp32 model being quantized
 
 
 def layer_of(module_name: str) -> int:
@@ -72,6 +82,8 @@ def apply_method(fp32: nn.Module, task: Task, method: Method, recipe: Recipe, se
     model = copy.deepcopy(fp32).cpu()  # clipping and wrapping on the CPU, training on this process's device
     if method.clip is not None:
         clip_model(model, recipe, method.clip)
+    if method.family == "ptq-gptq":
+        gptq_model(model, recipe, task.input_batches(GPTQ_BATCHES, settings.seed + 2))
     quantize_model(model, recipe)
     for module in model.modules():
         if isinstance(module, QuantLinear):
@@ -80,6 +92,11 @@ def apply_method(fp32: nn.Module, task: Task, method: Method, recipe: Recipe, se
     calibrate(model, [{k: v for k, v in b.items() if k != "labels"}
                       for b in task.input_batches(settings.calibration_batches, settings.seed)])
     if method.qat and settings.qat_steps > 0:
-        train(model, task.train_batches, settings.qat_steps, lr=settings.lr, desc=f"QAT {method.id}",
-              resume=settings.resume, save=settings.save, save_every=settings.save_every)
+        if settings.learn_ranges is not None:
+            enable_learned_ranges(model, settings.learn_ranges)
+        distiller = Distiller(settings.teacher or fp32, settings.distill) if settings.distill else None
+        with distiller.attached(model) if distiller is not None else nullcontext():
+            train(model, task.train_batches, settings.qat_steps, lr=settings.lr, desc=f"QAT {method.id}",
+                  resume=settings.resume, save=settings.save, save_every=settings.save_every, loss_fn=distiller)
+        bake_learned_ranges(model)
     return model.eval()
