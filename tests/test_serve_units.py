@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 
@@ -86,10 +87,18 @@ def test_profile_is_served_and_a_missing_one_is_a_one_line_error(tiny_export: Pa
     shutil.copytree(tiny_export, export)
     shutil.copyfile(export / "model.onnx", export / "model.cpu-test.onnx")
     assert ServedModel(export, profile="cpu-test").path.name == "model.cpu-test.onnx"
+    foreign = tmp_path / "foreign"  # a model.onnx that is not a qbert export: the default profile cannot lower it
+    shutil.copytree(tiny_export, foreign)
+    model = onnx.load(str(foreign / "model.onnx"))
+    del model.metadata_props[:]
+    onnx.save(model, str(foreign / "model.onnx"))
+    assert ServedModel(foreign, profile="canonical").profile == "canonical"
     for args, message in [([str(export), "--profile", "cuda-w4"], "no profile 'cuda-w4'"),
                           ([str(tmp_path / "missing")], "not an export directory"),
                           ([str(export), "--providers", "tpu"], "unknown execution provider 'tpu'"),
-                          ([str(export), "--profile", "cuda-fp16"], "profile 'cuda-fp16' is for cuda, not cpu")]:
+                          ([str(export), "--profile", "cuda-fp16"], "profile 'cuda-fp16' is for cuda, not cpu"),
+                          ([str(foreign)], "not a qbert-deploy export (no qbert.format_version metadata) "
+                                           "(--profile canonical serves the graph as exported)")]:
         done = subprocess.run([sys.executable, "-m", "qbert_deploy.cli.serve", *args, "--port", "0"],
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 2 and done.stderr.startswith("qbert-serve: error:"), done

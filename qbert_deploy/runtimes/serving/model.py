@@ -138,7 +138,7 @@ class ServedModel:
         except SessionError as err:
             if profile is not None:
                 raise
-            raise SessionError(f"{err} (profile {CANONICAL!r} serves the canonical graph)") from None
+            raise SessionError(f"{err} (--profile {CANONICAL} serves the graph as exported)") from None
         names = [i.name for i in self.session.get_inputs()]
         if "input_ids" not in names or not set(names) <= set(INPUT_NAMES):
             raise ModelDirError(f"{self.path}: inputs {names} are not a subset of {list(INPUT_NAMES)}")
