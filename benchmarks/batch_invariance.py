@@ -5,7 +5,8 @@
 Both graphs are lowered in memory from EXPORT_DIR/model.onnx. Batch dependence: random requests of 4..128 tokens,
 each run alone (unpadded) and in padded batches of 8 mixed lengths; a row differs when any of its logits is not
 bitwise equal. Latency: one process, interleaved rounds, medians, at batch 1 and 8 of 128 tokens without padding
-(where the If takes the flash kernel) and at batch 8 of mixed lengths padded to the longest (both run masked).
+and at batch 1 of 16 tokens (where the If takes the flash kernel), and at batch 8 of 4..128 and batch 4 of 4..32
+tokens padded to the longest (both run masked).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -82,15 +84,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     from qbert_deploy.runtimes.session import open_session
 
     canonical = args.export_dir / "model.onnx"
-    sessions = {name: open_session(lowered(canonical, flash), threads=args.threads)
-                for name, flash in zip(NAMES, (False, True), strict=True)}
+    started = time.perf_counter()
+    models = {name: lowered(canonical, flash) for name, flash in zip(NAMES, (False, True), strict=True)}
+    lower_s = (time.perf_counter() - started) / len(models)  # what qbert-serve adds at start without a lowered file
+    sessions = {name: open_session(model, threads=args.threads) for name, model in models.items()}
     reqs = requests(args.requests)
     result: dict[str, object] = {
         "load_before": os.getloadavg()[0], "threads": args.threads, "rounds": args.rounds,
+        "lower_in_memory_s": lower_s,
         "batch_dependence": {name: batch_dependence(s, reqs) for name, s in sessions.items()}}
     full = requests(8, 128, 128, seed=1)
+    short = requests(4, 4, 32, seed=2)  # what benchmarks.serve_load sends: one row of 4..32 tokens per request
     feeds = {"batch 1, 128 tokens": padded(full[:1]), "batch 8, 128 tokens": padded(full),
-             "batch 8, 4..128 tokens padded": padded(reqs[:8])}
+             "batch 8, 4..128 tokens padded": padded(reqs[:8]), "batch 1, 16 tokens": padded([full[0][:, :16]]),
+             "batch 4, 4..32 tokens padded": padded(short)}
     latency: dict[str, dict[str, float]] = {}
     for label, feed in feeds.items():
         runners = {name: (lambda f, s=s: s.run(["logits"], f)) for name, s in sessions.items()}

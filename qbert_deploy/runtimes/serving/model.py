@@ -76,8 +76,12 @@ def served_file(export_dir: str | os.PathLike[str], profile: str | None = None,
     if profile == CANONICAL:
         return ServedFile(model_file(folder), CANONICAL, False)
     chosen = profile or default_profile(provider)
-    if (folder / f"model.{chosen}.onnx").is_file() or chosen not in PROFILES:
-        return ServedFile(model_file(folder, chosen), chosen, False)
+    if (folder / f"model.{chosen}.onnx").is_file():
+        return ServedFile(folder / f"model.{chosen}.onnx", chosen, False)
+    if chosen not in PROFILES:
+        raise ModelDirError(f"{folder}: no profile {chosen!r}: no model.{chosen}.onnx here (lowered files: "
+                            f"{', '.join(profiles(folder)) or 'none'}) and not a lowering profile "
+                            f"({', '.join((*PROFILES, CANONICAL))})")
     return ServedFile(model_file(folder), chosen, True)
 
 
