@@ -77,21 +77,28 @@ def configs(model: BenchModel, cache: Path) -> list[Config]:
 _ABLATIONS = {  # cpu-w8a8 pass left out -> row label
     "residual_sum": "ablation: cpu-w8a8 without residual Sum (ORT forms SkipLayerNorm)",
     "fuse_attention": "ablation: cpu-w8a8 without attention fusion",
-    "unmasked_attention_branch": "ablation: cpu-w8a8 always passing the attention mask (no flash kernel)",
     "gather_then_dequantize": "ablation: cpu-w8a8 dequantizing whole embedding tables (no gather-then-dequantize)",
     "integer_matmuls": "ablation: cpu-w8a8 leaving the integer GEMMs to ORT's Q/DQ fusion (bias outside, "
                        "no shared Q/K/V quantizer)",
 }
 
 
+FLASH_BRANCH = "variant: cpu-w8a8 plus the If that runs unmasked attention (flash kernel) without padding"
+
+
 def ablations(export: Path, folder: Path) -> dict[str, Path]:
-    """cpu-w8a8 with one of its passes left out, to measure what each buys in the same run."""
+    """cpu-w8a8 with one of its passes left out, to measure what each buys in the same run; and with the flash
+    kernel's If added (it made answers depend on the batch, so the profile leaves it out)."""
     import onnx_ir as ir
     import onnx_ir.passes.common as common_passes
 
+    from qbert_deploy.runtimes.attention_fusion import fuse_attention, unmasked_attention_branch
     from qbert_deploy.runtimes.lowering import profile_info
 
     steps = profile_info("cpu-w8a8").passes
+    with_flash = []
+    for step in steps:
+        with_flash += [step, unmasked_attention_branch] if step is fuse_attention else [step]
     unknown = set(_ABLATIONS) - {step.__name__ for step in steps}
     if unknown:
         raise ValueError(f"ablations name passes cpu-w8a8 does not have: {sorted(unknown)}")
@@ -105,6 +112,12 @@ def ablations(export: Path, folder: Path) -> dict[str, Path]:
         common_passes.RemoveUnusedNodesPass()(model)
         ir.save(model, path)
         out[label] = path
+    model = ir.load(export)
+    for step in with_flash:
+        step(model)
+    common_passes.RemoveUnusedNodesPass()(model)
+    ir.save(model, folder / "variant-flash-branch.onnx")
+    out[FLASH_BRANCH] = folder / "variant-flash-branch.onnx"
     return out
 
 

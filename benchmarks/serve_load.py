@@ -3,9 +3,11 @@
     python -m benchmarks.serve_load EXPORT_DIR [--requests 2000] [--concurrency 16] [--max-batch 32]
                                               [--max-delay-ms 5] [--threads N] [--json OUT]
 
-Starts `qbert-serve EXPORT_DIR` on 127.0.0.1 (a free port), sends a bounded number of KServe v2 infer requests
-(random token ids, 4..32 tokens, one row each) from concurrent asyncio clients, checks every answer against
-in-process ONNX Runtime on the same model file, reads the batch-size histogram from /metrics and stops the server.
+Starts `qbert-serve EXPORT_DIR` on 127.0.0.1 (a free port; its default profile, cpu-w8a8, unless --profile), sends
+a bounded number of KServe v2 infer requests (random token ids, 4..32 tokens, one row each) from concurrent asyncio
+clients, checks every answer against in-process ONNX Runtime on the same file and profile, each request run alone
+(a mismatch: any logit off by more than --atol, 0 by default: bitwise), reads the batch-size histogram from
+/metrics and stops the server.
 Traffic goes only to 127.0.0.1; the run is bounded in requests and in time.
 """
 
@@ -180,15 +182,17 @@ def run_load(url: str, requests: Sequence[np.ndarray], total: int = 2000, concur
     return asyncio.run(_load(url, model, bodies, total, concurrency, time_limit_s))
 
 
-def reference_logits(model_path: Path, requests: Sequence[np.ndarray]) -> list[np.ndarray]:
-    from qbert_deploy.runtimes.session import open_session
+def reference_logits(export_dir: Path, requests: Sequence[np.ndarray], profile: str | None = None,
+                     ) -> list[np.ndarray]:
+    """Each request run alone, in process, on what `qbert-serve EXPORT_DIR [--profile P]` serves."""
+    from qbert_deploy.runtimes.serving import open_served, served_file
 
-    session = open_session(model_path, threads=1)
+    session = open_served(served_file(export_dir, profile), threads=1)
     return [session.run(["logits"], {"input_ids": ids, "attention_mask": np.ones_like(ids),
                                      "token_type_ids": np.zeros_like(ids)})[0] for ids in requests]
 
 
-def mismatches(result: LoadResult, references: Sequence[np.ndarray], atol: float = 1e-5) -> list[str]:
+def mismatches(result: LoadResult, references: Sequence[np.ndarray], atol: float = 0.0) -> list[str]:
     """Answers that differ from in-process ORT on their own request."""
     bad = []
     for number, logits in result.answers.items():
@@ -208,19 +212,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--max-delay-ms", type=float, default=5.0)
     parser.add_argument("--threads", type=int, default=None, help="ORT intra-op threads in the server")
-    parser.add_argument("--profile", default=None)
+    parser.add_argument("--profile", default=None, help="as qbert-serve's (default: the CPU's fast profile)")
+    parser.add_argument("--atol", type=float, default=0.0,
+                        help="largest logit difference from the request run alone (default 0: bitwise)")
     parser.add_argument("--time-limit-s", type=float, default=300.0)
     parser.add_argument("--json", type=Path, default=None, help="also write the summary here")
     args = parser.parse_args(argv)
     requests = random_requests(args.distinct)
-    model_path = args.export_dir / (f"model.{args.profile}.onnx" if args.profile else "model.onnx")
-    references = reference_logits(model_path, requests)
+    from qbert_deploy.runtimes.serving import served_file
+
+    served = served_file(args.export_dir, args.profile)
+    references = reference_logits(args.export_dir, requests, args.profile)
     extra = ["--max-batch", str(args.max_batch), "--max-delay-ms", str(args.max_delay_ms)]
     extra += ["--threads", str(args.threads)] if args.threads else []
     extra += ["--profile", args.profile] if args.profile else []
     with tempfile.TemporaryDirectory() as tmp, running_server(args.export_dir, Path(tmp), *extra) as server:
         result = run_load(server.url, requests, args.requests, args.concurrency, time_limit_s=args.time_limit_s)
-    summary = {**result.summary(), "mismatches": len(mismatches(result, references)),
+    bad = mismatches(result, references, args.atol)
+    worst = max((float(np.abs(result.answers[n] - references[n % len(references)]).max())
+                 for n in result.answers), default=0.0)
+    summary = {**result.summary(), "profile": served.profile, "model_file": served.path.name,
+               "mismatches": len(bad), "max_abs_diff": worst, "atol": args.atol,
                "concurrency": args.concurrency, "max_batch": args.max_batch, "max_delay_ms": args.max_delay_ms}
     print(json.dumps(summary, indent=2))
     if args.json:

@@ -13,10 +13,10 @@ __all__ = ["Reference", "RunningServer", "feeds_for", "metric_value", "running_s
 
 
 class Reference:
-    """In-process ORT on the same model file: what each served answer must agree with."""
+    """In-process ORT on the same model file and profile: what each served answer must agree with."""
 
-    def __init__(self, model_path: Path) -> None:
-        self.session = open_session(model_path, threads=1)
+    def __init__(self, model_path: Path, profile: str | None = None) -> None:
+        self.session = open_session(model_path, threads=1, profile=profile)
 
     def logits(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         out: np.ndarray = self.session.run(["logits"], feeds)[0]

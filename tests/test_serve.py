@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import shutil
 import signal
 import threading
 import time
@@ -17,10 +18,11 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
+from qbert_deploy.runtimes.lowering import lower
 from tests.served import Reference, RunningServer, feeds_for, metric_value, running_server
 from tests.tiny import LABELS, SENTENCES, text_batch, tokenizer
 
-ATOL = 1e-5  # padding per batch does not change the logits of the real tokens; allow float reordering only
+ATOL = 0.0  # the default profile (cpu-w8a8) is batch-invariant: padding per batch changes no bit of the logits
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +33,7 @@ def server(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
 
 @pytest.fixture(scope="module")
 def reference(tiny_export: Path) -> Reference:
-    return Reference(tiny_export / "model.onnx")
+    return Reference(tiny_export / "model.onnx", "cpu-w8a8")
 
 
 def _triton_inputs(feeds: dict[str, np.ndarray], binary: bool = True) -> list[triton.InferInput]:
@@ -49,6 +51,18 @@ def _assert_close(served: np.ndarray, expected: np.ndarray, what: str) -> None:
     assert diff <= ATOL, f"{what}: served logits differ from in-process ORT by {diff}\n{served}\n{expected}"
 
 
+def test_startup_line_names_the_file_and_profile(server: RunningServer, tiny_export: Path, tmp_path: Path) -> None:
+    assert "model.onnx lowered in memory to profile cpu-w8a8 as 'qbert'" in server.log_text(), server.log_text()
+    export = tmp_path / "export"
+    shutil.copytree(tiny_export, export)
+    lower(export / "model.onnx", "cpu-w8a8", export / "model.cpu-w8a8.onnx")
+    with running_server(export, tmp_path) as lowered:
+        assert "model.cpu-w8a8.onnx (profile cpu-w8a8) as 'qbert'" in lowered.log_text(), lowered.log_text()
+        meta = httpx.get(f"{lowered.url}/v2/models/qbert").json()["parameters"]
+        assert (meta["model_file"], meta["profile"], meta["lowered_in_memory"]) == (
+            "model.cpu-w8a8.onnx", "cpu-w8a8", False), meta
+
+
 def test_tritonclient_metadata(server: RunningServer) -> None:
     client = triton.InferenceServerClient(server.hostport)
     assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("qbert")
@@ -56,6 +70,8 @@ def test_tritonclient_metadata(server: RunningServer) -> None:
     assert [(t["name"], t["datatype"]) for t in meta["inputs"]] == [
         ("input_ids", "INT64"), ("attention_mask", "INT64"), ("token_type_ids", "INT64")], meta
     assert meta["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [-1, len(LABELS)]}], meta
+    served = {k: meta["parameters"][k] for k in ("model_file", "profile", "lowered_in_memory")}
+    assert served == {"model_file": "model.onnx", "profile": "cpu-w8a8", "lowered_in_memory": True}, meta
     assert client.get_server_metadata()["extensions"] == ["binary_tensor_data"]
     config = client.get_model_config("qbert")
     assert (config["max_batch_size"], config["output"][0]["dims"]) == (8, [len(LABELS)]), config

@@ -9,14 +9,18 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 
 from qbert_deploy.cli.serve import build_parser
+from qbert_deploy.runtimes.lowering import lower
 from qbert_deploy.runtimes.serving import Batcher, QueueFull, ServedModel
 from qbert_deploy.runtimes.serving.batcher import pad_and_stack
 from qbert_deploy.runtimes.serving.metrics import ServeMetrics
+from qbert_deploy.runtimes.session import open_session
 from tests.served import Reference, feeds_for, running_server
+from tests.tiny import text_batch
 
 
 def _requests() -> list[dict[str, np.ndarray]]:
@@ -34,7 +38,7 @@ def test_pad_and_stack_pads_each_request_on_the_right() -> None:
 
 def test_batcher_answers_each_request_with_its_own_rows(tiny_export: Path) -> None:
     model = ServedModel(tiny_export)
-    reference = Reference(tiny_export / "model.onnx")
+    reference = Reference(tiny_export / "model.onnx", "cpu-w8a8")
     requests = _requests()
     metrics = ServeMetrics()
 
@@ -50,7 +54,7 @@ def test_batcher_answers_each_request_with_its_own_rows(tiny_export: Path) -> No
     answers = asyncio.run(scenario())
     for i, (request, answer) in enumerate(zip(requests, answers, strict=True)):
         expected = reference.logits(request)
-        assert np.abs(answer - expected).max() <= 1e-5, f"request {i}: {answer} != {expected}"
+        assert np.array_equal(answer, expected), f"request {i}: {answer} != {expected} (batch-invariance)"
     rows = metrics.batch_rows.collect()[0].samples
     count = next(s.value for s in rows if s.name.endswith("_count"))
     total = next(s.value for s in rows if s.name.endswith("_sum"))
@@ -83,13 +87,43 @@ def test_profile_is_served_and_a_missing_one_is_a_one_line_error(tiny_export: Pa
     shutil.copytree(tiny_export, export)
     shutil.copyfile(export / "model.onnx", export / "model.cpu-test.onnx")
     assert ServedModel(export, profile="cpu-test").path.name == "model.cpu-test.onnx"
+    foreign = tmp_path / "foreign"  # a model.onnx that is not a qbert export: the default profile cannot lower it
+    shutil.copytree(tiny_export, foreign)
+    model = onnx.load(str(foreign / "model.onnx"))
+    del model.metadata_props[:]
+    onnx.save(model, str(foreign / "model.onnx"))
+    assert ServedModel(foreign, profile="canonical").profile == "canonical"
     for args, message in [([str(export), "--profile", "cuda-w4"], "no profile 'cuda-w4'"),
                           ([str(tmp_path / "missing")], "not an export directory"),
-                          ([str(export), "--providers", "tpu"], "unknown execution provider 'tpu'")]:
+                          ([str(export), "--providers", "tpu"], "unknown execution provider 'tpu'"),
+                          ([str(export), "--profile", "cuda-fp16"], "profile 'cuda-fp16' is for cuda, not cpu"),
+                          ([str(foreign)], "not a qbert-deploy export (no qbert.format_version metadata) "
+                                           "(--profile canonical serves the graph as exported)")]:
         done = subprocess.run([sys.executable, "-m", "qbert_deploy.cli.serve", *args, "--port", "0"],
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 2 and done.stderr.startswith("qbert-serve: error:"), done
         assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_the_default_profile_is_the_fast_one(tiny_export: Path, tmp_path: Path) -> None:
+    feed = text_batch()
+    default = ServedModel(tiny_export)
+    assert (default.profile, default.path.name, default.served.lowered_in_memory) == ("cpu-w8a8", "model.onnx", True)
+    fast = open_session(tiny_export / "model.onnx", threads=1, profile="cpu-w8a8").run(["logits"], feed)[0]
+    canonical = open_session(tiny_export / "model.onnx", threads=1).run(["logits"], feed)[0]
+    assert np.array_equal(default.run(feed), fast) and not np.array_equal(fast, canonical)
+    export = tmp_path / "export"
+    shutil.copytree(tiny_export, export)
+    lower(export / "model.onnx", "cpu-w8a8", export / "model.cpu-w8a8.onnx")
+    on_disk = ServedModel(export)
+    assert (on_disk.path.name, on_disk.profile, on_disk.served.lowered_in_memory) == (
+        "model.cpu-w8a8.onnx", "cpu-w8a8", False)
+    assert np.array_equal(on_disk.run(feed), fast)
+    asked = ServedModel(export, profile="canonical")
+    assert (asked.path.name, asked.profile) == ("model.onnx", "canonical")
+    assert np.array_equal(asked.run(feed), canonical)
+    other = ServedModel(export, profile="weight-only")
+    assert (other.path.name, other.profile, other.served.lowered_in_memory) == ("model.onnx", "weight-only", True)
 
 
 def test_parser_defaults() -> None:

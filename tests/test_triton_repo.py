@@ -10,11 +10,13 @@ from pathlib import Path
 from types import ModuleType
 
 import numpy as np
+import onnx_ir as ir
 import pytest
 import tritonclient
 from google.protobuf import text_format
 
 from qbert_deploy.cli.export import main as export_main
+from qbert_deploy.runtimes.lowering import lower
 from qbert_deploy.runtimes.triton_repo import write_triton_repo
 from tests.served import Reference
 from tests.tiny import LABELS, text_batch
@@ -48,20 +50,26 @@ def test_cpu_repository_parses_and_runs(tiny_export: Path, tmp_path: Path) -> No
     assert [(g.kind, g.count) for g in config.instance_group] == [(pb2.ModelInstanceGroup.KIND_CPU, 1)]  # type: ignore[attr-defined]
     assert (repo.root / "qbert" / output.label_filename).read_text().split() == LABELS
     assert sorted(p.name for p in repo.root.iterdir()) == ["README.md", "qbert"], "Triton loads every sub-folder"
+    assert (repo.profile, repo.lowered, repo.source.name) == ("cpu-w8a8", True, "model.onnx"), repo
+    assert "model.onnx lowered to cpu-w8a8" in repo.config.read_text()
     batch = text_batch()
     served = Reference(repo.model).logits(batch)
-    expected = Reference(tiny_export / "model.onnx").logits(batch)
+    expected = Reference(tiny_export / "model.onnx", "cpu-w8a8").logits(batch)
     assert np.array_equal(served, expected), f"{served} != {expected}"
 
 
 def test_gpu_repository_and_lowered_profile_choice(tiny_export: Path, tmp_path: Path) -> None:
     export = tmp_path / "export"
     shutil.copytree(tiny_export, export)
-    shutil.copyfile(export / "model.onnx", export / "model.cpu-w8a8.onnx")  # stands in for a lowered file
+    lower(export / "model.onnx", "cpu-w8a8", export / "model.cpu-w8a8.onnx")
     cpu = write_triton_repo(export, tmp_path / "cpu")
-    assert cpu.source.name == "model.cpu-w8a8.onnx", "the CPU repository should ship the CPU-lowered model"
+    assert (cpu.source.name, cpu.profile, cpu.lowered) == ("model.cpu-w8a8.onnx", "cpu-w8a8", False), cpu
+    assert (tmp_path / "cpu" / "qbert" / "1" / "model.onnx").read_bytes() == cpu.source.read_bytes()
+    canonical = write_triton_repo(export, tmp_path / "canonical", profile="canonical")
+    assert (canonical.source.name, canonical.profile, canonical.lowered) == ("model.onnx", "canonical", False)
     gpu = write_triton_repo(export, tmp_path / "gpu", device="gpu", instances=2)
-    assert gpu.source.name == "model.onnx", "no GPU-lowered file: the canonical model"
+    assert (gpu.source.name, gpu.profile, gpu.lowered) == ("model.onnx", "cuda", True), gpu
+    assert ir.load(gpu.model).metadata_props["qbert.lowering"].count('"profile": "cuda"') == 1
     pb2 = _model_config_pb2()
     groups = _parse(gpu.config).instance_group  # type: ignore[attr-defined]
     assert [(g.kind, g.count) for g in groups] == [(pb2.ModelInstanceGroup.KIND_GPU, 2)]

@@ -40,7 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="execution providers in order of preference, comma separated: cpu, cuda, tensorrt "
                              "(default cpu; a later one is a fallback)")
     parser.add_argument("--profile", default=None,
-                        help="serve the lowered model.<PROFILE>.onnx of the export directory instead of model.onnx")
+                        help="lowering profile to serve (default: the provider's fast one, cpu-w8a8 on the CPU): "
+                             "model.<PROFILE>.onnx if the export has it, else model.onnx lowered at start; "
+                             "'canonical' serves model.onnx as exported")
     parser.add_argument("--threads", type=_positive, default=None, help="ONNX Runtime intra-op threads")
     parser.add_argument("--max-batch", type=_positive, default=32, help="most rows per model run (default 32)")
     parser.add_argument("--max-delay-ms", type=_delay, default=5.0,
@@ -81,7 +83,7 @@ def _serve(args: argparse.Namespace) -> int:
     port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, access_log=False,
                                            timeout_graceful_shutdown=args.graceful_timeout_s))
-    print(f"qbert-serve: serving {model.path} as {config.model_name!r} on {', '.join(model.providers)}; "
+    print(f"qbert-serve: serving {model.served.describe()} as {config.model_name!r} on {', '.join(model.providers)}; "
           f"listening on http://{args.host}:{port}", flush=True)
     server.run(sockets=[sock])
     if not server.started:

@@ -15,8 +15,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-o", "--out", required=True, help="repository folder (replaced whole, never half written)")
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="instance group kind (default cpu)")
     parser.add_argument("--profile", default=None,
-                        help="ship the lowered model.<PROFILE>.onnx (default: the one lowered for --device if "
-                             "there is exactly one, else model.onnx)")
+                        help="lowering profile to ship (default: the device's fast one, cpu-w8a8 for cpu, cuda for "
+                             "gpu): model.<PROFILE>.onnx if the export has it, else model.onnx lowered into the "
+                             "repository; 'canonical' ships model.onnx as exported")
     parser.add_argument("--model-name", default="qbert", help="the model's name in Triton (default qbert)")
     parser.add_argument("--max-batch", type=int, default=32, help="max_batch_size (default 32)")
     parser.add_argument("--max-delay-ms", type=float, default=5.0, help="dynamic batching queue delay (default 5)")
@@ -30,7 +31,9 @@ def _write(args: argparse.Namespace) -> int:
     repo = write_triton_repo(args.export_dir, args.out, model_name=args.model_name, device=args.device,
                              profile=args.profile, max_batch=args.max_batch, max_delay_ms=args.max_delay_ms,
                              instances=args.instances)
-    print(f"wrote Triton repository {repo.root} ({repo.config.parent.name}: {repo.source.name}, {args.device})")
+    how = "lowered from" if repo.lowered else "from"
+    print(f"wrote Triton repository {repo.root} ({repo.config.parent.name}: profile {repo.profile}, {how} "
+          f"{repo.source.name}, {args.device})")
     return 0
 
 

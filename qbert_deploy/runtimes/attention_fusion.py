@@ -147,7 +147,10 @@ def unmasked_attention_branch(model: ir.Model) -> int:
     """Run each MultiHeadAttention without its key padding mask when the batch has no padding.
 
     ORT's CPU MultiHeadAttention takes its flash-attention kernel (~14% faster here) only without a mask, and an
-    all-ones mask masks nothing. Pre: MultiHeadAttention(q, k, v, bias, mask) from `fuse_attention`, the mask the
+    all-ones mask masks nothing. In no lowering profile: the flash kernel sums the softmax in another order than the
+    masked one, so a request's logits would depend on whether its batch has padding (up to 0.08 in a fine-tuned MiniLM's
+    logit once 8-bit activations round the other way; docs/results/serving.md). Kept for the latency ablation.
+    Pre: MultiHeadAttention(q, k, v, bias, mask) from `fuse_attention`, the mask the
     int32 cast of the `attention_mask` input. Post: If(min(attention_mask) == 1, then: MultiHeadAttention(q, k, v,
     bias), else: the node as it was). Numerics: the same attention, the softmax evaluated in another float order.
     """

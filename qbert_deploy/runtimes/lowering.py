@@ -6,10 +6,13 @@ Profiles (the name is written into the lowered file's metadata, `qbert.lowering`
   at session start, so the file stays packed on disk; every encoder Linear is written as ORT's integer GEMM
   (com.microsoft.MatMulIntegerToFloat) with its bias inside (and no weight zero point when it is all zeros);
   Q, K and V share one activation quantizer when theirs are bitwise equal. Embeddings gather rows before
-  dequantizing; the attention core becomes one MultiHeadAttention, run without its mask (ORT's flash kernel) when
-  the batch has no padding; residual Adds become Sum so ORT does not form its slower SkipLayerNormalization.
+  dequantizing; the attention core becomes one MultiHeadAttention, always run with its key padding mask, so a
+  row's logits do not depend on the batch it runs in (the unmasked flash kernel, taken only for batches without
+  padding, sums in another order: `unmasked_attention_branch`, in no profile); residual Adds become Sum so ORT does
+  not form its slower SkipLayerNormalization.
   3-bit weights are stored at 3 bits per value (bitpack.py), unpacked by plain ONNX ops that ORT folds too.
-  Numerics: those of the canonical graph (up to float summation order in fused kernels).
+  Numerics: those of the canonical graph (up to float summation order in fused kernels); batch-invariant: a row's
+  logits are bitwise the same alone, padded, or in any batch.
 - `weight-only`: weights in com.microsoft.MatMulNBits (2-, 4- or 8-bit kernels), accuracy level pinned in the
   node (`accuracy_level=1`: fp32 compute); activation Q/DQ kept, so only the GEMM's float summation differs.
 - `cuda`: the weight-only form with CUDA's rules: no int2 (2-bit runs in the 4-bit kernel), no blocked Q/DQ
@@ -32,7 +35,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from qbert_deploy.atomic import atomic_file
-from qbert_deploy.runtimes.attention_fusion import fuse_attention, unmasked_attention_branch
+from qbert_deploy.runtimes.attention_fusion import fuse_attention
 from qbert_deploy.runtimes.bitpack import pack_3bit_weights
 from qbert_deploy.runtimes.graph_checks import blocked_int8_pitfalls, cuda_violations, weight_sites
 from qbert_deploy.runtimes.integer_gemms import integer_matmuls
@@ -88,8 +91,8 @@ def float16_compute(model: ir.Model) -> int:
 _PROFILES = {
     "cpu-w8a8": Profile(
         "cpu-w8a8", ("cpu",), "exact: same integers and scales as the canonical graph",
-        (widen_weights_to_int8, gather_then_dequantize, fuse_attention, unmasked_attention_branch, integer_matmuls,
-         residual_sum, pack_3bit_weights)),
+        (widen_weights_to_int8, gather_then_dequantize, fuse_attention, integer_matmuls, residual_sum,
+         pack_3bit_weights)),
     "weight-only": Profile(
         "weight-only", ("cpu", "cuda"),
         f"weights exact; MatMulNBits accuracy_level={MATMULNBITS_ACCURACY_LEVEL} (fp32 compute)",

@@ -166,13 +166,17 @@ def gather_then_dequantize(model: ir.Model) -> int:
 
 
 def nbits_block_size(k: int, largest: int = 128) -> int:
-    """The largest power of two (16..`largest`) dividing K: per-channel scales repeat over K's blocks."""
+    """The largest power of two (16..`largest`) dividing K: per-channel scales repeat over K's blocks.
+
+    A K that no such power divides gets blocks of 16 and a last block padded with the zero point (MatMulNBits
+    stores ceil(K / block) blocks per column and reads only K values of each).
+    """
     size = largest
     while size >= 16:
         if k % size == 0:
             return size
         size //= 2
-    raise LoweringError(f"input width {k} is not a multiple of 16, which MatMulNBits needs")
+    return 16
 
 
 def _pack(values: np.ndarray, bits: int) -> np.ndarray:
@@ -191,8 +195,8 @@ def _pack(values: np.ndarray, bits: int) -> np.ndarray:
 def weights_to_matmulnbits(model: ir.Model, accuracy_level: int, widen_2bit: bool = True) -> int:
     """weight-only / cuda: DequantizeLinear(weight) + MatMul -> com.microsoft.MatMulNBits, accuracy level pinned.
 
-    Pre: per-output-channel weights [K, N] with K a multiple of 16.
-    Post: MatMulNBits(A, packed B [N, K/bs, bs*bits/8], scales [N*K/bs], zero points) computing the same
+    Pre: per-output-channel weights [K, N].
+    Post: MatMulNBits(A, packed B [N, ceil(K/bs), bs*bits/8], scales [N*K/bs], zero points) computing the same
     (q - zp) * scale weights; 2- and 3-bit weights use the 4-bit kernel (same integers), signed integers are
     offset to unsigned with the zero point offset alike. Activation Q/DQ in front stay, so the activations are
     what the canonical graph computes; only the GEMM's float summation differs.
@@ -214,8 +218,12 @@ def weights_to_matmulnbits(model: ir.Model, accuracy_level: int, widen_2bit: boo
         k, n = q.shape
         offset = 1 << (bits - 1) if source.dtype in (ir.DataType.INT2, ir.DataType.INT4, ir.DataType.INT8) else 0
         block = nbits_block_size(k)
-        blocks = k // block
-        q_u = (q + offset).T.reshape(n, blocks, block)  # [N, blocks, block]
+        blocks = -(-k // block)
+        q_u = (q + offset).T  # [N, K]
+        if blocks * block != k:  # pad K to whole blocks with the zero point: the padding dequantizes to 0
+            pad = np.repeat((zp + offset)[:, None], blocks * block - k, axis=1)
+            q_u = np.concatenate([q_u, pad.astype(q_u.dtype)], axis=1)
+        q_u = q_u.reshape(n, blocks, block)  # [N, blocks, block]
         packed_b = _pack(q_u, bits)
         scales = np.repeat(scale[:, None], blocks, axis=1).reshape(-1).astype(np.float32)
         zps = np.repeat((zp + offset)[:, None], blocks, axis=1)  # [N, blocks]

@@ -24,6 +24,16 @@ def provider_names(names: Sequence[str]) -> list[str]:
     return [PROVIDERS[n] for n in names]
 
 
+def first_available(providers: Sequence[str]) -> str:
+    """The first of `providers` (short names) that this onnxruntime build has: the one a session will start on."""
+    available = set(ort.get_available_providers())
+    for name, full in zip(providers, provider_names(providers), strict=True):
+        if full in available:
+            return name
+    raise SessionError(f"none of {', '.join(providers)} is available in this onnxruntime build "
+                       f"(available: {', '.join(sorted(available))})")
+
+
 def session_options(threads: int | None = None, optimize: bool = True,
                     optimized_model_path: str | os.PathLike[str] | None = None,
                     config: Mapping[str, str] | None = None) -> ort.SessionOptions:

@@ -5,7 +5,9 @@ Layout (Triton loads every sub-folder of the repository as a model, so nothing e
     REPO/README.md
     REPO/<name>/config.pbtxt        onnxruntime backend, dynamic batching, instance group, tensor shapes
     REPO/<name>/labels.txt          label names for Triton's classification extension
-    REPO/<name>/1/model.onnx        the export's model.onnx, or a lowered model.<profile>.onnx
+    REPO/<name>/1/model.onnx        the device's fast profile (cpu-w8a8 for CPU, cuda for GPU) by default: the
+                                    export's model.<profile>.onnx, else its model.onnx lowered while writing;
+                                    the canonical model.onnx only with profile="canonical"
 
 Lives in runtimes/, not exporters/: it copies an ONNX file and writes text, with neither torch nor transformers.
 """
@@ -18,17 +20,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qbert_deploy.atomic import atomic_dir
+from qbert_deploy.runtimes.lowering import lower
 from qbert_deploy.runtimes.serving.model import (
     INPUT_NAMES,
     OUTPUT_NAME,
     ModelDirError,
     labels_of,
-    model_file,
-    profiles,
     read_json,
+    served_file,
 )
 
-DEVICES = {"cpu": ("KIND_CPU", ("cpu",)), "gpu": ("KIND_GPU", ("cuda", "gpu", "tensorrt", "trt"))}
+DEVICES = {"cpu": ("KIND_CPU", "cpu"), "gpu": ("KIND_GPU", "cuda")}  # instance group kind, execution provider
 ONNX_TO_TRITON = {7: "TYPE_INT64", 6: "TYPE_INT32", 1: "TYPE_FP32", 10: "TYPE_FP16"}  # onnx.TensorProto codes
 
 
@@ -37,14 +39,9 @@ class TritonRepo:
     root: Path
     config: Path
     model: Path
-    source: Path  # the export-dir file it was copied from
-
-
-def lowered_for(export_dir: Path, device: str) -> str | None:
-    """The one lowered profile made for `device` (named after its provider, e.g. cpu-w8a8), if there is exactly one."""
-    prefixes = DEVICES[device][1]
-    found = [p for p in profiles(export_dir) if p.split("-")[0].split("_")[0] in prefixes]
-    return found[0] if len(found) == 1 else None
+    source: Path  # the export-dir file it was copied (or lowered) from
+    profile: str  # the lowering profile shipped, or "canonical"
+    lowered: bool  # lowered from model.onnx while writing (the export had no model.<profile>.onnx)
 
 
 def _tensor_specs(path: Path) -> tuple[dict[str, str], str, list[str], int]:
@@ -111,10 +108,11 @@ Notes:
 def write_triton_repo(export_dir: str | os.PathLike[str], repo_dir: str | os.PathLike[str], *,
                       model_name: str = "qbert", device: str = "cpu", profile: str | None = None,
                       max_batch: int = 32, max_delay_ms: float = 5.0, instances: int = 1) -> TritonRepo:
-    """Write (or replace whole) a Triton repository serving the export's model, lowered for `device` if it can be.
+    """Write (or replace whole) a Triton repository serving the export's model, lowered for `device`.
 
-    `profile` names the export's model.<profile>.onnx to ship; without it the one lowered file made for `device`
-    is used when there is exactly one, else model.onnx.
+    `profile` None ships the device's fast profile (`qbert_deploy.runtimes.lowering.default_profile`), "canonical"
+    the canonical model.onnx; a profile's model.<profile>.onnx is copied when the export holds it, else model.onnx
+    is lowered into the repository.
     """
     if device not in DEVICES:
         raise ModelDirError(f"unknown device {device!r}; choose from {', '.join(DEVICES)}")
@@ -123,24 +121,29 @@ def write_triton_repo(export_dir: str | os.PathLike[str], repo_dir: str | os.Pat
     if not model_name or any(c in model_name for c in "/\\\"\n") or model_name.startswith("."):
         raise ModelDirError(f"model name {model_name!r} is not a plain folder name")
     export = Path(export_dir)
-    chosen = profile if profile or not export.is_dir() else lowered_for(export, device)
-    source = model_file(export, chosen)
+    served = served_file(export, profile, DEVICES[device][1])
+    source = served.path
     inputs, output_type, external, opset = _tensor_specs(source)
     labels = labels_of(read_json(export / "config.json"))
+    described = f"{export.name}/{source.name}" + (f" lowered to {served.profile}" if served.lowered_in_memory else "")
     with atomic_dir(repo_dir) as tmp:
         folder = tmp / model_name
         (folder / "1").mkdir(parents=True)
-        shutil.copyfile(source, folder / "1" / "model.onnx")
-        for name in external:  # external weights keep their file name: the ONNX file refers to it
-            shutil.copyfile(source.parent / name, folder / "1" / name)
+        if served.lowered_in_memory:
+            lower(source, served.profile, folder / "1" / "model.onnx")
+        else:
+            shutil.copyfile(source, folder / "1" / "model.onnx")
+            for name in external:  # external weights keep their file name: the ONNX file refers to it
+                shutil.copyfile(source.parent / name, folder / "1" / name)
         (folder / "labels.txt").write_text("\n".join(labels) + "\n", encoding="utf-8")
         text = config_pbtxt(model_name, inputs, output_type, len(labels), device, max_batch, max_delay_ms,
-                            instances, f"{export.name}/{source.name}")
+                            instances, described)
         (folder / "config.pbtxt").write_text(text, encoding="utf-8")
         (tmp / "README.md").write_text(README.format(
-            name=model_name, source=f"{export.name}/{source.name}", device=device.upper(), max_batch=max_batch,
+            name=model_name, source=described, device=device.upper(), max_batch=max_batch,
             max_delay_ms=max_delay_ms, gpus="--gpus=all " if device == "gpu" else "", repo=Path(repo_dir).name,
             inputs=", ".join(f"`{n}`" for n in inputs), output=OUTPUT_NAME, labels=len(labels), opset=opset),
             encoding="utf-8")
     root = Path(repo_dir)
-    return TritonRepo(root, root / model_name / "config.pbtxt", root / model_name / "1" / "model.onnx", source)
+    return TritonRepo(root, root / model_name / "config.pbtxt", root / model_name / "1" / "model.onnx", source,
+                      served.profile, served.lowered_in_memory)

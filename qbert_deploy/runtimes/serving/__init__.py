@@ -5,7 +5,16 @@ Imports neither torch nor transformers: a server needs only onnxruntime, tokeniz
 
 from qbert_deploy.runtimes.serving.app import ServeConfig, create_app
 from qbert_deploy.runtimes.serving.batcher import Batcher, QueueFull
-from qbert_deploy.runtimes.serving.model import ModelDirError, ServedModel, model_file, profiles
+from qbert_deploy.runtimes.serving.model import (
+    CANONICAL,
+    ModelDirError,
+    ServedFile,
+    ServedModel,
+    model_file,
+    open_served,
+    profiles,
+    served_file,
+)
 
-__all__ = ["Batcher", "ModelDirError", "QueueFull", "ServeConfig", "ServedModel", "create_app", "model_file",
-           "profiles"]
+__all__ = ["CANONICAL", "Batcher", "ModelDirError", "QueueFull", "ServeConfig", "ServedFile", "ServedModel",
+           "create_app", "model_file", "open_served", "profiles", "served_file"]

@@ -131,7 +131,9 @@ class Server:
                 "outputs": [{"name": OUTPUT_NAME, "datatype": self.model.output_type,
                              "shape": [-1, len(self.model.labels)]}],
                 "parameters": {"labels": self.model.labels, "max_sequence_length": self.model.max_length,
-                               "model_file": self.model.path.name, "providers": self.model.providers}}
+                               "model_file": self.model.path.name, "profile": self.model.profile,
+                               "lowered_in_memory": self.model.served.lowered_in_memory,
+                               "providers": self.model.providers}}
 
     def model_config(self) -> dict[str, Any]:
         """The Triton-style model configuration (as JSON, like Triton's /config endpoint)."""

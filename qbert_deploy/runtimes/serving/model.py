@@ -1,4 +1,9 @@
-"""An export directory made ready to serve: the ONNX file for a profile, its session, labels and tokenizer."""
+"""An export directory made ready to serve: the ONNX file for a profile, its session, labels and tokenizer.
+
+By default the execution provider's fast lowering profile is served (cpu-w8a8 on the CPU): the export's
+model.<profile>.onnx when it holds one, else model.onnx lowered in memory at start. `profile="canonical"` serves
+model.onnx as exported (the dequantize-then-float graph).
+"""
 
 from __future__ import annotations
 
@@ -13,10 +18,11 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from qbert_deploy.runtimes.session import PROVIDERS, SessionError, open_session
+from qbert_deploy.runtimes.session import PROVIDERS, SessionError, first_available, open_session
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 OUTPUT_NAME = "logits"
+CANONICAL = "canonical"  # the profile name that serves model.onnx as exported
 ORT_TYPES = {"tensor(int64)": "INT64", "tensor(int32)": "INT32", "tensor(float)": "FP32", "tensor(float16)": "FP16"}
 
 
@@ -40,6 +46,52 @@ def model_file(export_dir: str | os.PathLike[str], profile: str | None = None) -
         what = f"profile {profile!r}" if profile else "model.onnx"
         raise ModelDirError(f"{folder}: no {what} (no {path.name}; lowered profiles here: {have})")
     return path
+
+
+@dataclass(frozen=True)
+class ServedFile:
+    path: Path  # the file read from the export directory
+    profile: str  # the lowering profile it runs as, or CANONICAL
+    lowered_in_memory: bool  # model.onnx lowered at start, because the export has no model.<profile>.onnx
+
+    def describe(self) -> str:
+        if self.lowered_in_memory:
+            return f"{self.path} lowered in memory to profile {self.profile}"
+        return f"{self.path} (profile {self.profile})"
+
+
+def served_file(export_dir: str | os.PathLike[str], profile: str | None = None,
+                provider: str = "cpu") -> ServedFile:
+    """Which file and profile to serve.
+
+    `profile=None`: `provider`'s fast profile (`qbert_deploy.runtimes.lowering.default_profile`). A lowering
+    profile is served from model.<profile>.onnx when the export holds it, else from model.onnx lowered in memory;
+    any other name needs its model.<name>.onnx; "canonical" serves model.onnx as it is.
+    """
+    from qbert_deploy.runtimes.lowering import PROFILES, default_profile
+
+    folder = Path(export_dir)
+    if not folder.is_dir():
+        raise ModelDirError(f"{folder}: not an export directory")
+    if profile == CANONICAL:
+        return ServedFile(model_file(folder), CANONICAL, False)
+    chosen = profile or default_profile(provider)
+    if (folder / f"model.{chosen}.onnx").is_file():
+        return ServedFile(folder / f"model.{chosen}.onnx", chosen, False)
+    if chosen not in PROFILES:
+        raise ModelDirError(f"{folder}: no profile {chosen!r}: no model.{chosen}.onnx here (lowered files: "
+                            f"{', '.join(profiles(folder)) or 'none'}) and not a lowering profile "
+                            f"({', '.join((*PROFILES, CANONICAL))})")
+    return ServedFile(model_file(folder), chosen, True)
+
+
+def open_served(served: ServedFile, providers: Sequence[str] = ("cpu",), threads: int | None = None,
+                allow_fallback: bool = False) -> ort.InferenceSession:
+    """A session on a served file, under its profile's session settings (lowered in memory when it must be)."""
+    from qbert_deploy.runtimes.lowering import PROFILES
+
+    return open_session(served.path, providers, threads=threads, allow_fallback=allow_fallback,
+                        profile=served.profile if served.profile in PROFILES else None)
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -79,13 +131,18 @@ class ServedModel:
     def __init__(self, export_dir: str | os.PathLike[str], profile: str | None = None,
                  providers: Sequence[str] = ("cpu",), threads: int | None = None) -> None:
         self.export_dir = Path(export_dir)
-        self.path = model_file(self.export_dir, profile)
-        self.profile = profile
+        self.served = served_file(self.export_dir, profile, first_available(providers))
+        self.path, self.profile = self.served.path, self.served.profile
         config = read_json(self.export_dir / "config.json")
         tokenizer_config = (read_json(self.export_dir / "tokenizer_config.json")
                             if (self.export_dir / "tokenizer_config.json").is_file() else {})
-        self.session: ort.InferenceSession = open_session(self.path, providers, threads=threads,
-                                                          allow_fallback=len(providers) > 1)
+        try:
+            self.session: ort.InferenceSession = open_served(self.served, providers, threads=threads,
+                                                             allow_fallback=len(providers) > 1)
+        except SessionError as err:
+            if profile is not None:
+                raise
+            raise SessionError(f"{err} (--profile {CANONICAL} serves the graph as exported)") from None
         names = [i.name for i in self.session.get_inputs()]
         if "input_ids" not in names or not set(names) <= set(INPUT_NAMES):
             raise ModelDirError(f"{self.path}: inputs {names} are not a subset of {list(INPUT_NAMES)}")
@@ -171,5 +228,5 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return result
 
 
-__all__ = ["INPUT_NAMES", "OUTPUT_NAME", "PROVIDERS", "Encoded", "ModelDirError", "ServedModel", "model_file",
-           "profiles", "softmax"]
+__all__ = ["CANONICAL", "INPUT_NAMES", "OUTPUT_NAME", "PROVIDERS", "Encoded", "ModelDirError", "ServedFile",
+           "ServedModel", "model_file", "open_served", "profiles", "served_file", "softmax"]
