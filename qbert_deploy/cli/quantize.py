@@ -8,6 +8,7 @@ on from there; model.pt is written atomically at the end, so it is either whole 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -122,8 +123,26 @@ def _task(args: argparse.Namespace) -> Any:
     bad = sorted({e.label for e in train + dev if not 0 <= e.label < len(labels)})
     if bad:
         raise ValueError(f"labels {bad[:5]} are outside the {len(labels)} label names")
+    inputs = _model_family(args.model_dir).inputs
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
-    return Task(tokenizer, train, dev, labels, args.batch_size, args.max_length)
+    return Task(tokenizer, train, dev, labels, args.batch_size, args.max_length, inputs)
+
+
+def _model_family(model_dir: str) -> Any:
+    """The family of --model (before any data is read or training starts): an unsupported one stops here."""
+    from qbert_deploy.families import family
+
+    path = Path(model_dir) / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: cannot read the model's config ({err})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    try:
+        return family(config.get("model_type"))
+    except ValueError as err:
+        raise ValueError(f"{model_dir}: {err}") from None
 
 
 def _method_and_recipe(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -181,6 +200,7 @@ def _run(args: argparse.Namespace) -> int:
     args.model_dir = Path(args.model)
     if not (args.model_dir / "config.json").is_file():
         raise ValueError(f"{args.model_dir}: not a Hugging Face model directory (no config.json)")
+    _model_family(args.model_dir)  # an unsupported architecture stops before anything is written
     method, recipe = _method_and_recipe(args)
     out = Path(args.out)
     if out.exists() and not out.is_dir():

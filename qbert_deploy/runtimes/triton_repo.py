@@ -23,6 +23,7 @@ from qbert_deploy.runtimes.serving.model import (
     OUTPUT_NAME,
     ModelDirError,
     labels_of,
+    model_family,
     model_file,
     profiles,
     read_json,
@@ -126,7 +127,9 @@ def write_triton_repo(export_dir: str | os.PathLike[str], repo_dir: str | os.Pat
     chosen = profile if profile or not export.is_dir() else lowered_for(export, device)
     source = model_file(export, chosen)
     inputs, output_type, external, opset = _tensor_specs(source)
-    labels = labels_of(read_json(export / "config.json"))
+    config = read_json(export / "config.json")
+    model_family(config, export / "config.json")
+    labels = labels_of(config)
     with atomic_dir(repo_dir) as tmp:
         folder = tmp / model_name
         (folder / "1").mkdir(parents=True)
