@@ -23,7 +23,7 @@ from tests.served import Reference, running_server
 from tests.tiny import FAMILIES, LABELS, SENTENCES, text_batch, tiny_checkpoint, tiny_model, tokenizer
 
 FAST = ["--finetune-steps", "4", "--qat-steps", "2", "--calibration-batches", "1", "--batch-size", "4",
-        "--groups", "4", "--lr", "1e-3"]
+        "--groups", "4", "--lr", "1e-3", "--hessian-subsets", "2", "--hessian-batch", "4", "--hessian-iters", "3"]
 
 
 @pytest.fixture(scope="module")
@@ -42,15 +42,25 @@ def _hf_dir(model_type: str, root: Path) -> Path:
     return folder
 
 
+# One method per family keeps the run short while each family meets QAT, the Hessian allocation or PTQ somewhere;
+# tests/test_families.py covers the Hessian and the allocation for every family in process.
+METHODS = {"bert": ["--bits", "4"], "distilbert": ["--avg-bits", "3", "--bit-choices", "2,4"],
+           "roberta": ["--method", "ptq-aciq", "--bits", "4"]}
+
+
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_quantize_export_lower_validate(model_type: str, data: Path, tmp_path: Path,
                                         capsys: pytest.CaptureFixture[str]) -> None:
     model_dir = _hf_dir(model_type, tmp_path)
     out = tmp_path / "q"
     assert quantize.main(["--model", str(model_dir), "--train", str(data / "train.tsv"), "--dev",
-                          str(data / "dev.tsv"), "--bits", "4", *FAST, "-o", str(out)]) == 0, capsys.readouterr().err
+                          str(data / "dev.tsv"), *METHODS[model_type], *FAST, "-o", str(out)]) == 0, \
+        capsys.readouterr().err
     checkpoint = load_checkpoint(out / "model.pt")
     assert checkpoint.config["model_type"] == model_type
+    if model_type == "distilbert":
+        bits = {spec.bits for spec in checkpoint.recipe.overrides.values()}
+        assert bits == {2, 4}, f"two layers at 3 average bits from {{2,4}}: one layer each, got {bits}"
     assert export.main([str(out / "model.pt"), "-o", str(tmp_path / "export"), "--lower", "cpu-w8a8"]) == 0, \
         capsys.readouterr().err
     assert (tmp_path / "export" / "model.cpu-w8a8.onnx").is_file()
@@ -132,3 +142,26 @@ def test_unsupported_model_type_is_refused_by_every_command(data: Path, tmp_path
              capsys)
     assert not (tmp_path / "repo").exists()
     _refused(serve.main, [str(tmp_path / "foreign"), "--port", "0"], "qbert-serve", capsys)
+
+
+@pytest.mark.parametrize("model_type", ["distilbert", "roberta"])
+def test_export_dir_runs_in_optimum_and_a_pipeline(model_type: str, tmp_path: Path) -> None:
+    import warnings
+
+    from transformers import AutoTokenizer, pipeline
+
+    out = tmp_path / "export"
+    export_checkpoint(tiny_checkpoint(model_type=model_type), out)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from optimum.onnxruntime import ORTModelForSequenceClassification
+
+        model = ORTModelForSequenceClassification.from_pretrained(out)
+    assert model.config.model_type == model_type
+    classify = pipeline("text-classification", model=model, tokenizer=AutoTokenizer.from_pretrained(out))
+    results = classify(SENTENCES, top_k=None)
+    logits = Reference(out / "model.onnx").logits(text_batch(model_type=model_type))
+    expected = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    got = np.array([[next(s["score"] for s in scores if s["label"] == label) for label in LABELS]
+                    for scores in results])
+    assert float(np.abs(got - expected).max()) <= 1e-5, (got, expected)
