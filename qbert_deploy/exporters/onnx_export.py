@@ -32,11 +32,12 @@ from qbert_deploy.exporters.passes import (
     strip_prefix,
 )
 from qbert_deploy.exporters.size_report import size_markdown, size_report
+from qbert_deploy.families import TEXT_INPUTS, family_of
 from qbert_deploy.models.build import build_model
 
 SUPPORTED_OPSETS = (21, 25)
 EXPORT_OPSET = 21  # what the exporter emits; a newer target only widens the types Q/DQ may take
-INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+INPUT_NAMES = TEXT_INPUTS  # the most a graph takes; DistilBERT's and RoBERTa's have no token_type_ids
 
 
 class ExportError(ValueError):
@@ -51,16 +52,16 @@ class ExportResult:
 
 
 class LogitsOnly(nn.Module):
-    """A sequence classifier as a function of the three BERT inputs to its logits: the exported signature."""
+    """A sequence classifier as a function of its family's inputs to its logits: the exported signature."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                token_type_ids: torch.Tensor) -> torch.Tensor:
-        logits: torch.Tensor = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                                          token_type_ids=token_type_ids).logits
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        types = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        logits: torch.Tensor = self.model(input_ids=input_ids, attention_mask=attention_mask, **types).logits
         return logits
 
 
@@ -72,10 +73,10 @@ def _versions() -> dict[str, str]:
     return found
 
 
-def _torch_export(model: nn.Module, max_positions: int) -> ir.Model:
+def _torch_export(model: nn.Module, max_positions: int, inputs: tuple[str, ...] = TEXT_INPUTS) -> ir.Model:
     wrapped = LogitsOnly(model).eval()
     example = (torch.ones(2, 8, dtype=torch.long), torch.ones(2, 8, dtype=torch.long),
-               torch.zeros(2, 8, dtype=torch.long))
+               torch.zeros(2, 8, dtype=torch.long))[:len(inputs)]
     batch = torch.export.Dim("batch", max=1 << 16)
     sequence = torch.export.Dim("sequence", min=2, max=max_positions)
     dims = {0: batch, 1: sequence}
@@ -87,8 +88,8 @@ def _torch_export(model: nn.Module, max_positions: int) -> ir.Model:
             logging.getLogger(name).setLevel(logging.ERROR)
         program = torch.onnx.export(
             wrapped, example, dynamo=True, opset_version=EXPORT_OPSET, optimize=False,
-            input_names=list(INPUT_NAMES), output_names=["logits"],
-            dynamic_shapes={"input_ids": dims, "attention_mask": dims, "token_type_ids": dims},
+            input_names=list(inputs), output_names=["logits"],
+            dynamic_shapes={name: dims for name in inputs},
             custom_translation_table=torch_ops.TRANSLATION_TABLE, verbose=False)
     if program is None:
         raise ExportError("torch.onnx.export returned no program")
@@ -109,7 +110,8 @@ def export_checkpoint(checkpoint: Checkpoint, out_dir: str | os.PathLike[str], o
     _check_replaceable(Path(out_dir))
     model = build_model(checkpoint)
     specs = to_export_modules(model)
-    graph = _torch_export(model, int(checkpoint.config["max_position_embeddings"]))
+    family = family_of(checkpoint.config)
+    graph = _torch_export(model, family.max_tokens(checkpoint.config), family.inputs)
     pack_weights(graph, specs, opset)
     dedicate_input_quant(graph)
     strip_metadata(graph)

@@ -8,9 +8,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForSequenceClassification, PretrainedConfig, PreTrainedTokenizerBase
 
 from qbert_deploy.checkpoint import Checkpoint, CheckpointError
+from qbert_deploy.families import Family, UnsupportedModelError, family_of
 from qbert_deploy.models.quantizer import resolve_groups
 from qbert_deploy.models.wrap import (
     activation_ranges,
@@ -23,45 +24,72 @@ from qbert_deploy.recipe import Recipe, RecipeError
 
 MAX_PARAMETERS = 2_000_000_000
 # Per-key ceilings, generous for any BERT (BERT-large: 1024 hidden, 24 layers, 4096 intermediate, 30522 vocab):
-# they bound what a crafted config can make us build before the parameter total is even computed.
+# they bound what a crafted config can make us build before the parameter total is even computed. Keys are
+# BertConfig's; other families' own names for them come from `qbert_deploy.families`.
 CONFIG_LIMITS = {"hidden_size": 65_536, "num_hidden_layers": 1_024, "num_attention_heads": 1_024,
                  "intermediate_size": 262_144, "vocab_size": 4_000_000, "max_position_embeddings": 1_048_576,
                  "type_vocab_size": 1_024}
 
 
+def _sizes(config: dict[str, Any], family: Family) -> dict[str, Any]:
+    """The config's sizes under BertConfig's key names (type_vocab_size 0 for a family without token types)."""
+    sizes = {key: family.config_value(config, key) for key in CONFIG_LIMITS}
+    if "token_type_embeddings" not in family.embeddings:
+        sizes["type_vocab_size"] = 0
+    return sizes
+
+
 def estimated_parameters(config: dict[str, Any], num_labels: int) -> int:
-    """Parameters of BertForSequenceClassification from the config alone, to refuse before building anything."""
-    h, i = config["hidden_size"], config["intermediate_size"]
-    embeddings = (config["vocab_size"] + config["max_position_embeddings"] + config["type_vocab_size"]) * h + 2 * h
+    """Parameters of a sequence classifier from the config alone, to refuse before building anything (every
+    family's layer and head have the same shapes: four hidden x hidden Linears, the FFN, two LayerNorms; a
+    hidden x hidden pre-classifier and the classifier)."""
+    sizes = _sizes(config, family_of(config))
+    h, i = sizes["hidden_size"], sizes["intermediate_size"]
+    embeddings = (sizes["vocab_size"] + sizes["max_position_embeddings"] + sizes["type_vocab_size"]) * h + 2 * h
     layer = 4 * (h * h + h) + (h * i + i) + (i * h + h) + 4 * h
     head = (h * h + h) + (h * num_labels + num_labels)
-    return int(embeddings + config["num_hidden_layers"] * layer + head)
+    return int(embeddings + sizes["num_hidden_layers"] * layer + head)
 
 
-def bert_config(config: dict[str, Any], num_labels: int = 2) -> BertConfig:
-    if config.get("model_type") != "bert":
-        raise CheckpointError(f"config model_type {config.get('model_type')!r} is not supported; only 'bert'")
+def bert_config(config: dict[str, Any], num_labels: int = 2) -> PretrainedConfig:
+    """The Hugging Face config of any supported family (the name predates DistilBERT and RoBERTa)."""
+    try:
+        family = family_of(config)
+    except UnsupportedModelError as err:
+        raise CheckpointError(f"config {err}") from None
+    sizes = _sizes(config, family)
     for key, limit in CONFIG_LIMITS.items():
-        value = config.get(key)
+        value = sizes[key]
+        if key == "type_vocab_size" and value == 0:
+            continue
         if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= limit:
-            raise CheckpointError(f"config '{key}' must be an integer in 1..{limit:,}, got {value!r}")
-    if config["hidden_size"] % config["num_attention_heads"]:
-        raise CheckpointError(f"config hidden_size {config['hidden_size']} is not a multiple of "
-                              f"num_attention_heads {config['num_attention_heads']}")
+            raise CheckpointError(f"config '{family.config_keys.get(key, key)}' must be an integer in "
+                                  f"1..{limit:,}, got {value!r}")
+    if sizes["hidden_size"] % sizes["num_attention_heads"]:
+        keys = [family.config_keys.get(k, k) for k in ("hidden_size", "num_attention_heads")]
+        raise CheckpointError(f"config {keys[0]} {sizes['hidden_size']} is not a multiple of "
+                              f"{keys[1]} {sizes['num_attention_heads']}")
+    if family.max_tokens(config) < 2:
+        raise CheckpointError(f"config max_position_embeddings {sizes['max_position_embeddings']} leaves no room "
+                              "for a sequence")
     params = estimated_parameters(config, num_labels)
     if params > MAX_PARAMETERS:
         raise CheckpointError(f"config describes {params:,} parameters, more than the {MAX_PARAMETERS:,} "
                               "this tool accepts")
     try:
-        return BertConfig.from_dict(config)
+        config_class = type(AutoConfig.for_model(family.model_type))
+        built: PretrainedConfig = config_class.from_dict(config)
     except (TypeError, ValueError) as err:
-        raise CheckpointError(f"config is not a valid BertConfig: {err}") from None
+        raise CheckpointError(f"config is not a valid {family.model_type} config: {err}") from None
+    return built
 
 
-def _float_model(config: BertConfig, num_labels: int) -> BertForSequenceClassification:
+def _float_model(config: PretrainedConfig, num_labels: int) -> nn.Module:
     config.num_labels = num_labels
-    config._attn_implementation = "eager"  # plain ops: a graph every exporter and ORT fusion understands
-    return BertForSequenceClassification(config)
+    # Eager attention: plain ops, a graph every exporter and ORT fusion understands.
+    model = AutoModelForSequenceClassification.from_config(config, attn_implementation="eager")
+    assert isinstance(model, nn.Module)
+    return model
 
 
 def _rows(model: nn.Module, name: str) -> int:

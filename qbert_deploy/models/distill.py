@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from qbert_deploy.families import family
 from qbert_deploy.models.wrap import quantizable_linears
 
 
@@ -103,8 +104,9 @@ class Distiller:
 
     def _hook(self, model: nn.Module) -> None:
         store = self._captured.setdefault(id(model), [])
+        query_key = tuple(family(getattr(model.config, "model_type", None)).linears[:2])
         for name in quantizable_linears(model):
-            if name.endswith(("attention.self.query", "attention.self.key")):
+            if name.endswith(query_key):
                 def keep(_m: nn.Module, _i: Any, out: torch.Tensor, store: list[torch.Tensor] = store) -> None:
                     store.append(out)
                 self._handles.append(model.get_submodule(name).register_forward_hook(keep))
@@ -129,7 +131,7 @@ class Distiller:
         captured = self._captured.get(id(model), [])
         self._captured[id(model)] = []
         config: Any = model.config
-        heads = int(config.num_attention_heads)
+        heads = int(family(getattr(config, "model_type", None)).config_value(config.to_dict(), "num_attention_heads"))
         scores = []
         for q, k in zip(captured[0::2], captured[1::2], strict=True):
             b, n, width = q.shape

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from qbert_deploy.families import SUPPORTED, is_layer
 from qbert_deploy.models import distributed
 
 log = logging.getLogger("qbert_deploy.quantize")
@@ -54,11 +55,10 @@ def top_eigenvalue(hvp: Callable[[list[torch.Tensor]], list[torch.Tensor]], shap
 
 
 def encoder_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, module) of each BERT encoder layer, in order."""
-    layers = [(name, module) for name, module in model.named_modules()
-              if name.rpartition(".")[0].endswith("encoder.layer") and name.rpartition(".")[2].isdigit()]
+    """(name, module) of each encoder layer, in order (bert.encoder.layer.N, distilbert.transformer.layer.N...)."""
+    layers = [(name, module) for name, module in model.named_modules() if is_layer(name)]
     if not layers:
-        raise ValueError("the model has no BERT encoder layers")
+        raise ValueError(f"the model has no encoder layers (supported families: {', '.join(SUPPORTED)})")
     return layers
 
 

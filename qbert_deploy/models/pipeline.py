@@ -18,6 +18,7 @@ import torch
 
 from qbert_deploy.atomic import atomic_file, write_text_atomic
 from qbert_deploy.checkpoint import Checkpoint, save_checkpoint
+from qbert_deploy.families import family
 from qbert_deploy.models import distributed
 from qbert_deploy.models.build import make_checkpoint, tokenizer_files
 from qbert_deploy.models.distill import DistillWeights
@@ -74,12 +75,14 @@ def _allocate(job: Job, task: Task, fp32: torch.nn.Module, fp32_acc: float, meth
     choices, average = method.mixed
     recipe = mixed_recipe(fp32, recipe, sens, choices, average_bits=average or None,
                           budget_mb=job.budget_mb if not average else None)
-    bits = [recipe.for_module(f"{layer}.output.dense").bits for layer in sens.layers]
+    last_linear = family(getattr(fp32.config, "model_type", None)).linears[-1]
+    bits = [recipe.for_module(f"{layer}.{last_linear}").bits for layer in sens.layers]
     if distributed.is_main():
         save_sensitivity(sens, path, job.out / "sensitivity.png", bits)
         data = json.loads(path.read_text())
         data["settings"] = key
-        write_text_atomic(path, json.dumps(data, indent=1) + "\n")
+        write_text_atomic(path, json.dumps(data, indent=1) + "
+")
     log.info("bits per encoder layer: %s", bits)
     return recipe
 

@@ -16,6 +16,7 @@ from torch import nn
 from qbert_deploy.atomic import atomic_dir
 from qbert_deploy.data.batches import batches
 from qbert_deploy.data.tsv import Example
+from qbert_deploy.families import TEXT_INPUTS, family
 from qbert_deploy.models import distributed
 from qbert_deploy.models.train import Batch, accuracy, train
 
@@ -37,6 +38,7 @@ class Task:
     labels: list[str]
     batch_size: int = 32
     max_length: int = 64
+    inputs: tuple[str, ...] = TEXT_INPUTS  # the model's inputs: its family's (no token_type_ids for DistilBERT)
 
     def train_batches(self, epoch: int) -> Iterator[Batch]:
         """Shuffled batches of similar lengths: each pool of 16 batches is sorted by length, so batches carry
@@ -49,7 +51,7 @@ class Task:
             ordered = sorted((self.train[i] for i in order[start:start + pool]), key=_length)
             chunks += [ordered[i:i + self.batch_size] for i in range(0, len(ordered), self.batch_size)]
         for index in rng.permutation(len(chunks)):
-            yield from batches(self.tokenizer, chunks[index], self.batch_size, self.max_length)
+            yield from batches(self.tokenizer, chunks[index], self.batch_size, self.max_length, inputs=self.inputs)
 
     def steps_per_epoch(self) -> int:
         """Batches in one pass of `train_batches` (each pool of 16 batches may end in a short one)."""
@@ -60,13 +62,13 @@ class Task:
     def dev_batches(self) -> list[Batch]:
         # Sorted by length so that batches carry little padding: evaluation is most of a PTQ run's time.
         ordered = sorted(self.dev, key=_length)
-        return list(batches(self.tokenizer, ordered, 64, self.max_length))
+        return list(batches(self.tokenizer, ordered, 64, self.max_length, inputs=self.inputs))
 
     def input_batches(self, count: int, seed: int, size: int | None = None) -> list[dict[str, torch.Tensor]]:
         """`count` random training batches with labels, as torch tensors (calibration, Hessian subsets)."""
         out = []
         for inputs, labels in batches(self.tokenizer, self.train, size or self.batch_size, self.max_length,
-                                      shuffle_seed=10_000 + seed):
+                                      shuffle_seed=10_000 + seed, inputs=self.inputs):
             out.append({**{k: torch.from_numpy(v) for k, v in inputs.items()}, "labels": torch.from_numpy(labels)})
             if len(out) == count:
                 break
@@ -74,15 +76,18 @@ class Task:
 
 
 def load_base(model_dir: str | Path, labels: list[str]) -> nn.Module:
-    """A Hugging Face BERT directory with a fresh classification head (eager attention: export-friendly)."""
+    """A Hugging Face encoder directory (any family in `qbert_deploy.families`) with a fresh classification head
+    (eager attention: export-friendly)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     path = Path(model_dir)
     if not (path / "config.json").is_file():
         raise ValueError(f"{path}: not a Hugging Face model directory (no config.json)")
     config = AutoConfig.from_pretrained(path)
-    if config.model_type != "bert":
-        raise ValueError(f"{path}: model_type {config.model_type!r} is not supported; only 'bert'")
+    try:
+        family(config.model_type)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
     model = AutoModelForSequenceClassification.from_pretrained(
         path, num_labels=len(labels), attn_implementation="eager",
         id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from qbert_deploy.families import layer_index
 from qbert_deploy.models import distributed
 from qbert_deploy.models.allocation import allocate_bits
 from qbert_deploy.models.distill import Distiller, DistillWeights
@@ -50,8 +51,10 @@ class Settings:
 
 def layer_of(module_name: str) -> int:
     """Encoder layer index of a module name like bert.encoder.layer.3.attention.self.query."""
-    parts = module_name.split(".")
-    return int(parts[parts.index("layer") + 1])
+    index = layer_index(module_name)
+    if index is None:
+        raise ValueError(f"{module_name}: not inside an encoder layer")
+    return index
 
 
 def mixed_recipe(model: nn.Module, base: Recipe, sens: Sensitivity, choices: tuple[int, ...],

@@ -1,4 +1,5 @@
-"""Swap a Hugging Face BERT's encoder Linears and embeddings for quantized modules, as a recipe says."""
+"""Swap a Hugging Face encoder's Linears and embeddings for quantized modules, as a recipe says (any family in
+`qbert_deploy.families`)."""
 
 from __future__ import annotations
 
@@ -7,28 +8,27 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
+from qbert_deploy.families import FAMILIES, SUPPORTED, is_encoder_linear
 from qbert_deploy.models.modules import ActQuant, QuantEmbedding, QuantLinear
 from qbert_deploy.recipe import Recipe
 
-# Encoder Linears, as Q-BERT quantizes them; the pooler and classifier head stay float.
-ENCODER_LINEARS = ("attention.self.query", "attention.self.key", "attention.self.value",
-                   "attention.output.dense", "intermediate.dense", "output.dense")
-EMBEDDINGS = ("word_embeddings", "position_embeddings", "token_type_embeddings")
+# Embedding tables of every family, by their last name; encoder Linears are the families' own (Q-BERT quantizes
+# those; the pooler and the task head stay float).
+EMBEDDINGS = tuple(dict.fromkeys(name for f in FAMILIES.values() for name in f.embeddings))
 
 
 def quantizable_linears(model: nn.Module) -> list[str]:
     """Names of the encoder Linears that a recipe may quantize, in module order."""
     names = []
     for name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, QuantLinear)) and ".encoder.layer." in f".{name}" and \
-                name.endswith(ENCODER_LINEARS):
+        if isinstance(module, (nn.Linear, QuantLinear)) and is_encoder_linear(name):
             names.append(name)
     return names
 
 
 def embedding_modules(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules()
-            if isinstance(module, (nn.Embedding, QuantEmbedding)) and name.endswith(EMBEDDINGS)]
+            if isinstance(module, (nn.Embedding, QuantEmbedding)) and name.rpartition(".")[2] in EMBEDDINGS]
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -40,7 +40,7 @@ def quantize_model(model: nn.Module, recipe: Recipe) -> nn.Module:
     """Replace modules in place with their quantized versions; the float master weights are shared, not copied."""
     linears = quantizable_linears(model)
     if not linears:
-        raise ValueError("the model has no BERT encoder Linears to quantize")
+        raise ValueError(f"the model has no encoder Linears to quantize (supported families: {', '.join(SUPPORTED)})")
     recipe.check_modules(linears)
     for name in linears:
         module = model.get_submodule(name)

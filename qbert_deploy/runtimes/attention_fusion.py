@@ -1,4 +1,7 @@
-"""Fuse BERT's float attention core into com.microsoft.MultiHeadAttention, leaving the quantized GEMMs alone.
+"""Fuse the float attention core into com.microsoft.MultiHeadAttention, leaving the quantized GEMMs alone.
+
+Two eager forms are recognised: BERT's and RoBERTa's (scores = QK^T / sqrt(d) + additive mask) and DistilBERT's
+(scores = (Q / sqrt(d)) K^T, masked_fill where attention_mask == 0).
 
 ORT's own attention fusion does not fire on a Q/DQ graph (DESIGN.md §4), so the core (reshape to heads,
 transposes, QK^T, scaling, mask, softmax, times V, merge heads) runs as ~10 small ops per layer. The Q, K and V
@@ -60,6 +63,46 @@ def _from_mask(value: ir.Value | None, mask: ir.Value) -> bool:
     return False
 
 
+def _mask_condition(value: ir.Value | None, mask: ir.Value) -> bool:
+    """Whether a boolean is `attention_mask == 0`, reshaped or broadcast (DistilBERT's masked_fill condition)."""
+    node = producer(value)
+    for _ in range(8):
+        if node is None or node.op_type not in ("Reshape", "Expand", "Unsqueeze"):
+            break
+        node = producer(node.inputs[0])
+    if node is None or node.op_type != "Equal" or len(node.inputs) != 2:
+        return False
+    a, b = node.inputs
+    zero = _scalar(b) if a is mask else _scalar(a) if b is mask else None
+    return zero == 0.0
+
+
+def _scaled_scores(softmax: ir.Node, mask: ir.Value) -> tuple[ir.Node, ir.Value | None, float, list[ir.Node]] | None:
+    """(QK^T MatMul, the query heads, the divisor 1/scale, the nodes from that MatMul to the Softmax) or None.
+
+    BERT: Softmax(Add(Div(MatMul(q, k), c), additive mask)). DistilBERT: Softmax(Where(mask == 0, lowest,
+    MatMul(Div(q, c), k))). A fill value above -1e4 would not mask like MultiHeadAttention does, so it is left.
+    """
+    first = producer(softmax.inputs[0])
+    if first is not None and first.op_type == "Add" and _from_mask(first.inputs[1], mask):
+        div = producer(first.inputs[0])
+        scores = producer(div.inputs[0]) if div is not None and div.op_type == "Div" else None
+        divisor = _scalar(div.inputs[1]) if div is not None else None
+        if scores is None or scores.op_type != "MatMul" or not divisor or div is None:
+            return None
+        return scores, scores.inputs[0], divisor, [first, div, scores]
+    if first is not None and first.op_type == "Where" and _mask_condition(first.inputs[0], mask):
+        fill = _scalar(first.inputs[1])
+        scores = producer(first.inputs[2])
+        div = producer(scores.inputs[0]) if scores is not None and scores.op_type == "MatMul" else None
+        divisor = _scalar(div.inputs[1]) if div is not None and div.op_type == "Div" else None
+        if fill is None or fill > -1e4 or scores is None or div is None or not divisor \
+                or _only_use(div.outputs[0]) is not scores:
+            return None
+        return scores, div.inputs[0], divisor, [first, scores, div]
+    return None
+
+
 def _split_biases(graph: ir.Graph, values: list[ir.Value], name: str) -> tuple[list[ir.Value], ir.Value | None]:
     """Q, K, V without their bias Adds plus the biases concatenated, which MultiHeadAttention adds itself."""
     adds = [producer(v) for v in values]
@@ -88,8 +131,9 @@ def _layer_name(query: ir.Value) -> str:
 def fuse_attention(model: ir.Model) -> int:
     """Rewrite each self-attention core into MultiHeadAttention; returns how many were fused.
 
-    Pre: the exporter's eager-attention pattern (heads as Reshape+Transpose, Div by sqrt(head size), an additive
-    mask from the `attention_mask` input, Softmax on the last axis). A layer that differs is left as it is.
+    Pre: the exporter's eager-attention pattern (heads as Reshape+Transpose, Div by sqrt(head size) of the scores
+    or of the query, an additive mask or a masked_fill from the `attention_mask` input, Softmax on the last axis).
+    A layer that differs is left as it is.
     Post: MultiHeadAttention(query, key, value, key_padding_mask=int32 attention_mask) with output [B, S, D].
     """
     graph = model.graph
@@ -99,15 +143,11 @@ def fuse_attention(model: ir.Model) -> int:
     mask_i32: ir.Value | None = None
     fused = 0
     for softmax in [n for n in graph if n.op_type == "Softmax"]:
-        add = producer(softmax.inputs[0])
-        if add is None or add.op_type != "Add" or not _from_mask(add.inputs[1], mask):
+        found = _scaled_scores(softmax, mask)
+        if found is None:
             continue
-        div = producer(add.inputs[0])
-        scores = producer(div.inputs[0]) if div is not None and div.op_type == "Div" else None
-        divisor = _scalar(div.inputs[1]) if div is not None else None
-        if scores is None or scores.op_type != "MatMul" or not divisor:
-            continue
-        q = _heads(scores.inputs[0], (0, 2, 1, 3))
+        scores, query, divisor, core = found
+        q = _heads(query, (0, 2, 1, 3))
         k = _heads(scores.inputs[1], (0, 2, 3, 1))
         context = _only_use(softmax.outputs[0])
         if q is None or k is None or context is None or context.op_type != "MatMul":
@@ -116,7 +156,7 @@ def fuse_attention(model: ir.Model) -> int:
         merge = _only_use(context.outputs[0])
         reshape = _only_use(merge.outputs[0]) if _perm(merge) == (0, 2, 1, 3) and merge is not None else None
         shape = q[2].outputs[0].shape
-        if v is None or merge is None or div is None or reshape is None or reshape.op_type != "Reshape" \
+        if v is None or merge is None or reshape is None or reshape.op_type != "Reshape" \
                 or shape is None \
                 or not isinstance(shape[1], int):
             continue
@@ -134,7 +174,7 @@ def fuse_attention(model: ir.Model) -> int:
         mha.outputs[0].type, mha.outputs[0].shape = out.type, out.shape
         graph.insert_before(reshape, mha)
         out.replace_all_uses_with(mha.outputs[0], replace_graph_outputs=True)
-        graph.remove([reshape, merge, context, softmax, add, div, scores, *q[1:], *k[1:], *v[1:]], safe=True)
+        graph.remove([reshape, merge, context, softmax, *core, *q[1:], *k[1:], *v[1:]], safe=True)
         if bias is not None:
             graph.remove([n for n in (producer(x) for x in (q[0], k[0], v[0])) if n is not None], safe=True)
         fused += 1

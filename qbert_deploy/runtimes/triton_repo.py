@@ -26,6 +26,7 @@ from qbert_deploy.runtimes.serving.model import (
     OUTPUT_NAME,
     ModelDirError,
     labels_of,
+    model_family,
     read_json,
     served_file,
 )
@@ -124,7 +125,9 @@ def write_triton_repo(export_dir: str | os.PathLike[str], repo_dir: str | os.Pat
     served = served_file(export, profile, DEVICES[device][1])
     source = served.path
     inputs, output_type, external, opset = _tensor_specs(source)
-    labels = labels_of(read_json(export / "config.json"))
+    config = read_json(export / "config.json")
+    model_family(config, export / "config.json")
+    labels = labels_of(config)
     described = f"{export.name}/{source.name}" + (f" lowered to {served.profile}" if served.lowered_in_memory else "")
     with atomic_dir(repo_dir) as tmp:
         folder = tmp / model_name

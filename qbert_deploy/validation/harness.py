@@ -12,6 +12,7 @@ import numpy as np
 
 from qbert_deploy.checkpoint import Checkpoint
 from qbert_deploy.data.tsv import Example
+from qbert_deploy.families import TEXT_INPUTS
 from qbert_deploy.validation.backends import (
     FAKEQUANT,
     FP32,
@@ -33,10 +34,13 @@ def dataset_digest(examples: Sequence[Example]) -> str:
     return h.hexdigest()
 
 
-def tokenize(tokenizer: Any, examples: Sequence[Example], batch_size: int, max_length: int) -> list[Batch]:
+def tokenize(tokenizer: Any, examples: Sequence[Example], batch_size: int, max_length: int,
+             inputs: Sequence[str] = TEXT_INPUTS) -> list[Batch]:
+    """Batches of the model's `inputs` (its family's)."""
     from qbert_deploy.data.batches import encode
 
-    return [encode(tokenizer, examples[i:i + batch_size], max_length) for i in range(0, len(examples), batch_size)]
+    return [encode(tokenizer, examples[i:i + batch_size], max_length, inputs)
+            for i in range(0, len(examples), batch_size)]
 
 
 @dataclass(frozen=True)

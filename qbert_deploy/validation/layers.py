@@ -7,6 +7,8 @@ from collections import defaultdict
 from collections.abc import Mapping
 from typing import Any
 
+from qbert_deploy.families import layer_index as encoder_layer_index
+
 _LAYER = re.compile(r"layer[._/-]?(\d+)")
 _SENSITIVITY = re.compile(r"sensitiv|hessian|omega|eigen", re.IGNORECASE)
 
@@ -20,7 +22,7 @@ def bits_per_layer(weight_bits: Mapping[str, int]) -> dict[int, float]:
     """Mean weight bits of each encoder layer's quantized Linears."""
     found: dict[int, list[int]] = defaultdict(list)
     for name, bits in weight_bits.items():
-        index = layer_index(name) if ".encoder.layer." in name else None
+        index = encoder_layer_index(name)
         if index is not None:
             found[index].append(bits)
     return {i: sum(v) / len(v) for i, v in sorted(found.items())}

@@ -2,7 +2,8 @@
 
 The export names things after PyTorch modules (see the export contract), so a quantized Linear `M` is the
 output of the node that consumes the initializer `M.bias` (the bias Add after `M/MatMul`), and encoder layer `L`
-ends at the node that consumes `L.output.LayerNorm.weight`. Those tensors become extra graph outputs on a copy.
+ends at the node that consumes its family's closing LayerNorm weight (`L.output.LayerNorm.weight` in BERT).
+Those tensors become extra graph outputs on a copy.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import onnx_ir as ir
 import torch
 from torch import nn
 
+from qbert_deploy.families import FAMILIES, is_layer
 from qbert_deploy.models.wrap import quantizable_linears
 from qbert_deploy.runtimes.session import open_session
 from qbert_deploy.validation.backends import BackendSpec, Batch
@@ -29,8 +31,7 @@ DEFAULT_TOLERANCE_STEPS = 0.1
 
 
 def encoder_layers(model: nn.Module) -> list[str]:
-    return [name for name, _ in model.named_modules()
-            if name.rpartition(".")[0].endswith("encoder.layer") and name.rpartition(".")[2].isdigit()]
+    return [name for name, _ in model.named_modules() if is_layer(name)]
 
 
 def watched_modules(model: nn.Module) -> list[str]:
@@ -55,8 +56,10 @@ def capture_torch(model: nn.Module, batch: Batch, names: Sequence[str]) -> dict[
     return captured
 
 
-def _anchor(module: str, linears: set[str]) -> str:
-    return f"{module}.bias" if module in linears else f"{module}.output.LayerNorm.weight"
+def _anchors(module: str, linears: set[str]) -> list[str]:
+    if module in linears:
+        return [f"{module}.bias"]
+    return [f"{module}.{norm}.weight" for norm in dict.fromkeys(f.layer_norm for f in FAMILIES.values())]
 
 
 def exposed_model(model_path: Path, modules: Sequence[str], linears: set[str]) -> tuple[bytes, dict[str, str]]:
@@ -66,7 +69,7 @@ def exposed_model(model_path: Path, modules: Sequence[str], linears: set[str]) -
     found: dict[str, str] = {}
     outputs = {v.name for v in graph.outputs}
     for module in modules:
-        init = graph.initializers.get(_anchor(module, linears))
+        init = next((graph.initializers[a] for a in _anchors(module, linears) if a in graph.initializers), None)
         consumers = {use.node for use in init.uses()} if init is not None else set()
         if len(consumers) != 1:
             continue

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 from onnx.reference import ReferenceEvaluator
 from torch import nn
 
+from qbert_deploy.families import TEXT_INPUTS
 from qbert_deploy.runtimes.session import open_session
 
 Batch = dict[str, np.ndarray]
@@ -60,10 +62,12 @@ def parity_check(model: nn.Module, onnx_path: Path, batch: Batch) -> list[Parity
             compare(expected, np.asarray(ref_logits), "onnx.reference", step)]
 
 
-def random_batch(vocab_size: int, batch: int = 4, sequence: int = 16, seed: int = 0) -> Batch:
-    """Token ids with ragged attention masks, for models without a tokenizer at hand."""
+def random_batch(vocab_size: int, batch: int = 4, sequence: int = 16, seed: int = 0,
+                 inputs: Sequence[str] = TEXT_INPUTS) -> Batch:
+    """Token ids with ragged attention masks, for models without a tokenizer at hand (the family's `inputs`)."""
     rng = np.random.default_rng(seed)
     ids = rng.integers(1, vocab_size, size=(batch, sequence), dtype=np.int64)
     lengths = rng.integers(sequence // 2, sequence + 1, size=batch)
     mask = (np.arange(sequence)[None, :] < lengths[:, None]).astype(np.int64)
-    return {"input_ids": ids * mask, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+    full = {"input_ids": ids * mask, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+    return {name: full[name] for name in inputs}

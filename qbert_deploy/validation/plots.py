@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from qbert_deploy.families import short_name
 from qbert_deploy.validation.layerwise import LayerError
 
 
@@ -18,7 +19,7 @@ def _pyplot():  # type: ignore[no-untyped-def]
 
 
 def _short(module: str) -> str:
-    return module.replace("bert.encoder.layer.", "L").replace("attention.self.", "").replace("attention.", "att.")
+    return short_name(module)
 
 
 def layer_error_plot(path: Path, layers: Mapping[str, Sequence[LayerError]], tolerance_steps: float) -> None:

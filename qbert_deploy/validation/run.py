@@ -11,6 +11,7 @@ import numpy as np
 
 from qbert_deploy.checkpoint import Checkpoint, load_checkpoint
 from qbert_deploy.data.tsv import read_tsv
+from qbert_deploy.families import family_of
 from qbert_deploy.validation.backends import FAKEQUANT, FP32, BackendRun, Batch, backend_specs, onnx_model_path
 from qbert_deploy.validation.gate import Tolerance, check, read_baseline, write_baseline
 from qbert_deploy.validation.harness import dataset_digest, run_all, summarize, tokenize
@@ -80,6 +81,7 @@ def validate(export_dir: Path, checkpoint_path: Path, data_path: Path, settings:
              baseline: Path | None = None, new_baseline: Path | None = None, report_dir: Path | None = None,
              progress: Callable[[str], None] = print) -> Report:
     checkpoint = load_checkpoint(checkpoint_path)
+    inputs = family_of(checkpoint.config).inputs  # an unsupported architecture stops before any work
     info = read_export_info(export_dir)
     check_match(info, checkpoint, str(checkpoint_path))
     examples = read_tsv(data_path, checkpoint.labels)
@@ -96,7 +98,7 @@ def validate(export_dir: Path, checkpoint_path: Path, data_path: Path, settings:
 
         torch.set_num_threads(settings.threads)
     tokenizer = load_tokenizer(export_dir)
-    batches = tokenize(tokenizer, examples, settings.batch_size, settings.max_length)
+    batches = tokenize(tokenizer, examples, settings.batch_size, settings.max_length, inputs)
     labels = np.array([e.label for e in examples], dtype=np.int64)
     runs = run_all(specs, checkpoint, export_dir, batches, workdir, settings.threads, progress)
     summaries = summarize(runs, labels)
@@ -106,7 +108,7 @@ def validate(export_dir: Path, checkpoint_path: Path, data_path: Path, settings:
     if settings.layerwise:
         progress(f"layerwise comparison on {layer_count} examples")
         layers = layerwise(checkpoint, runs, tokenize(tokenizer, examples[:layer_count], layer_count,
-                                                      settings.max_length)[0], settings.threads)
+                                                      settings.max_length, inputs)[0], settings.threads)
         for name, errors in layers.items():
             if name != FP32:
                 module = first_departure(errors, settings.layer_tolerance)

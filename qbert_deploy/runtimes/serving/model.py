@@ -18,9 +18,10 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
+from qbert_deploy.families import TEXT_INPUTS, Family, family_of
 from qbert_deploy.runtimes.session import PROVIDERS, SessionError, first_available, open_session
 
-INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+INPUT_NAMES = TEXT_INPUTS  # a graph takes these or a subset (DistilBERT's and RoBERTa's have no token_type_ids)
 OUTPUT_NAME = "logits"
 CANONICAL = "canonical"  # the profile name that serves model.onnx as exported
 ORT_TYPES = {"tensor(int64)": "INT64", "tensor(int32)": "INT32", "tensor(float)": "FP32", "tensor(float16)": "FP16"}
@@ -111,8 +112,16 @@ def labels_of(config: dict[str, Any]) -> list[str]:
     return [str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(count)]
 
 
-def _max_length(config: dict[str, Any], tokenizer_config: dict[str, Any]) -> int:
-    limits = [int(config.get("max_position_embeddings", 512))]
+def model_family(config: dict[str, Any], path: Path) -> Family:
+    """The export's architecture from its config.json; one of the supported families or a one-line error."""
+    try:
+        return family_of(config)
+    except ValueError as err:
+        raise ModelDirError(f"{path}: {err}") from None
+
+
+def _max_length(config: dict[str, Any], tokenizer_config: dict[str, Any], family: Family) -> int:
+    limits = [family.max_tokens(config)]  # RoBERTa's positions start after its padding index
     declared = tokenizer_config.get("model_max_length")
     if isinstance(declared, int) and 0 < declared < 1_000_000:  # HF writes a huge sentinel when unset
         limits.append(declared)
@@ -134,6 +143,7 @@ class ServedModel:
         self.served = served_file(self.export_dir, profile, first_available(providers))
         self.path, self.profile = self.served.path, self.served.profile
         config = read_json(self.export_dir / "config.json")
+        family = model_family(config, self.export_dir / "config.json")
         tokenizer_config = (read_json(self.export_dir / "tokenizer_config.json")
                             if (self.export_dir / "tokenizer_config.json").is_file() else {})
         try:
@@ -153,7 +163,7 @@ class ServedModel:
         self.input_types = {i.name: ORT_TYPES.get(i.type, i.type) for i in self.session.get_inputs()}
         self.output_type = ORT_TYPES.get(outputs[OUTPUT_NAME].type, outputs[OUTPUT_NAME].type)
         self.labels = labels_of(config)
-        self.max_length = _max_length(config, tokenizer_config)
+        self.max_length = _max_length(config, tokenizer_config, family)
         self.vocab_size = int(config.get("vocab_size", 0)) or None
         self.type_vocab_size = int(config.get("type_vocab_size", 2))
         self.pad_id = int(config.get("pad_token_id") or 0)
