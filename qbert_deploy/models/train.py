@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import itertools
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -18,6 +19,13 @@ SaveHook = Callable[[dict[str, Any]], None]
 
 def to_torch(inputs: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(v) for k, v in inputs.items()}
+
+
+def label_arguments(model: nn.Module, labels: np.ndarray) -> dict[str, torch.Tensor]:
+    """The loss arguments of a batch's labels: a QA head takes start/end positions ([batch, 2]), others labels."""
+    if "start_positions" in inspect.signature(model.forward).parameters:
+        return {"start_positions": torch.from_numpy(labels[:, 0]), "end_positions": torch.from_numpy(labels[:, 1])}
+    return {"labels": torch.from_numpy(labels)}
 
 
 def _cycle(make_batches: Callable[[int], Iterable[Batch]]) -> Iterator[Batch]:
@@ -52,7 +60,7 @@ def train(model: nn.Module, make_batches: Callable[[int], Iterable[Batch]], step
     with tqdm(total=steps, initial=start, desc=desc, unit="step", dynamic_ncols=True) as bar:
         for step in range(start, steps):
             inputs, labels = next(data)
-            out = model(**to_torch(inputs), labels=torch.from_numpy(labels))
+            out = model(**to_torch(inputs), **label_arguments(model, labels))
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -74,7 +82,9 @@ def predict_logits(model: nn.Module, batches: Iterable[Batch], desc: str = "eval
     model.eval()
     logits, labels = [], []
     for inputs, y in tqdm(list(batches), desc=desc, unit="batch", leave=False, dynamic_ncols=True):
-        logits.append(model(**to_torch(inputs)).logits.float().numpy())
+        out = model(**to_torch(inputs))
+        logits.append(out.logits.float().numpy() if "logits" in out else
+                      np.stack([out.start_logits.float().numpy(), out.end_logits.float().numpy()], axis=-1))
         labels.append(y)
     return np.concatenate(logits), np.concatenate(labels)
 
