@@ -26,8 +26,16 @@ from qbert_deploy.models.train import Batch, predict_logits
 from qbert_deploy.tasks import QA, TOKEN
 
 
+def _trimmed(inputs: dict[str, np.ndarray], labels: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """A training batch cut to its longest sequence: features are padded to max_length, training need not be."""
+    longest = max(int(inputs["attention_mask"].sum(1).max()), 2)
+    per_token = labels.ndim == 2 and labels.shape[1] == inputs["input_ids"].shape[1]
+    return ({k: np.ascontiguousarray(v[:, :longest]) for k, v in inputs.items()},
+            np.ascontiguousarray(labels[:, :longest]) if per_token else labels)
+
+
 class _FeatureTask(Task):
-    """Shared batching over precomputed, fixed-length features (`_train_features`, `_dev_features`)."""
+    """Shared batching over precomputed, fixed-length features (`_rows(dev)`)."""
 
     def _rows(self, dev: bool) -> Any:
         raise NotImplementedError
@@ -40,7 +48,7 @@ class _FeatureTask(Task):
         order = np.random.default_rng(epoch).permutation(self._size(False))
         for start in range(0, len(order), self.batch_size):
             rows = np.sort(order[start:start + self.batch_size])
-            yield {k: v[rows] for k, v in features.inputs.items()}, self._labels(features)[rows]
+            yield _trimmed({k: v[rows] for k, v in features.inputs.items()}, self._labels(features)[rows])
 
     def dev_batches(self) -> list[Batch]:
         features = self._rows(True)
@@ -52,8 +60,8 @@ class _FeatureTask(Task):
         out = []
         for start in range(0, len(order), size):
             rows = np.sort(order[start:start + size])
-            batch = {k: torch.from_numpy(v[rows]) for k, v in features.inputs.items()}
-            out.append(batch | self._label_tensors(self._labels(features)[rows]))
+            inputs, labels = _trimmed({k: v[rows] for k, v in features.inputs.items()}, self._labels(features)[rows])
+            out.append({k: torch.from_numpy(v) for k, v in inputs.items()} | self._label_tensors(labels))
             if len(out) == count:
                 break
         return out
