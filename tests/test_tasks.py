@@ -316,3 +316,13 @@ def test_checkpoint_records_the_task_and_old_files_are_classifiers(tmp_path: Pat
     torch.save(payload, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="'task' must be one of"):
         load_checkpoint(tmp_path / "bad.pt")
+
+
+def test_movie_task_labels_follow_the_valence_threshold() -> None:
+    from qbert_deploy.data.movie_tasks import _word_tag
+
+    lexicon = {"great": 3.1, "fine": 0.8, "dull": -1.7}
+    assert _word_tag('"Great,', lexicon) == ("B-POS", 3.1, "Great")
+    assert _word_tag("fine", lexicon)[0] == "O", "below the 1.0 threshold"
+    assert _word_tag("dull.", lexicon)[:2] == ("B-NEG", -1.7)
+    assert _word_tag("plot", lexicon) == ("O", 0.0, "plot")
