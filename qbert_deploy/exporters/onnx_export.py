@@ -34,6 +34,7 @@ from qbert_deploy.exporters.passes import (
 from qbert_deploy.exporters.size_report import size_markdown, size_report
 from qbert_deploy.families import TEXT_INPUTS, family_of
 from qbert_deploy.models.build import build_model
+from qbert_deploy.tasks import architecture, task_kind
 
 SUPPORTED_OPSETS = (21, 25)
 EXPORT_OPSET = 21  # what the exporter emits; a newer target only widens the types Q/DQ may take
@@ -52,17 +53,20 @@ class ExportResult:
 
 
 class LogitsOnly(nn.Module):
-    """A sequence classifier as a function of its family's inputs to its logits: the exported signature."""
+    """The model as a function of its family's inputs to its task's outputs (logits, or QA's start/end logits):
+    the exported signature."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, outputs: tuple[str, ...] = ("logits",)) -> None:
         super().__init__()
         self.model = model
+        self.outputs = outputs
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, ...]:
         types = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
-        logits: torch.Tensor = self.model(input_ids=input_ids, attention_mask=attention_mask, **types).logits
-        return logits
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, **types)
+        tensors: tuple[torch.Tensor, ...] = tuple(out[name] for name in self.outputs)
+        return tensors[0] if len(tensors) == 1 else tensors
 
 
 def _versions() -> dict[str, str]:
@@ -73,8 +77,9 @@ def _versions() -> dict[str, str]:
     return found
 
 
-def _torch_export(model: nn.Module, max_positions: int, inputs: tuple[str, ...] = TEXT_INPUTS) -> ir.Model:
-    wrapped = LogitsOnly(model).eval()
+def _torch_export(model: nn.Module, max_positions: int, inputs: tuple[str, ...] = TEXT_INPUTS,
+                  outputs: tuple[str, ...] = ("logits",)) -> ir.Model:
+    wrapped = LogitsOnly(model, outputs).eval()
     example = (torch.ones(2, 8, dtype=torch.long), torch.ones(2, 8, dtype=torch.long),
                torch.zeros(2, 8, dtype=torch.long))[:len(inputs)]
     batch = torch.export.Dim("batch", max=1 << 16)
@@ -88,7 +93,7 @@ def _torch_export(model: nn.Module, max_positions: int, inputs: tuple[str, ...] 
             logging.getLogger(name).setLevel(logging.ERROR)
         program = torch.onnx.export(
             wrapped, example, dynamo=True, opset_version=EXPORT_OPSET, optimize=False,
-            input_names=list(inputs), output_names=["logits"],
+            input_names=list(inputs), output_names=list(outputs),
             dynamic_shapes={name: dims for name in inputs},
             custom_translation_table=torch_ops.TRANSLATION_TABLE, verbose=False)
     if program is None:
@@ -111,7 +116,8 @@ def export_checkpoint(checkpoint: Checkpoint, out_dir: str | os.PathLike[str], o
     model = build_model(checkpoint)
     specs = to_export_modules(model)
     family = family_of(checkpoint.config)
-    graph = _torch_export(model, family.max_tokens(checkpoint.config), family.inputs)
+    graph = _torch_export(model, family.max_tokens(checkpoint.config), family.inputs,
+                          task_kind(checkpoint.task).outputs)
     pack_weights(graph, specs, opset)
     dedicate_input_quant(graph)
     strip_metadata(graph)
@@ -129,6 +135,7 @@ def export_checkpoint(checkpoint: Checkpoint, out_dir: str | os.PathLike[str], o
         "qbert.weights_sha256": weights_digest,
         "qbert.weight_bits": json.dumps(bits, sort_keys=True),
         "qbert.labels": json.dumps(checkpoint.labels),
+        "qbert.task": checkpoint.task,
         "qbert.versions": json.dumps(_versions(), sort_keys=True),
     })
     out = Path(out_dir)
@@ -158,6 +165,8 @@ def _write_side_files(folder: Path, checkpoint: Checkpoint, report: dict[str, An
     config["id2label"] = {str(i): label for i, label in enumerate(checkpoint.labels)}
     config["label2id"] = {label: i for i, label in enumerate(checkpoint.labels)}
     config["num_labels"] = len(checkpoint.labels)
+    # what Optimum and transformers pipelines read to pick the head
+    config["architectures"] = [architecture(str(config.get("model_type", "bert")), checkpoint.task)]
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     for name, text in checkpoint.tokenizer_files.items():
         (folder / name).write_text(text, encoding="utf-8")

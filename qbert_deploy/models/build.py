@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForSequenceClassification, PretrainedConfig, PreTrainedTokenizerBase
+from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerBase
 
 from qbert_deploy.checkpoint import Checkpoint, CheckpointError
 from qbert_deploy.families import Family, UnsupportedModelError, family_of
@@ -21,6 +21,7 @@ from qbert_deploy.models.wrap import (
     quantize_model,
 )
 from qbert_deploy.recipe import Recipe, RecipeError
+from qbert_deploy.tasks import DEFAULT_TASK, task_kind
 
 MAX_PARAMETERS = 2_000_000_000
 # Per-key ceilings, generous for any BERT (BERT-large: 1024 hidden, 24 layers, 4096 intermediate, 30522 vocab):
@@ -84,11 +85,13 @@ def bert_config(config: dict[str, Any], num_labels: int = 2) -> PretrainedConfig
     return built
 
 
-def _float_model(config: PretrainedConfig, num_labels: int) -> nn.Module:
+def _float_model(config: PretrainedConfig, num_labels: int, task: str = DEFAULT_TASK) -> nn.Module:
+    import transformers
+
     config.num_labels = num_labels
     # Eager attention: plain ops, a graph every exporter and ORT fusion understands.
-    model = AutoModelForSequenceClassification.from_config(config, attn_implementation="eager")
-    assert isinstance(model, nn.Module)
+    model: nn.Module = getattr(transformers, task_kind(task).auto_class).from_config(
+        config, attn_implementation="eager")
     return model
 
 
@@ -124,7 +127,7 @@ def build_model(checkpoint: Checkpoint, quantized: bool = True) -> nn.Module:
     """The fake-quant model of a checkpoint (or its float model), in eval mode on the CPU."""
     config = bert_config(checkpoint.config, len(checkpoint.labels))
     with torch.device("meta"):
-        skeleton = _float_model(config, len(checkpoint.labels))
+        skeleton = _float_model(config, len(checkpoint.labels), checkpoint.task)
     params = sum(p.numel() for p in skeleton.parameters())
     if params > MAX_PARAMETERS:
         raise CheckpointError(f"config describes {params:,} parameters, more than this tool accepts")
@@ -141,7 +144,7 @@ def build_model(checkpoint: Checkpoint, quantized: bool = True) -> nn.Module:
             raise CheckpointError(f"weight {name} has dtype {checkpoint.state_dict[name].dtype}, "
                                   f"the model needs {skeleton_state[name].dtype}")
     check_recipe_fits(checkpoint.recipe, skeleton)
-    model = _float_model(config, len(checkpoint.labels))
+    model = _float_model(config, len(checkpoint.labels), checkpoint.task)
     model.load_state_dict(checkpoint.state_dict, strict=False)
     if quantized:
         quantize_model(model, checkpoint.recipe)
@@ -166,8 +169,8 @@ def tokenizer_files(tokenizer: PreTrainedTokenizerBase, workdir: Path) -> dict[s
 
 
 def make_checkpoint(model: nn.Module, recipe: Recipe, labels: list[str], tokenizer_texts: dict[str, str],
-                    metrics: dict[str, float] | None = None) -> Checkpoint:
+                    metrics: dict[str, float] | None = None, task: str = DEFAULT_TASK) -> Checkpoint:
     config = json.loads(model.config.to_json_string(use_diff=False))  # type: ignore[operator,union-attr]
     return Checkpoint(config=config, state_dict=float_state_dict(model), recipe=recipe,
                       activation_ranges=activation_ranges(model) if recipe.activation_bits else {},
-                      labels=labels, tokenizer_files=tokenizer_texts, metrics=dict(metrics or {}))
+                      labels=labels, tokenizer_files=tokenizer_texts, metrics=dict(metrics or {}), task=task)

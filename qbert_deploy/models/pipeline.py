@@ -98,7 +98,8 @@ def run_job(job: Job, task: Task, method: Method, recipe: Recipe) -> Checkpoint:
     torch.manual_seed(job.seed)  # the same on every rank: the same initial head, the same Quant-Noise masks
     fp32, fp32_acc = fp32_model(job.model_dir, task, job.finetune_steps, job.lr, job.fp32_cache or job.out / "fp32",
                                 job.seed)
-    metrics = {"dev_accuracy_fp32": fp32_acc, "world_size": world, "global_batch": task.batch_size}
+    metric = f"dev_{task.metric}"
+    metrics = {f"{metric}_fp32": fp32_acc, "world_size": world, "global_batch": task.batch_size}
     if method.mixed is not None:
         recipe = _allocate(job, task, fp32, fp32_acc, method, recipe)
     state_path = job.out / "qat-state.pt"
@@ -130,24 +131,24 @@ def run_job(job: Job, task: Task, method: Method, recipe: Recipe) -> Checkpoint:
     if settings.distill is not None:
         log.info("QAT distils from the %s: %s", job.teacher or "fp32 model", settings.distill)
     model = apply_method(fp32, task, method, recipe, settings)
+    acc = task.evaluate(model, "dev quantized")
     dev = task.dev_batches()
-    logits, labels = predict_logits(model, dev, "dev quantized")
+    logits, _ = predict_logits(model, dev, "dev quantized")
     fp32_logits, _ = predict_logits(fp32, dev, "dev fp32")
     model.cpu()
-    acc = float((logits.argmax(-1) == labels).mean())
     agreement = float((logits.argmax(-1) == fp32_logits.argmax(-1)).mean())
     size = paper_size(model, recipe)
-    metrics.update({"dev_accuracy_quantized": acc, "dev_agreement_fp32": agreement, "size_mb": size["size_mb"],
+    metrics.update({f"{metric}_quantized": acc, "dev_agreement_fp32": agreement, "size_mb": size["size_mb"],
                     "compression": size["compression"], "qat_steps": job.qat_steps if method.qat else 0,
                     "finetune_steps": job.finetune_steps})
     with tempfile.TemporaryDirectory() as tmp:
         texts = tokenizer_files(task.tokenizer, Path(tmp))
-    checkpoint = make_checkpoint(model, recipe, task.labels, texts, metrics)
+    checkpoint = make_checkpoint(model, recipe, task.labels, texts, metrics, task=task.kind)
     if distributed.is_main():
         save_checkpoint(checkpoint, job.out / "model.pt")
         state_path.unlink(missing_ok=True)
     distributed.barrier()  # no rank reports done before model.pt is there
-    log.info("wrote %s: dev accuracy %.4f (fp32 %.4f), agreement with fp32 %.4f, %.2f MB the paper's way, "
-             "%.2fx smaller than fp32", job.out / "model.pt", acc, fp32_acc, agreement, size["size_mb"],
-             size["compression"])
+    log.info("wrote %s: dev %s %.4f (fp32 %.4f), agreement with fp32 %.4f, %.2f MB the paper's way, "
+             "%.2fx smaller than fp32", job.out / "model.pt", task.metric, acc, fp32_acc, agreement,
+             size["size_mb"], size["compression"])
     return checkpoint

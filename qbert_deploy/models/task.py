@@ -19,6 +19,7 @@ from qbert_deploy.data.tsv import Example
 from qbert_deploy.families import TEXT_INPUTS, family
 from qbert_deploy.models import distributed
 from qbert_deploy.models.train import Batch, accuracy, train
+from qbert_deploy.tasks import SEQUENCE, task_kind
 
 log = logging.getLogger("qbert_deploy.quantize")
 FP32_STAMP = "qbert_fp32.json"
@@ -33,12 +34,21 @@ class Task:
     """Labelled train/dev examples, the tokenizer, and the batch shape used everywhere in the workflow."""
 
     tokenizer: Any
-    train: list[Example]
-    dev: list[Example]
+    train: list[Any]  # Example here; TaggedSentence or Question in models/task_kinds.py
+    dev: list[Any]
     labels: list[str]
     batch_size: int = 32
     max_length: int = 64
     inputs: tuple[str, ...] = TEXT_INPUTS  # the model's inputs: its family's (no token_type_ids for DistilBERT)
+    kind = SEQUENCE  # which head and metric (qbert_deploy.tasks)
+
+    @property
+    def metric(self) -> str:
+        return task_kind(self.kind).main_metric
+
+    def evaluate(self, model: nn.Module, desc: str = "evaluate") -> float:
+        """The task's main metric on the dev data, as a fraction (accuracy here)."""
+        return accuracy(model, self.dev_batches(), desc)
 
     def train_batches(self, epoch: int) -> Iterator[Batch]:
         """Shuffled batches of similar lengths: each pool of 16 batches is sorted by length, so batches carry
@@ -75,10 +85,16 @@ class Task:
         return out
 
 
-def load_base(model_dir: str | Path, labels: list[str]) -> nn.Module:
-    """A Hugging Face encoder directory (any family in `qbert_deploy.families`) with a fresh classification head
-    (eager attention: export-friendly)."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+def _auto_class(task: str) -> Any:
+    import transformers
+
+    return getattr(transformers, task_kind(task).auto_class)
+
+
+def load_base(model_dir: str | Path, labels: list[str], task: str = SEQUENCE) -> nn.Module:
+    """A Hugging Face encoder directory (any family in `qbert_deploy.families`) with the task's head (eager
+    attention: export-friendly)."""
+    from transformers import AutoConfig
 
     path = Path(model_dir)
     if not (path / "config.json").is_file():
@@ -88,7 +104,7 @@ def load_base(model_dir: str | Path, labels: list[str]) -> nn.Module:
         family(config.model_type)
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from None
-    model = AutoModelForSequenceClassification.from_pretrained(
+    model = _auto_class(task).from_pretrained(
         path, num_labels=len(labels), attn_implementation="eager",
         id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
     assert isinstance(model, nn.Module)
@@ -97,9 +113,7 @@ def load_base(model_dir: str | Path, labels: list[str]) -> nn.Module:
 
 def load_teacher(path: Path, task: Task) -> nn.Module:
     """A fine-tuned classifier to distil from; its labels must be the task's (checked before, again here)."""
-    from transformers import AutoModelForSequenceClassification
-
-    model = AutoModelForSequenceClassification.from_pretrained(path, attn_implementation="eager")
+    model = _auto_class(task.kind).from_pretrained(path, attn_implementation="eager")
     if model.config.num_labels != len(task.labels):
         raise ValueError(f"{path}: the teacher predicts {model.config.num_labels} labels, the task has "
                          f"{len(task.labels)}")
@@ -108,10 +122,9 @@ def load_teacher(path: Path, task: Task) -> nn.Module:
 
 def fp32_model(model_dir: str | Path, task: Task, steps: int, lr: float, cache: Path | None,
                seed: int = 0) -> tuple[nn.Module, float]:
-    """The fine-tuned fp32 baseline and its dev accuracy, reused from `cache` when it was made the same way."""
-    from transformers import AutoModelForSequenceClassification
-
-    key = {"base": str(Path(model_dir).resolve()), "steps": steps, "lr": lr, "seed": seed,
+    """The fine-tuned fp32 baseline and its dev metric, reused from `cache` when it was made the same way."""
+    key: dict[str, Any] = {"task": task.kind} if task.kind != SEQUENCE else {}
+    key |= {"base": str(Path(model_dir).resolve()), "steps": steps, "lr": lr, "seed": seed,
            "train": len(task.train), "batch_size": task.batch_size, "max_length": task.max_length}
     stamp = cache / FP32_STAMP if cache else None
     saved: dict[str, Any] | None = None
@@ -125,18 +138,18 @@ def fp32_model(model_dir: str | Path, task: Task, steps: int, lr: float, cache: 
         assert cache is not None
         log.info("fp32: reusing the fine-tuned baseline in %s (dev accuracy %.4f)", cache, saved["accuracy"])
         if distributed.is_main():
-            model = AutoModelForSequenceClassification.from_pretrained(cache, attn_implementation="eager")
+            model = _auto_class(task.kind).from_pretrained(cache, attn_implementation="eager")
         else:
             with torch.random.fork_rng(devices=[]):  # the head's random init must not move this rank's RNG
-                model = load_base(model_dir, task.labels)
+                model = load_base(model_dir, task.labels, task.kind)
         distributed.broadcast_weights(model)
         return model.eval(), float(saved["accuracy"])
     torch.manual_seed(seed)
-    model = load_base(model_dir, task.labels)
+    model = load_base(model_dir, task.labels, task.kind)
     if steps > 0:
         train(model, task.train_batches, steps, lr=lr, desc="fine-tune fp32")
-    acc = distributed.broadcast(accuracy(model, task.dev_batches(), "dev fp32"))
-    log.info("fp32: %d steps, dev accuracy %.4f", steps, acc)
+    acc = distributed.broadcast(task.evaluate(model, "dev fp32"))
+    log.info("fp32: %d steps, dev %s %.4f", steps, task.metric, acc)
     if cache is not None and distributed.is_main():
         with atomic_dir(cache) as tmp:
             model.save_pretrained(tmp)  # type: ignore[operator]

@@ -6,6 +6,7 @@ global batch, every rank trains on its slice, and DDP averages the gradients int
 
 from __future__ import annotations
 
+import inspect
 import itertools
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -35,7 +36,16 @@ def model_device(model: nn.Module) -> torch.device:
 
 def model_loss(model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
     """The task loss the model computes itself from its labels (cross-entropy for classification)."""
-    return model(**inputs, labels=labels).loss
+    return model(**inputs, **label_arguments(model, labels)).loss
+
+
+def label_arguments(model: nn.Module, labels: np.ndarray | torch.Tensor) -> dict[str, torch.Tensor]:
+    """The loss arguments of a batch's labels: a QA head takes start/end positions ([batch, 2]), others labels."""
+    target = torch.as_tensor(labels)
+    head = getattr(model, "module", model)  # under DDP, the wrapped model's signature
+    if "start_positions" in inspect.signature(head.forward).parameters:
+        return {"start_positions": target[:, 0], "end_positions": target[:, 1]}
+    return {"labels": target}
 
 
 def _cycle(make_batches: Callable[[int], Iterable[Batch]]) -> Iterator[Batch]:
@@ -111,7 +121,10 @@ def predict_logits(model: nn.Module, batches: Iterable[Batch], desc: str = "eval
     for index in tqdm(mine, desc=desc, unit="batch", leave=False, dynamic_ncols=True,
                       disable=not distributed.is_main()):
         inputs, y = every[index]
-        results[index] = (model(**to_torch(inputs, device)).logits.float().cpu().numpy(), y)
+        out = model(**to_torch(inputs, device))
+        logits = (out.logits.float() if "logits" in out else
+                  torch.stack([out.start_logits.float(), out.end_logits.float()], dim=-1))
+        results[index] = (logits.cpu().numpy(), y)
     for part in distributed.all_gather(results):
         results.update(part)
     return (np.concatenate([results[i][0] for i in range(len(every))]),

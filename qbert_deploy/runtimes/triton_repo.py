@@ -23,13 +23,13 @@ from qbert_deploy.atomic import atomic_dir
 from qbert_deploy.runtimes.lowering import lower
 from qbert_deploy.runtimes.serving.model import (
     INPUT_NAMES,
-    OUTPUT_NAME,
     ModelDirError,
     labels_of,
     model_family,
     read_json,
     served_file,
 )
+from qbert_deploy.tasks import DEFAULT_TASK, SEQUENCE, output_dims, task_kind, task_of_head
 
 DEVICES = {"cpu": ("KIND_CPU", "cpu"), "gpu": ("KIND_GPU", "cuda")}  # instance group kind, execution provider
 ONNX_TO_TRITON = {7: "TYPE_INT64", 6: "TYPE_INT32", 1: "TYPE_FP32", 10: "TYPE_FP16"}  # onnx.TensorProto codes
@@ -45,38 +45,45 @@ class TritonRepo:
     lowered: bool  # lowered from model.onnx while writing (the export had no model.<profile>.onnx)
 
 
-def _tensor_specs(path: Path) -> tuple[dict[str, str], str, list[str], int]:
-    """Input types, output type, external data files and opset of an ONNX model, without loading its weights."""
+def _tensor_specs(path: Path, task: str = DEFAULT_TASK) -> tuple[dict[str, str], dict[str, str], list[str], int]:
+    """Input types, the task's output types, external data files and opset of an ONNX model, without loading its
+    weights."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
     inputs = {i.name: ONNX_TO_TRITON.get(i.type.tensor_type.elem_type, "") for i in model.graph.input}
-    outputs = {o.name: ONNX_TO_TRITON.get(o.type.tensor_type.elem_type, "") for o in model.graph.output}
-    if OUTPUT_NAME not in outputs or "input_ids" not in inputs or not set(inputs) <= set(INPUT_NAMES):
-        raise ModelDirError(f"{path}: expected inputs among {list(INPUT_NAMES)} and a {OUTPUT_NAME!r} output")
-    unknown = [n for n, t in {**inputs, OUTPUT_NAME: outputs[OUTPUT_NAME]}.items() if not t]
+    found = {o.name: ONNX_TO_TRITON.get(o.type.tensor_type.elem_type, "") for o in model.graph.output}
+    names = task_kind(task).outputs
+    if any(n not in found for n in names) or "input_ids" not in inputs or not set(inputs) <= set(INPUT_NAMES):
+        raise ModelDirError(f"{path}: expected inputs among {list(INPUT_NAMES)} and outputs {list(names)} "
+                            f"({task})")
+    outputs = {n: found[n] for n in names}
+    unknown = [n for n, t in {**inputs, **outputs}.items() if not t]
     if unknown:
         raise ModelDirError(f"{path}: tensor {unknown[0]!r} has a type Triton's config here does not cover")
     external = sorted({entry.value for tensor in model.graph.initializer
                        if tensor.data_location == onnx.TensorProto.EXTERNAL
                        for entry in tensor.external_data if entry.key == "location"})
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    return inputs, outputs[OUTPUT_NAME], external, opset
+    return inputs, outputs, external, opset
 
 
-def config_pbtxt(name: str, inputs: dict[str, str], output_type: str, labels: int, device: str, max_batch: int,
-                 max_delay_ms: float, instances: int, source: str) -> str:
+def config_pbtxt(name: str, inputs: dict[str, str], outputs: dict[str, str], labels: int, device: str,
+                 max_batch: int, max_delay_ms: float, instances: int, source: str, task: str = DEFAULT_TASK) -> str:
     kind = DEVICES[device][0]
     tensors = ",\n".join(f'  {{\n    name: "{n}"\n    data_type: {t}\n    dims: [ -1 ]\n  }}'
                          for n, t in inputs.items())
+    dims = ", ".join(str(d) for d in output_dims(task, labels))
+    label_file = '    label_filename: "labels.txt"\n' if task == SEQUENCE else ""  # the classification extension
+    results = ",\n".join(f'  {{\n    name: "{n}"\n    data_type: {t}\n    dims: [ {dims} ]\n{label_file}  }}'
+                          for n, t in outputs.items())
     return (f"# Written by qbert-deploy from {source}. Triton Inference Server, onnxruntime backend.\n"
             f"# dims leave out the batch dimension (max_batch_size > 0); -1 is the sequence length.\n"
             f'name: "{name}"\n'
             f'backend: "onnxruntime"\n'
             f"max_batch_size: {max_batch}\n"
             f"input [\n{tensors}\n]\n"
-            f'output [\n  {{\n    name: "{OUTPUT_NAME}"\n    data_type: {output_type}\n    dims: [ {labels} ]\n'
-            f'    label_filename: "labels.txt"\n  }}\n]\n'
+            f"output [\n{results}\n]\n"
             f"dynamic_batching {{\n  max_queue_delay_microseconds: {round(max_delay_ms * 1000)}\n}}\n"
             f"instance_group [\n  {{\n    count: {instances}\n    kind: {kind}\n  }}\n]\n")
 
@@ -95,7 +102,7 @@ curl localhost:8000/v2/models/{name}/ready
 
 Clients speak the same KServe v2 protocol as `qbert-serve`, so `tritonclient.http` code written against
 `qbert-serve EXPORT_DIR --model-name {name}` works unchanged: inputs {inputs} (INT64, [batch, sequence]),
-output `{output}` (FP32, [batch, {labels}]); `labels.txt` holds the label names.
+outputs {output} (FP32, [batch, {dims}]); `labels.txt` holds the label names ({task}).
 
 Notes:
 - Tokenize on the client with the export directory's `tokenizer.json` (or use `qbert-serve`'s text endpoint).
@@ -124,9 +131,10 @@ def write_triton_repo(export_dir: str | os.PathLike[str], repo_dir: str | os.Pat
     export = Path(export_dir)
     served = served_file(export, profile, DEVICES[device][1])
     source = served.path
-    inputs, output_type, external, opset = _tensor_specs(source)
     config = read_json(export / "config.json")
     model_family(config, export / "config.json")
+    task = task_of_head(config.get("architectures")) or DEFAULT_TASK
+    inputs, outputs, external, opset = _tensor_specs(source, task)
     labels = labels_of(config)
     described = f"{export.name}/{source.name}" + (f" lowered to {served.profile}" if served.lowered_in_memory else "")
     with atomic_dir(repo_dir) as tmp:
@@ -139,13 +147,14 @@ def write_triton_repo(export_dir: str | os.PathLike[str], repo_dir: str | os.Pat
             for name in external:  # external weights keep their file name: the ONNX file refers to it
                 shutil.copyfile(source.parent / name, folder / "1" / name)
         (folder / "labels.txt").write_text("\n".join(labels) + "\n", encoding="utf-8")
-        text = config_pbtxt(model_name, inputs, output_type, len(labels), device, max_batch, max_delay_ms,
-                            instances, described)
+        text = config_pbtxt(model_name, inputs, outputs, len(labels), device, max_batch, max_delay_ms,
+                            instances, described, task)
         (folder / "config.pbtxt").write_text(text, encoding="utf-8")
         (tmp / "README.md").write_text(README.format(
             name=model_name, source=described, device=device.upper(), max_batch=max_batch,
             max_delay_ms=max_delay_ms, gpus="--gpus=all " if device == "gpu" else "", repo=Path(repo_dir).name,
-            inputs=", ".join(f"`{n}`" for n in inputs), output=OUTPUT_NAME, labels=len(labels), opset=opset),
+            inputs=", ".join(f"`{n}`" for n in inputs), output=", ".join(f"`{n}`" for n in outputs), task=task,
+            dims=", ".join("sequence" if d < 0 else str(d) for d in output_dims(task, len(labels))), opset=opset),
             encoding="utf-8")
     root = Path(repo_dir)
     return TritonRepo(root, root / model_name / "config.pbtxt", root / model_name / "1" / "model.onnx", source,

@@ -12,6 +12,7 @@ import torch
 
 from qbert_deploy.checkpoint import Checkpoint
 from qbert_deploy.runtimes.session import open_session
+from qbert_deploy.tasks import DEFAULT_TASK, combine, task_kind
 from qbert_deploy.validation.profiles import CANONICAL, profile_model
 
 Batch = dict[str, np.ndarray]
@@ -73,11 +74,13 @@ class BackendRun:
         return len(self.logits) / total if total > 0 else 0.0
 
 
-def torch_runner(model: torch.nn.Module) -> Runner:
+def torch_runner(model: torch.nn.Module, task: str = DEFAULT_TASK) -> Runner:
+    names = task_kind(task).outputs
+
     @torch.no_grad()
     def run(batch: Batch) -> np.ndarray:
         out = model(**{k: torch.from_numpy(v) for k, v in batch.items()})
-        return np.asarray(out.logits.float().numpy())
+        return combine(task, [out[n].float().numpy() for n in names])
     return run
 
 
@@ -85,11 +88,12 @@ def onnx_model_path(spec: BackendSpec, export_dir: Path, workdir: Path) -> Path:
     return profile_model(export_dir, spec.profile, workdir)
 
 
-def ort_runner(model: Path | bytes, spec: BackendSpec, threads: int | None) -> Runner:
+def ort_runner(model: Path | bytes, spec: BackendSpec, threads: int | None, task: str = DEFAULT_TASK) -> Runner:
     session = open_session(model, providers=(spec.provider,), threads=threads, optimize=spec.optimize)
+    names = list(task_kind(task).outputs)
 
     def run(batch: Batch) -> np.ndarray:
-        return np.asarray(session.run(["logits"], batch)[0])
+        return combine(task, session.run(names, batch))
     return run
 
 
@@ -98,9 +102,9 @@ def make_runner(spec: BackendSpec, checkpoint: Checkpoint, export_dir: Path, wor
     if not spec.is_onnx:
         from qbert_deploy.models.build import build_model
 
-        return torch_runner(build_model(checkpoint, quantized=spec.quantized)), None
+        return torch_runner(build_model(checkpoint, quantized=spec.quantized), checkpoint.task), None
     path = onnx_model_path(spec, export_dir, workdir)
-    return ort_runner(path, spec, threads), path
+    return ort_runner(path, spec, threads, checkpoint.task), path
 
 
 def run_backend(spec: BackendSpec, runner: Runner, batches: Sequence[Batch], model_path: Path | None) -> BackendRun:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from qbert_deploy.validation.backends import (
 )
 from qbert_deploy.validation.profiles import CANONICAL
 from qbert_deploy.validation.stats import ErrorStats, agreement, error_stats, wilson_interval
+from qbert_deploy.validation.task_data import Evaluation, main_agreement
 
 
 def dataset_digest(examples: Sequence[Example]) -> str:
@@ -58,9 +59,14 @@ class BackendSummary:
     examples_per_second: float
     model: str | None
     exact: bool = False  # must reproduce the ONNX spec numerically (the spec and the canonical profile)
+    metric: str = "accuracy"  # what `accuracy` holds: the task's main metric (percent)
+    metrics: dict[str, float] = field(default_factory=dict)  # every metric of the task (percent)
+    agreements: dict[str, float] = field(default_factory=dict)  # every agreement with PyTorch fake-quant (percent)
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "description": self.description, "examples": self.examples,
+        extra = ({"metric": self.metric, "metrics": self.metrics, "agreements_fakequant": self.agreements}
+                 if self.metrics else {})
+        return extra | {"name": self.name, "description": self.description, "examples": self.examples,
                 "accuracy": self.accuracy, "accuracy_ci95": [self.ci_low, self.ci_high],
                 "agreement_fakequant": self.agreement_fakequant, "agreement_fp32": self.agreement_fp32,
                 "logit_error_vs_fakequant": self.error.to_json(), "median_batch_ms": self.median_batch_ms,
@@ -83,6 +89,27 @@ def summarize(runs: dict[str, BackendRun], labels: np.ndarray) -> list[BackendSu
             examples_per_second=run.examples_per_second,
             model=str(run.model_path) if run.model_path else None,
             exact=run.spec.is_onnx and run.spec.profile == CANONICAL))
+    return out
+
+
+def summarize_task(runs: dict[str, BackendRun], evaluation: Evaluation) -> list[BackendSummary]:
+    """Token classification and QA: the task's metrics and agreements (qbert_deploy.validation.task_data)."""
+    reference, fp32 = runs[FAKEQUANT].logits, runs[FP32].logits
+    step = error_stats(evaluation.compared(reference), evaluation.compared(reference)).step
+    out = []
+    for name, run in runs.items():
+        metrics = evaluation.score(run.logits)
+        agreements = evaluation.agree(run.logits, reference)
+        value = metrics[evaluation.metric]
+        out.append(BackendSummary(
+            name=name, description=run.spec.describe(), examples=evaluation.examples, accuracy=value,
+            ci_low=value, ci_high=value, agreement_fakequant=main_agreement(agreements),
+            agreement_fp32=main_agreement(evaluation.agree(run.logits, fp32)),
+            error=error_stats(evaluation.compared(reference), evaluation.compared(run.logits), step),
+            median_batch_ms=run.median_batch_ms, examples_per_second=run.examples_per_second,
+            model=str(run.model_path) if run.model_path else None,
+            exact=run.spec.is_onnx and run.spec.profile == CANONICAL, metric=evaluation.metric, metrics=metrics,
+            agreements=agreements))
     return out
 
 

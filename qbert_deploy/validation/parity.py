@@ -39,10 +39,16 @@ def output_step(logits: np.ndarray, bits: int = 8) -> float:
     return max(span, 1e-12) / (2**bits - 1)
 
 
+def _joined(outputs: list[np.ndarray]) -> np.ndarray:
+    """One array of a model's outputs (QA's start and end logits stacked on a last axis)."""
+    return outputs[0] if len(outputs) == 1 else np.stack(outputs, axis=-1)
+
+
 @torch.no_grad()
-def torch_logits(model: nn.Module, batch: Batch) -> np.ndarray:
+def torch_logits(model: nn.Module, batch: Batch, names: tuple[str, ...] = ("logits",)) -> np.ndarray:
     inputs = {k: torch.from_numpy(v) for k, v in batch.items()}
-    return model(**inputs).logits.float().numpy()
+    out = model(**inputs)
+    return _joined([out[name].float().numpy() for name in names])
 
 
 def compare(reference: np.ndarray, other: np.ndarray, backend: str, step: float) -> ParityResult:
@@ -53,11 +59,12 @@ def compare(reference: np.ndarray, other: np.ndarray, backend: str, step: float)
 
 def parity_check(model: nn.Module, onnx_path: Path, batch: Batch) -> list[ParityResult]:
     """Logits of the fake-quant PyTorch model against ORT (optimizations off) and onnx.reference."""
-    expected = torch_logits(model, batch)
-    step = output_step(expected)
     session = open_session(onnx_path, optimize=False)
-    ort_logits = session.run(["logits"], batch)[0]
-    ref_logits = next(iter(ReferenceEvaluator(str(onnx_path)).run(["logits"], dict(batch))))
+    names = [o.name for o in session.get_outputs()]  # logits, or QA's start_logits and end_logits
+    expected = torch_logits(model, batch, tuple(names))
+    step = output_step(expected)
+    ort_logits = _joined(session.run(names, batch))
+    ref_logits = _joined([np.asarray(x) for x in ReferenceEvaluator(str(onnx_path)).run(names, dict(batch))])
     return [compare(expected, np.asarray(ort_logits), "onnxruntime (no opt)", step),
             compare(expected, np.asarray(ref_logits), "onnx.reference", step)]
 

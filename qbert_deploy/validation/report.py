@@ -66,14 +66,30 @@ def _num(value: float, digits: int = 3) -> str:
 
 def backend_table(summaries: Sequence[BackendSummary]) -> str:
     """The per-backend table (Markdown), also what docs/RESULTS.md quotes."""
-    lines = ["| backend | accuracy % (95% CI) | agree fake-quant % | agree fp32 % | max abs err | median abs err "
+    metric = summaries[0].metric.replace("_", " ") if summaries else "accuracy"
+    interval = " (95% CI)" if metric == "accuracy" else ""
+    lines = [f"| backend | {metric} %{interval} | agree fake-quant % | agree fp32 % | max abs err | median abs err "
              "| p99 abs err | SQNR dB | max err (steps) | ms/batch |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for s in summaries:
         e = s.error
-        lines.append(f"| {s.name} | {s.accuracy:.2f} ({s.ci_low:.1f}-{s.ci_high:.1f}) | {s.agreement_fakequant:.2f} | "
+        value = f"{s.accuracy:.2f}" + (f" ({s.ci_low:.1f}-{s.ci_high:.1f})" if interval else "")
+        lines.append(f"| {s.name} | {value} | {s.agreement_fakequant:.2f} | "
                      f"{s.agreement_fp32:.2f} | {_num(e.max_abs)} | {_num(e.median_abs)} | {_num(e.p99_abs)} | "
                      f"{_num(e.sqnr_db)} | {_num(e.max_steps)} | {s.median_batch_ms:.1f} |")
+    return "\n".join(lines)
+
+
+def task_table(summaries: Sequence[BackendSummary]) -> str:
+    """Every metric and every agreement of a token-classification or QA run (empty for sequences)."""
+    if not summaries or not summaries[0].metrics:
+        return ""
+    metrics, agreements = list(summaries[0].metrics), list(summaries[0].agreements)
+    header = [m.replace("_", " ") + " %" for m in metrics] + [a.replace("_", " ") + " %" for a in agreements]
+    lines = ["| backend | " + " | ".join(header) + " |", "|---|" + "---|" * len(header)]
+    for s in summaries:
+        cells = [f"{s.metrics[m]:.2f}" for m in metrics] + [f"{s.agreements[a]:.2f}" for a in agreements]
+        lines.append(f"| {s.name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -97,6 +113,9 @@ def markdown(report: Report) -> str:
            f"- settings: {', '.join(f'{k}={v}' for k, v in report.settings.items())}", "",
            "Logit errors are against PyTorch fake-quant; steps are 8-bit steps of its logits' range.", "",
            backend_table(report.summaries), ""]
+    if task_table(report.summaries):
+        out += [f"## {report.data.get('task', 'task')} metrics and agreement with PyTorch fake-quant", "",
+                task_table(report.summaries), ""]
     if report.layers:
         out += ["## Layerwise", "",
                 f"median / p99 |error| in 8-bit steps of each PyTorch fake-quant tensor, over "

@@ -7,14 +7,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from qbert_deploy.checkpoint import Checkpoint, load_checkpoint
 from qbert_deploy.data.tsv import read_tsv
 from qbert_deploy.families import family_of
+from qbert_deploy.tasks import SEQUENCE
 from qbert_deploy.validation.backends import FAKEQUANT, FP32, BackendRun, Batch, backend_specs, onnx_model_path
 from qbert_deploy.validation.gate import Tolerance, check, read_baseline, write_baseline
-from qbert_deploy.validation.harness import dataset_digest, run_all, summarize, tokenize
+from qbert_deploy.validation.harness import run_all, summarize, summarize_task, tokenize
 from qbert_deploy.validation.layers import bits_per_layer, sensitivity_per_layer
 from qbert_deploy.validation.layerwise import (
     DEFAULT_TOLERANCE_STEPS,
@@ -26,7 +25,8 @@ from qbert_deploy.validation.layerwise import (
     watched_modules,
 )
 from qbert_deploy.validation.provenance import check_match, read_export_info
-from qbert_deploy.validation.report import Report, backend_table, write_report
+from qbert_deploy.validation.report import Report, backend_table, task_table, write_report
+from qbert_deploy.validation.task_data import prepare
 
 
 @dataclass(frozen=True)
@@ -84,10 +84,11 @@ def validate(export_dir: Path, checkpoint_path: Path, data_path: Path, settings:
     inputs = family_of(checkpoint.config).inputs  # an unsupported architecture stops before any work
     info = read_export_info(export_dir)
     check_match(info, checkpoint, str(checkpoint_path))
-    examples = read_tsv(data_path, checkpoint.labels)
-    if settings.limit:
-        examples = examples[:settings.limit]
-    digest = dataset_digest(examples)
+    tokenizer = load_tokenizer(export_dir)
+    evaluation = prepare(checkpoint.task, data_path, checkpoint.labels, tokenizer, settings.batch_size,
+                         settings.max_length, settings.limit, inputs)
+    examples = read_tsv(data_path, checkpoint.labels)[:settings.limit] if checkpoint.task == SEQUENCE else []
+    digest = evaluation.digest
     baseline_accuracy = read_baseline(baseline, digest) if baseline is not None else None
     specs = backend_specs(settings.providers, settings.profiles)
     for spec in specs:  # resolve every profile before the long part, so a bad one fails fast
@@ -97,15 +98,19 @@ def validate(export_dir: Path, checkpoint_path: Path, data_path: Path, settings:
         import torch
 
         torch.set_num_threads(settings.threads)
-    tokenizer = load_tokenizer(export_dir)
-    batches = tokenize(tokenizer, examples, settings.batch_size, settings.max_length, inputs)
-    labels = np.array([e.label for e in examples], dtype=np.int64)
-    runs = run_all(specs, checkpoint, export_dir, batches, workdir, settings.threads, progress)
-    summaries = summarize(runs, labels)
+    runs = run_all(specs, checkpoint, export_dir, evaluation.batches, workdir, settings.threads, progress)
+    if evaluation.labels is not None:
+        summaries = summarize(runs, evaluation.labels)
+    else:
+        summaries = summarize_task(runs, evaluation)
     progress(backend_table(summaries))
+    if task_table(summaries):
+        progress(task_table(summaries))
     layers: dict[str, list[LayerError]] = {}
     layer_count = min(settings.layer_examples, len(examples))
-    if settings.layerwise:
+    if settings.layerwise and not examples:
+        progress("layerwise comparison: sequence classification only; skipped")
+    elif settings.layerwise:
         progress(f"layerwise comparison on {layer_count} examples")
         layers = layerwise(checkpoint, runs, tokenize(tokenizer, examples[:layer_count], layer_count,
                                                       settings.max_length, inputs)[0], settings.threads)
@@ -117,7 +122,7 @@ def validate(export_dir: Path, checkpoint_path: Path, data_path: Path, settings:
     failures = check(summaries, tolerance, baseline_accuracy)
     report = Report(
         export_dir=str(export_dir), checkpoint=str(checkpoint_path), checkpoint_sha256=info.checkpoint_sha256,
-        data={"path": str(data_path), "examples": len(examples), "sha256": digest},
+        data={"path": str(data_path), "examples": evaluation.examples, "sha256": digest, "task": checkpoint.task},
         settings={"providers": ",".join(settings.providers), "profiles": ",".join(settings.profiles),
                   "batch_size": settings.batch_size, "max_length": settings.max_length, "threads": settings.threads},
         summaries=summaries, bits=bits_per_layer(info.weight_bits),

@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException
 
 from qbert_deploy.runtimes.serving.batcher import Batcher, BatcherClosed, QueueFull
 from qbert_deploy.runtimes.serving.metrics import ServeMetrics
-from qbert_deploy.runtimes.serving.model import OUTPUT_NAME, ServedModel, softmax
+from qbert_deploy.runtimes.serving.model import ServedModel, softmax
 from qbert_deploy.runtimes.serving.protocol import (
     HEADER_LENGTH,
     ServeError,
@@ -28,6 +28,7 @@ from qbert_deploy.runtimes.serving.protocol import (
     parse_infer,
     parse_json,
 )
+from qbert_deploy.tasks import QA, SEQUENCE, TOKEN, output_dims, split
 
 VERSION = "1"
 
@@ -128,9 +129,11 @@ class Server:
                    for n in self.model.input_names]
         return {"name": self.config.model_name, "versions": [VERSION], "platform": "onnxruntime_onnx",
                 "inputs": tensors,
-                "outputs": [{"name": OUTPUT_NAME, "datatype": self.model.output_type,
-                             "shape": [-1, len(self.model.labels)]}],
-                "parameters": {"labels": self.model.labels, "max_sequence_length": self.model.max_length,
+                "outputs": [{"name": n, "datatype": self.model.output_type,
+                             "shape": [-1, *output_dims(self.model.task, len(self.model.labels))]}
+                            for n in self.model.output_names],
+                "parameters": {"task": self.model.task, "labels": self.model.labels,
+                               "max_sequence_length": self.model.max_length,
                                "model_file": self.model.path.name, "profile": self.model.profile,
                                "lowered_in_memory": self.model.served.lowered_in_memory,
                                "providers": self.model.providers}}
@@ -142,8 +145,9 @@ class Server:
                 "max_batch_size": self.config.max_batch,
                 "input": [{"name": n, "data_type": types.get(self.model.input_types[n], "TYPE_INVALID"),
                            "dims": [-1]} for n in self.model.input_names],
-                "output": [{"name": OUTPUT_NAME, "data_type": types.get(self.model.output_type, "TYPE_INVALID"),
-                            "dims": [len(self.model.labels)]}],
+                "output": [{"name": n, "data_type": types.get(self.model.output_type, "TYPE_INVALID"),
+                            "dims": output_dims(self.model.task, len(self.model.labels))}
+                           for n in self.model.output_names],
                 "dynamic_batching": {"max_queue_delay_microseconds": round(self.config.max_delay_ms * 1000)}}
 
     async def observed(self, endpoint: str, handler: Callable[[], Awaitable[Response]]) -> Response:
@@ -161,39 +165,91 @@ class Server:
         self.check_model(name, version)
         body = await read_body(request, self.config.max_body_bytes)
         parsed = parse_infer(body, request.headers.get(HEADER_LENGTH), self.model.input_types)
-        unknown = [o for o in parsed.outputs or [] if o != OUTPUT_NAME]
+        names = self.model.output_names
+        unknown = [o for o in parsed.outputs or [] if o not in names]
         if unknown:
-            raise ServeError(400, f"unknown output {unknown[0]!r}; the model gives {OUTPUT_NAME!r}")
+            raise ServeError(400, f"unknown output {unknown[0]!r}; the model gives {', '.join(map(repr, names))}")
         try:
             feeds = self.model.check_inputs(parsed.inputs)
         except ValueError as err:
             raise ServeError(400, str(err)) from None
-        logits = await self.infer_rows(feeds)
-        output: np.ndarray = logits
-        if OUTPUT_NAME in parsed.class_counts:
-            count = min(parsed.class_counts[OUTPUT_NAME], logits.shape[1])
-            output = classification(logits, count, self.model.labels)
-        payload, headers = encode_infer(self.config.model_name, {OUTPUT_NAME: output}, parsed.binary_outputs,
-                                        parsed.request_id)
+        outputs = split(self.model.task, await self.infer_rows(feeds))
+        if parsed.outputs:
+            outputs = {n: outputs[n] for n in names if n in parsed.outputs}
+        for name, count in parsed.class_counts.items():
+            if self.model.task != SEQUENCE:
+                raise ServeError(400, "the classification extension applies to sequence classifiers only")
+            outputs[name] = classification(outputs[name], min(count, outputs[name].shape[1]), self.model.labels)
+        payload, headers = encode_infer(self.config.model_name, outputs, parsed.binary_outputs, parsed.request_id)
         return Response(payload, headers=headers)
+
+    def check_task(self, task: str, endpoint: str) -> None:
+        if self.model.task != task:
+            endpoints = {SEQUENCE: "classify", TOKEN: "tag", QA: "answer"}
+            raise ServeError(400, f"/{endpoint} needs a {task} model; this one is {self.model.task} "
+                                  f"(use /{endpoints[self.model.task]})")
+
+    def _strings(self, body: Any, key: str, example: str) -> list[str]:
+        values = body.get(key) if isinstance(body, dict) else None
+        if isinstance(values, str):
+            values = [values]
+        if not isinstance(values, list) or not all(isinstance(t, str) for t in values):
+            raise ServeError(400, f'expected {{"{key}": "{example}"}} or {{"{key}": ["{example}", ...]}}')
+        if not values:
+            raise ServeError(400, f"empty input: '{key}' is an empty list")
+        if len(values) > self.config.max_batch:
+            raise ServeError(400, f"{len(values)} texts is more than the maximum batch of {self.config.max_batch}")
+        return values
+
+    async def tag(self, request: Request, name: str) -> Response:
+        """Token classification: the entities of each text, with character offsets into it."""
+        self.check_model(name)
+        self.check_task(TOKEN, "tag")
+        texts = self._strings(parse_json(await read_body(request, self.config.max_body_bytes)), "text", "a sentence")
+        encoded = await asyncio.to_thread(self.model.encode, texts)
+        self._check_length(encoded.truncated)
+        logits = await self.infer_rows(encoded.feeds)
+        predictions = [{"entities": self.model.tag(row, encoding, text, self.model.labels), "truncated": cut}
+                       for row, encoding, text, cut in zip(logits, encoded.encodings, texts, encoded.truncated,
+                                                           strict=True)]
+        return JSONResponse({"model_name": self.config.model_name, "model_version": VERSION,
+                             "predictions": predictions})
+
+    async def answer(self, request: Request, name: str) -> Response:
+        """Extractive QA: for each question + context, the answer text, its character span and its score."""
+        self.check_model(name)
+        self.check_task(QA, "answer")
+        body = parse_json(await read_body(request, self.config.max_body_bytes))
+        questions = self._strings(body, "question", "a question")
+        contexts = self._strings(body, "context", "a passage")
+        if len(questions) != len(contexts):
+            raise ServeError(400, f"{len(questions)} questions but {len(contexts)} contexts")
+        try:
+            encoded = await asyncio.to_thread(self.model.encode_questions, questions, contexts)
+        except ValueError as err:
+            raise ServeError(400, str(err)) from None
+        if len(encoded.question_of) > self.config.max_batch:
+            raise ServeError(400, f"the contexts need {len(encoded.question_of)} windows of "
+                                  f"{self.model.max_length} tokens, more than the maximum batch of "
+                                  f"{self.config.max_batch}")
+        combined = await self.infer_rows(encoded.feeds)
+        answers = self.model.answers(combined, encoded, contexts)
+        return JSONResponse({"model_name": self.config.model_name, "model_version": VERSION,
+                             "predictions": [{"answer": a.text, "start": a.start, "end": a.end, "score": a.score}
+                                             for a in answers]})
+
+    def _check_length(self, truncated: list[bool]) -> None:
+        if self.config.reject_long_text and any(truncated):
+            first = truncated.index(True)
+            raise ServeError(400, f"text {first} is longer than the model maximum of {self.model.max_length} tokens "
+                                  "(this server rejects long text instead of truncating it)")
 
     async def classify(self, request: Request, name: str) -> Response:
         self.check_model(name)
-        body = parse_json(await read_body(request, self.config.max_body_bytes))
-        texts = body.get("text") if isinstance(body, dict) else None
-        if isinstance(texts, str):
-            texts = [texts]
-        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
-            raise ServeError(400, 'expected {"text": "a sentence"} or {"text": ["sentence", ...]}')
-        if not texts:
-            raise ServeError(400, "empty input: 'text' is an empty list")
-        if len(texts) > self.config.max_batch:
-            raise ServeError(400, f"{len(texts)} texts is more than the maximum batch of {self.config.max_batch}")
+        self.check_task(SEQUENCE, "classify")
+        texts = self._strings(parse_json(await read_body(request, self.config.max_body_bytes)), "text", "a sentence")
         encoded = await asyncio.to_thread(self.model.encode, texts)  # long text must not stall the event loop
-        if self.config.reject_long_text and any(encoded.truncated):
-            first = encoded.truncated.index(True)
-            raise ServeError(400, f"text {first} is longer than the model maximum of {self.model.max_length} tokens "
-                                  "(this server rejects long text instead of truncating it)")
+        self._check_length(encoded.truncated)
         logits = await self.infer_rows(encoded.feeds)
         probabilities = softmax(logits)
         labels = self.model.labels
@@ -279,6 +335,14 @@ def create_app(model: ServedModel, config: ServeConfig | None = None) -> FastAPI
     @app.post("/v2/models/{name}/classify")
     async def classify(name: str, request: Request) -> Response:
         return await server.observed("classify", lambda: server.classify(request, name))
+
+    @app.post("/v2/models/{name}/tag")
+    async def tag(name: str, request: Request) -> Response:
+        return await server.observed("tag", lambda: server.tag(request, name))
+
+    @app.post("/v2/models/{name}/answer")
+    async def answer(name: str, request: Request) -> Response:
+        return await server.observed("answer", lambda: server.answer(request, name))
 
     @app.get("/metrics")
     async def prometheus() -> Response:

@@ -175,7 +175,9 @@ class Batcher:
         row = 0
         for r in batch:
             if not r.future.done():
-                r.future.set_result(logits[row:row + r.rows])
+                own = logits[row:row + r.rows]
+                # per-token outputs come back as long as the request's own sequences, not the padded batch
+                r.future.set_result(own[:, :r.feeds["input_ids"].shape[1]] if own.ndim > 2 else own)
             row += r.rows
 
     def __del__(self) -> None:

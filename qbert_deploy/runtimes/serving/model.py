@@ -20,6 +20,7 @@ from tokenizers import Tokenizer
 
 from qbert_deploy.families import TEXT_INPUTS, Family, family_of
 from qbert_deploy.runtimes.session import PROVIDERS, SessionError, first_available, open_session
+from qbert_deploy.tasks import DEFAULT_TASK, best_span, combine, entities, task_kind, task_of_head
 
 INPUT_NAMES = TEXT_INPUTS  # a graph takes these or a subset (DistilBERT's and RoBERTa's have no token_type_ids)
 OUTPUT_NAME = "logits"
@@ -132,6 +133,32 @@ def _max_length(config: dict[str, Any], tokenizer_config: dict[str, Any], family
 class Encoded:
     feeds: dict[str, np.ndarray]  # int64 [texts, longest]
     truncated: list[bool]  # per text: cut to the model maximum
+    encodings: Sequence[Any] = ()  # the tokenizers Encoding of each row (offsets, word ids)
+
+
+@dataclass(frozen=True)
+class QAEncoded:
+    feeds: dict[str, np.ndarray]  # int64 [windows, longest]: a long context gives several overlapping windows
+    question_of: list[int]  # per window, the question it belongs to
+    encodings: Sequence[Any]  # per window: its tokenizers Encoding (offsets, sequence ids)
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    start: int  # characters into the context
+    end: int
+    score: float  # probability of the start token times that of the end token, within the window
+
+
+def _feeds(encodings: Sequence[Any], pad_values: dict[str, int], names: Sequence[str]) -> dict[str, np.ndarray]:
+    longest = max(len(e.ids) for e in encodings)
+    feeds = {n: np.full((len(encodings), longest), pad_values[n], dtype=np.int64) for n in INPUT_NAMES}
+    for row, e in enumerate(encodings):
+        feeds["input_ids"][row, :len(e.ids)] = e.ids
+        feeds["attention_mask"][row, :len(e.ids)] = e.attention_mask
+        feeds["token_type_ids"][row, :len(e.ids)] = e.type_ids
+    return {n: feeds[n] for n in names}
 
 
 class ServedModel:
@@ -157,11 +184,16 @@ class ServedModel:
         if "input_ids" not in names or not set(names) <= set(INPUT_NAMES):
             raise ModelDirError(f"{self.path}: inputs {names} are not a subset of {list(INPUT_NAMES)}")
         outputs = {o.name: o for o in self.session.get_outputs()}
-        if OUTPUT_NAME not in outputs:
-            raise ModelDirError(f"{self.path}: no {OUTPUT_NAME!r} output")
+        self.task = task_of_head(config.get("architectures")) or DEFAULT_TASK
+        self.output_names = list(task_kind(self.task).outputs)
+        missing = [n for n in self.output_names if n not in outputs]
+        if missing:
+            raise ModelDirError(f"{self.path}: no {missing[0]!r} output (a {self.task} model gives "
+                                f"{self.output_names})")
         self.input_names = [n for n in INPUT_NAMES if n in names]
         self.input_types = {i.name: ORT_TYPES.get(i.type, i.type) for i in self.session.get_inputs()}
-        self.output_type = ORT_TYPES.get(outputs[OUTPUT_NAME].type, outputs[OUTPUT_NAME].type)
+        first = outputs[self.output_names[0]]
+        self.output_type = ORT_TYPES.get(first.type, first.type)
         self.labels = labels_of(config)
         self.max_length = _max_length(config, tokenizer_config, family)
         self.vocab_size = int(config.get("vocab_size", 0)) or None
@@ -176,6 +208,10 @@ class ServedModel:
         except Exception as err:  # the tokenizers library raises its own untyped exceptions
             raise ModelDirError(f"{tokenizer_path}: cannot load it ({str(err)[:200]})") from None
         self.tokenizer.no_padding()  # padding is per batch, in the batcher
+        # question answering: contexts longer than the window go in overlapping windows (HF's doc stride)
+        self.qa_tokenizer = Tokenizer.from_str(self.tokenizer.to_str())
+        self.qa_tokenizer.enable_truncation(max_length=self.max_length, stride=min(128, self.max_length // 4),
+                                            strategy="only_second")
         self.tokenizer.enable_truncation(max_length=self.max_length)
         self._warm_up()
 
@@ -192,8 +228,8 @@ class ServedModel:
         return {"input_ids": self.pad_id, "attention_mask": 0, "token_type_ids": 0}
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        logits: np.ndarray = self.session.run([OUTPUT_NAME], {n: feeds[n] for n in self.input_names})[0]
-        return logits
+        """The model's outputs as one array: logits, or QA's start/end logits stacked on a last axis of 2."""
+        return combine(self.task, self.session.run(self.output_names, {n: feeds[n] for n in self.input_names}))
 
     def check_inputs(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Validate a [rows, tokens] batch of ids and fill the optional inputs; ValueError says what is wrong."""
@@ -221,14 +257,60 @@ class ServedModel:
 
     def encode(self, texts: Sequence[str]) -> Encoded:
         encodings = self.tokenizer.encode_batch(list(texts))
-        longest = max(len(e.ids) for e in encodings)
-        feeds = {n: np.full((len(texts), longest), self.pad_values[n], dtype=np.int64) for n in INPUT_NAMES}
-        for row, e in enumerate(encodings):
-            feeds["input_ids"][row, :len(e.ids)] = e.ids
-            feeds["attention_mask"][row, :len(e.ids)] = e.attention_mask
-            feeds["token_type_ids"][row, :len(e.ids)] = e.type_ids
         truncated = [bool(e.overflowing) for e in encodings]
-        return Encoded({n: feeds[n] for n in self.input_names}, truncated)
+        return Encoded(_feeds(encodings, self.pad_values, self.input_names), truncated, encodings)
+
+    def encode_questions(self, questions: Sequence[str], contexts: Sequence[str]) -> QAEncoded:
+        """Question + context windows; each context is cut into overlapping windows when it is too long."""
+        windows, question_of = [], []
+        try:
+            encodings = self.qa_tokenizer.encode_batch(list(zip(questions, contexts, strict=True)))
+        except Exception as err:  # tokenizers raises its own untyped exception when a question fills the window
+            raise ValueError(f"cannot fit the question and context into {self.max_length} tokens "
+                             f"({str(err)[:160]})") from None
+        for index, e in enumerate(encodings):
+            for window in [e, *e.overflowing]:
+                windows.append(window)
+                question_of.append(index)
+        return QAEncoded(_feeds(windows, self.pad_values, self.input_names), question_of, windows)
+
+    @staticmethod
+    def tag(logits: np.ndarray, encoding: Any, text: str, labels: Sequence[str]) -> list[dict[str, Any]]:
+        """Entities of one text from its [tokens, tags] logits: each word takes its first sub-token's tag (as in
+        training), words of one entity join, character offsets come from the tokenizer."""
+        probabilities = softmax(logits[:len(encoding.ids)])
+        words: dict[int, int] = {}
+        for position, word in enumerate(encoding.word_ids):
+            if word is not None and word not in words:
+                words[word] = position
+        order = sorted(words)
+        tags = [labels[int(probabilities[words[w]].argmax())] for w in order]
+        out = []
+        for kind, first, last in entities(tags):
+            first_token = words[order[first]]
+            last_token = max(p for p, w in enumerate(encoding.word_ids) if w == order[last])
+            start, end = int(encoding.offsets[first_token][0]), int(encoding.offsets[last_token][1])
+            score = float(np.mean([probabilities[words[order[i]]].max() for i in range(first, last + 1)]))
+            out.append({"entity": kind, "text": text[start:end], "start": start, "end": end, "score": score})
+        return out
+
+    @staticmethod
+    def answers(combined: np.ndarray, encoded: QAEncoded, contexts: Sequence[str]) -> list[Answer]:
+        """Each question's best span over its windows, from [windows, tokens, 2] start/end logits."""
+        best: dict[int, Answer] = {}
+        for row, encoding in enumerate(encoded.encodings):
+            length = len(encoding.ids)
+            context = np.array([s == 1 for s in encoding.sequence_ids], dtype=bool)
+            start_logits, end_logits = combined[row, :length, 0], combined[row, :length, 1]
+            first, last, _ = best_span(start_logits, end_logits, context)
+            starts, ends = softmax(np.where(context, start_logits, -np.inf)), softmax(np.where(context, end_logits,
+                                                                                               -np.inf))
+            score = float(starts[first] * ends[last])
+            question = encoded.question_of[row]
+            if question not in best or score > best[question].score:
+                start, end = int(encoding.offsets[first][0]), int(encoding.offsets[last][1])
+                best[question] = Answer(contexts[question][start:end], start, end, score)
+        return [best[i] for i in range(len(contexts))]
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
