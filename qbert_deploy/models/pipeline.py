@@ -81,8 +81,7 @@ def _allocate(job: Job, task: Task, fp32: torch.nn.Module, fp32_acc: float, meth
         save_sensitivity(sens, path, job.out / "sensitivity.png", bits)
         data = json.loads(path.read_text())
         data["settings"] = key
-        write_text_atomic(path, json.dumps(data, indent=1) + "
-")
+        write_text_atomic(path, json.dumps(data, indent=1) + "\n")
     log.info("bits per encoder layer: %s", bits)
     return recipe
 
