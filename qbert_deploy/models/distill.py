@@ -149,9 +149,18 @@ class Distiller:
             teacher_scores = self._scores(self.teacher) if w.attention else []
         student = model(**inputs, output_hidden_states=hidden)
         student_scores = self._scores(model) if w.attention else []
-        return distill_loss(student.logits, teacher.logits, inputs.get("attention_mask"), w,
+        return distill_loss(head_logits(student), head_logits(teacher), inputs.get("attention_mask"), w,
                             student.hidden_states if hidden else None, teacher.hidden_states if hidden else None,
                             student_scores, teacher_scores)
+
+
+def head_logits(out: Any) -> torch.Tensor:
+    """The head's logits with the class axis last: a QA head's start and end logits stacked as [batch, 2, tokens],
+    so the soft cross-entropy runs over token positions, as the QA loss does."""
+    if getattr(out, "start_logits", None) is not None:
+        return torch.stack([out.start_logits, out.end_logits], dim=1)
+    logits: torch.Tensor = out.logits
+    return logits
 
 
 def _masked_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

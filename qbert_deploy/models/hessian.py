@@ -72,8 +72,7 @@ def layer_eigenvalues(model: nn.Module, batch: dict[str, torch.Tensor], iters: i
     """
     device = distributed.device()
     model.to(device)
-    labels = batch["labels"]
-    rows, weight = distributed.local_rows(len(labels))
+    rows, weight = distributed.local_rows(len(batch["input_ids"]))  # labels may be QA's start/end positions
     local = {k: v[rows].to(device) for k, v in batch.items()}
     layers = encoder_layers(model)
     params = [[p for p in layer.parameters() if p.requires_grad] for _, layer in layers]
