@@ -7,6 +7,7 @@ the console script of this test's own environment (so the code under test is thi
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -110,6 +111,12 @@ def test_two_processes_make_the_one_process_model(one_process: Path, two_process
     assert log.count("wrote ") == 1, "only rank 0 logs"
     assert sorted(p.name for p in two_processes.iterdir() if p.name.startswith(".")) == [], "no temporary leftovers"
     assert {b.bits for b in two.recipe.overrides.values()} == {2, 4}
+    # Hessian subsets of 5 rows split 3 + 2: the summed, share-weighted products are the whole subset's Hessian.
+    # The power iteration stops at a relative change of 1e-2, so rounding may stop it one product apart: the
+    # eigenvalues agree to 1e-2 of the largest; rank 0's 3 rows alone give a different Hessian altogether.
+    for a, b in zip(json.loads((one_process / "sensitivity.json").read_text())["eigenvalues"],
+                    json.loads((two_processes / "sensitivity.json").read_text())["eigenvalues"], strict=True):
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-2 * max(abs(v) for v in a))
     _assert_same_weights(one, two)
     export = tmp_path / "export"
     assert export_main([str(two_processes / "model.pt"), "-o", str(export)]) == 0
@@ -171,3 +178,56 @@ def test_world_size_must_divide_the_global_batch(tiny_dir: Path, tmp_path: Path,
     assert err == ["qbert-quantize: error: world size 4 does not divide the global batch (--batch-size 6); "
                    "use a multiple of 4"], err
     assert not out.exists()
+
+
+def _train_worker(rank: int, world: int, port: int, out: str) -> None:
+    """One rank of a 2-process train(): joins a gloo group the way a launcher would set it up."""
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "CUDA_VISIBLE_DEVICES": ""})
+    torch.set_num_threads(1)
+    from qbert_deploy.models import distributed
+
+    distributed.setup()
+    try:
+        model, losses = _tiny_training()
+        if distributed.is_main():
+            torch.save({"losses": losses, "state": model.state_dict()}, out)
+    finally:
+        distributed.teardown()
+
+
+def _tiny_training() -> tuple[torch.nn.Module, list[float]]:
+    from qbert_deploy.models.task import Task
+    from qbert_deploy.models.train import train
+
+    # 9 examples in global batches of 4: 4, 4, then 1 row, which rank 1 repeats with weight 0.
+    task = Task(tokenizer(), [Example(s, i % 2) for i, s in enumerate(SENTENCES + SENTENCES[:1])], [],
+                ["negative", "positive"], batch_size=4)
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(tiny_config())
+
+    def own_loss(seen: torch.nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        # A loss_fn may reach into the model (distillation hooks it, reads its config): it gets the model itself.
+        assert seen is model, type(seen)
+        return torch.nn.functional.cross_entropy(seen(**inputs).logits, labels)
+
+    return model, train(model, task.train_batches, steps=4, lr=1e-3, loss_fn=own_loss)
+
+
+def test_train_loss_is_the_global_batch_mean(tmp_path: Path) -> None:
+    """Each step's logged loss is the global batch's mean, also for a batch too short to give every rank a row
+    (gradient clipping and Adam would hide a wrongly weighted gradient in the weights; the loss does not)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = tmp_path / "two.pt"
+    mp.spawn(_train_worker, args=(2, port, str(out)), nprocs=2, join=True)
+    two = torch.load(out, weights_only=True)
+    model, losses = _tiny_training()
+    np.testing.assert_allclose(two["losses"], losses, rtol=1e-5)
+    for name, tensor in model.state_dict().items():
+        np.testing.assert_allclose(two["state"][name].numpy(), tensor.numpy(), rtol=0, atol=ATOL, err_msg=name)

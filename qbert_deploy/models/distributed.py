@@ -3,7 +3,7 @@
 A launcher (`torchrun`, `accelerate launch`) describes the run in the environment (WORLD_SIZE, RANK, LOCAL_RANK,
 MASTER_ADDR/PORT); without one the run is a single process and nothing here talks to anyone. Processes on GPUs talk
 over NCCL, on CPUs over gloo. The global batch defines the run: each rank takes its slice of every global batch, so
-N processes see exactly the batches one process sees, and gradients averaged by DDP are the global batch's.
+N processes see exactly the batches one process sees, and gradients averaged over ranks are the global batch's.
 """
 
 from __future__ import annotations
@@ -96,6 +96,26 @@ def broadcast_weights(model: torch.nn.Module) -> None:
             dist.broadcast(tensor, src=0)
 
 
+def average_gradients(model: torch.nn.Module) -> None:
+    """Average the gradients of every trainable parameter over ranks, in one all-reduce per dtype.
+
+    Not DDP's wrapper: a loss function (distillation hooks, `model.config`) sees the model itself, and the gradients
+    are the same. A parameter without a gradient counts as zero, so every rank reduces the same buffer.
+    """
+    if not dist.is_initialized():
+        return
+    params = [p for p in model.parameters() if p.requires_grad]
+    for dtype in sorted({p.dtype for p in params}, key=str):
+        group = [p for p in params if p.dtype == dtype]
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in group])
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        offset = 0
+        for p in group:
+            p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
+
+
 def all_gather(value: T) -> list[T]:
     """Every rank's value (any picklable object), in rank order."""
     if not dist.is_initialized():
@@ -123,7 +143,7 @@ def shard_bounds(size: int) -> tuple[int, int]:
 
 def local_rows(size: int) -> tuple[slice, float]:
     """This rank's rows of a global batch of `size` rows, and the weight that makes the ranks' losses, averaged
-    by DDP, the global batch's mean loss. A rank left without rows (a short last batch) repeats the batch's last
+    over ranks, the global batch's mean loss. A rank left without rows (a short last batch) repeats the batch's last
     row with weight 0: it must still run the step, and a repeated row leaves the activation ranges unchanged."""
     start, stop = shard_bounds(size)
     if start == stop:

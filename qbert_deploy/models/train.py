@@ -1,7 +1,7 @@
 """Fine-tuning and evaluation loops for sequence classification, with progress bars and resumable state.
 
 The same loops run in one process (CPU or GPU) or in many under a launcher (see `distributed`): each step takes one
-global batch, every rank trains on its slice, and DDP averages the gradients into the global batch's.
+global batch, every rank trains on its slice, and the gradients averaged over ranks are the global batch's.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from qbert_deploy.models import distributed
@@ -62,14 +61,12 @@ def train(model: nn.Module, make_batches: Callable[[int], Iterable[Batch]], step
 
     `resume` is a state that `save` was given earlier: training goes on from its step with the same data order.
     `loss_fn` computes each batch's loss (e.g. distillation); by default the model's own loss on the labels. Its
-    `model` is a DDP wrapper when distributed: call it, do not reach into it. Only rank 0 calls `save`.
+    It gets the model itself (no wrapper), so hooks and attributes work as in one process. Only rank 0 calls `save`.
     """
     loss_fn = loss_fn or model_loss
     device = distributed.device()
     model.to(device).train()
-    engine: nn.Module = model
-    if distributed.world_size() > 1:
-        engine = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    distributed.broadcast_weights(model)  # every rank starts from rank 0's weights
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
     warm = max(1, int(steps * warmup))
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -89,10 +86,11 @@ def train(model: nn.Module, make_batches: Callable[[int], Iterable[Batch]], step
         for step in range(start, steps):
             inputs, labels = next(data)
             rows, weight = distributed.local_rows(len(labels))
-            loss = loss_fn(engine, to_torch({k: v[rows] for k, v in inputs.items()}, device),
+            loss = loss_fn(model, to_torch({k: v[rows] for k, v in inputs.items()}, device),
                            torch.from_numpy(labels[rows]).to(device))
             optimizer.zero_grad(set_to_none=True)
             (loss * weight).backward()
+            distributed.average_gradients(model)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             schedule.step()
