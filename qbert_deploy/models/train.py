@@ -60,7 +60,7 @@ def train(model: nn.Module, make_batches: Callable[[int], Iterable[Batch]], step
     """AdamW with linear warm-up and decay for `steps` steps; `make_batches(epoch)` yields shuffled batches.
 
     `resume` is a state that `save` was given earlier: training goes on from its step with the same data order.
-    `loss_fn` computes each batch's loss (e.g. distillation); by default the model's own loss on the labels. Its
+    `loss_fn` computes each batch's loss (e.g. distillation); by default the model's own loss on the labels.
     It gets the model itself (no wrapper), so hooks and attributes work as in one process. Only rank 0 calls `save`.
     """
     loss_fn = loss_fn or model_loss
