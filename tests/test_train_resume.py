@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 from transformers import BertForSequenceClassification
 
@@ -32,3 +33,19 @@ def test_resume_matches_an_uninterrupted_run() -> None:
     train(resumed, task.train_batches, steps=6, lr=1e-3, resume=states[0])
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_loss_fn_hook_replaces_the_model_loss() -> None:
+    task = Task(tokenizer(), [Example(s, i % 2) for i, s in enumerate(SENTENCES * 2)], [], LABELS, batch_size=4)
+    default = _model()
+    default_losses = train(default, task.train_batches, steps=3, lr=1e-3)
+    seen: list[tuple[set[str], int]] = []
+
+    def doubled(model: torch.nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        seen.append((set(inputs), len(labels)))
+        return 2 * model(**inputs, labels=labels).loss
+
+    hooked = _model()
+    hooked_losses = train(hooked, task.train_batches, steps=3, lr=1e-3, loss_fn=doubled)
+    assert len(seen) == 3 and all("labels" not in keys and n == 4 for keys, n in seen), seen
+    assert hooked_losses[0] == pytest.approx(2 * default_losses[0], rel=1e-5), "the hook's loss is the one trained"

@@ -3,6 +3,10 @@
 A run keeps its state in --out: the fine-tuned fp32 model (fp32/), the sensitivity (sensitivity.json/.png) and,
 during QAT, qat-state.pt every --save-every steps. Run the same command again after a crash or a kill and it goes
 on from there; model.pt is written atomically at the end, so it is either whole or absent.
+
+The same command runs in one process (on a GPU when there is one, else the CPU) or on many GPUs or machines under
+a launcher, e.g. `torchrun --nproc_per_node 4 --no-python qbert-quantize ...`. --batch-size is the global batch:
+each of N processes takes 1/N of it, so the run is the same run; only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -120,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--hessian-batch", type=_positive(int), default=32, help="examples per subset")
     parser.add_argument("--hessian-iters", type=_positive(int), default=20, help="power iterations at most")
     parser.add_argument("--calibration-batches", type=_positive(int), default=8)
-    parser.add_argument("--batch-size", type=_positive(int), default=32)
+    parser.add_argument("--batch-size", type=_positive(int), default=32,
+                        help="global batch: split evenly over the processes of a distributed run")
     parser.add_argument("--max-length", type=_positive(int, 8), default=64)
     parser.add_argument("--save-every", type=_positive(int), default=50, help="QAT steps between resume states")
     parser.add_argument("--seed", type=int, default=0)
@@ -194,6 +199,10 @@ def _method_and_recipe(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def _log_to(out: Path) -> list[logging.Handler]:
+    from qbert_deploy.models import distributed
+
+    if not distributed.is_main():
+        return []  # one log per run: rank 0's
     logger = logging.getLogger("qbert_deploy")
     logger.setLevel(logging.INFO)
     handlers: list[logging.Handler] = [logging.FileHandler(out / "quantize.log", encoding="utf-8"),
@@ -213,6 +222,9 @@ def _run(args: argparse.Namespace) -> int:
     args.model_dir = Path(args.model)
     if not (args.model_dir / "config.json").is_file():
         raise ValueError(f"{args.model_dir}: not a Hugging Face model directory (no config.json)")
+    from qbert_deploy.models import distributed
+
+    distributed.check_global_batch("--batch-size", args.batch_size, distributed.launched_world_size())
     method, recipe = _method_and_recipe(args)
     args.distill_weights = _distill_weights(args, method)
     task = _task(args)
@@ -221,14 +233,18 @@ def _run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    handlers = _log_to(out)
+    distributed.setup()
+    handlers: list[logging.Handler] = []
     try:
+        if distributed.is_main():
+            out.mkdir(parents=True, exist_ok=True)
+        handlers = _log_to(out)
         return _quantize(args, method, recipe, out, task)
     finally:  # main() may run more than once in a process (tests, notebooks): no handler outlives its run
         for handler in handlers:
             logging.getLogger("qbert_deploy").removeHandler(handler)
             handler.close()
+        distributed.teardown()
 
 
 def _distill_weights(args: argparse.Namespace, method: Any) -> Any:

@@ -140,11 +140,15 @@ class Distiller:
     def __call__(self, model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         w = self.weights
         hidden = bool(w.hidden)
+        inner = getattr(model, "module", model)  # train() may hand us a DDP wrapper: the hooks are on its module
+        device = labels.device
+        if next(self.teacher.parameters()).device != device:
+            self.teacher.to(device)
         with torch.no_grad():
             teacher = self.teacher(**inputs, output_hidden_states=hidden)
             teacher_scores = self._scores(self.teacher) if w.attention else []
         student = model(**inputs, output_hidden_states=hidden)
-        student_scores = self._scores(model) if w.attention else []
+        student_scores = self._scores(inner) if w.attention else []
         return distill_loss(student.logits, teacher.logits, inputs.get("attention_mask"), w,
                             student.hidden_states if hidden else None, teacher.hidden_states if hidden else None,
                             student_scores, teacher_scores)

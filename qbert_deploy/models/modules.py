@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qbert_deploy.models import distributed
 from qbert_deploy.models.quantizer import (
     activation_qparams,
     fake_quant,
@@ -37,6 +38,7 @@ class ActQuant(nn.Module):
 
     def observe(self, x: torch.Tensor) -> None:
         lo, hi = x.detach().min().float(), x.detach().max().float()
+        distributed.all_reduce_range(lo, hi)  # ranks hold slices of one global batch: observe all of it
         if not bool(self.initialized):
             self.range.copy_(torch.stack([lo, hi]))
             self.initialized.fill_(True)

@@ -1,6 +1,7 @@
 """The whole qbert-quantize workflow as one call: fp32 fine-tune, Hessian, allocation, QAT/PTQ, model.pt.
 
 State lives in the output folder (fp32/, sensitivity.json, qat-state.pt), so a killed run goes on from there.
+Distributed (see `distributed`), every rank runs every step and only rank 0 writes; the others wait at a barrier.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from typing import Any
 
 import torch
 
-from qbert_deploy.atomic import atomic_file
+from qbert_deploy.atomic import atomic_file, write_text_atomic
 from qbert_deploy.checkpoint import Checkpoint, save_checkpoint
+from qbert_deploy.models import distributed
 from qbert_deploy.models.build import make_checkpoint, tokenizer_files
 from qbert_deploy.models.distill import DistillWeights
 from qbert_deploy.models.hessian import sensitivity
@@ -62,9 +64,10 @@ def _allocate(job: Job, task: Task, fp32: torch.nn.Module, fp32_acc: float, meth
            "seed": job.seed, "fp32": fp32_acc}
     path = job.out / "sensitivity.json"
     sens = None
-    if path.exists() and json.loads(path.read_text()).get("settings") == key:
+    if distributed.is_main() and path.exists() and json.loads(path.read_text()).get("settings") == key:
         sens = load_sensitivity(path)
         log.info("sensitivity: reusing %s", path)
+    sens = distributed.broadcast(sens)  # rank 0 read the file; computing it again takes every rank
     if sens is None:
         sens = sensitivity(fp32, task.input_batches(job.hessian_subsets, job.seed + 1, job.hessian_batch),
                            iters=job.hessian_iters, tol=1e-2)
@@ -72,21 +75,27 @@ def _allocate(job: Job, task: Task, fp32: torch.nn.Module, fp32_acc: float, meth
     recipe = mixed_recipe(fp32, recipe, sens, choices, average_bits=average or None,
                           budget_mb=job.budget_mb if not average else None)
     bits = [recipe.for_module(f"{layer}.output.dense").bits for layer in sens.layers]
-    save_sensitivity(sens, path, job.out / "sensitivity.png", bits)
-    data = json.loads(path.read_text())
-    data["settings"] = key
-    path.write_text(json.dumps(data, indent=1) + "\n")
+    if distributed.is_main():
+        save_sensitivity(sens, path, job.out / "sensitivity.png", bits)
+        data = json.loads(path.read_text())
+        data["settings"] = key
+        write_text_atomic(path, json.dumps(data, indent=1) + "\n")
     log.info("bits per encoder layer: %s", bits)
     return recipe
 
 
 def run_job(job: Job, task: Task, method: Method, recipe: Recipe) -> Checkpoint:
-    """Run the workflow and write OUT/model.pt (atomically); returns the checkpoint written."""
-    job.out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(job.seed)
+    """Run the workflow and write OUT/model.pt (atomically, on rank 0); returns the checkpoint made."""
+    world = distributed.world_size()
+    distributed.check_global_batch("--batch-size", task.batch_size, world)
+    if distributed.is_main():
+        job.out.mkdir(parents=True, exist_ok=True)
+    log.info("world size %d, global batch %d (%d per process), device %s", world, task.batch_size,
+             task.batch_size // world, distributed.device())
+    torch.manual_seed(job.seed)  # the same on every rank: the same initial head, the same Quant-Noise masks
     fp32, fp32_acc = fp32_model(job.model_dir, task, job.finetune_steps, job.lr, job.fp32_cache or job.out / "fp32",
                                 job.seed)
-    metrics = {"dev_accuracy_fp32": fp32_acc}
+    metrics = {"dev_accuracy_fp32": fp32_acc, "world_size": world, "global_batch": task.batch_size}
     if method.mixed is not None:
         recipe = _allocate(job, task, fp32, fp32_acc, method, recipe)
     state_path = job.out / "qat-state.pt"
@@ -94,7 +103,7 @@ def run_job(job: Job, task: Task, method: Method, recipe: Recipe) -> Checkpoint:
                                          job.quant_noise, fp32_acc, repr(job.distill), job.learn_ranges,
                                          str(job.teacher)]).encode()).hexdigest()
     resume = None
-    if state_path.exists():
+    if distributed.is_main() and state_path.exists():
         try:
             state = torch.load(state_path, map_location="cpu", weights_only=True)
         except Exception:  # a torn or foreign file is just not a state to resume from
@@ -104,8 +113,9 @@ def run_job(job: Job, task: Task, method: Method, recipe: Recipe) -> Checkpoint:
             log.info("resuming QAT from step %d (%s)", state["step"], state_path)
         else:
             log.info("%s belongs to another run; starting QAT afresh", state_path)
+    resume = distributed.broadcast(resume)  # rank 0's state (and step) on every rank, every machine
 
-    def save(state: dict[str, Any]) -> None:
+    def save(state: dict[str, Any]) -> None:  # train() calls it on rank 0 only
         with atomic_file(state_path) as tmp:
             torch.save({**state, "key": run_key}, tmp)
 
@@ -120,6 +130,7 @@ def run_job(job: Job, task: Task, method: Method, recipe: Recipe) -> Checkpoint:
     dev = task.dev_batches()
     logits, labels = predict_logits(model, dev, "dev quantized")
     fp32_logits, _ = predict_logits(fp32, dev, "dev fp32")
+    model.cpu()
     acc = float((logits.argmax(-1) == labels).mean())
     agreement = float((logits.argmax(-1) == fp32_logits.argmax(-1)).mean())
     size = paper_size(model, recipe)
@@ -129,8 +140,10 @@ def run_job(job: Job, task: Task, method: Method, recipe: Recipe) -> Checkpoint:
     with tempfile.TemporaryDirectory() as tmp:
         texts = tokenizer_files(task.tokenizer, Path(tmp))
     checkpoint = make_checkpoint(model, recipe, task.labels, texts, metrics)
-    save_checkpoint(checkpoint, job.out / "model.pt")
-    state_path.unlink(missing_ok=True)
+    if distributed.is_main():
+        save_checkpoint(checkpoint, job.out / "model.pt")
+        state_path.unlink(missing_ok=True)
+    distributed.barrier()  # no rank reports done before model.pt is there
     log.info("wrote %s: dev accuracy %.4f (fp32 %.4f), agreement with fp32 %.4f, %.2f MB the paper's way, "
              "%.2fx smaller than fp32", job.out / "model.pt", acc, fp32_acc, agreement, size["size_mb"],
              size["compression"])

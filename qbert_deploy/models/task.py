@@ -16,6 +16,7 @@ from torch import nn
 from qbert_deploy.atomic import atomic_dir
 from qbert_deploy.data.batches import batches
 from qbert_deploy.data.tsv import Example
+from qbert_deploy.models import distributed
 from qbert_deploy.models.train import Batch, accuracy, train
 
 log = logging.getLogger("qbert_deploy.quantize")
@@ -108,20 +109,30 @@ def fp32_model(model_dir: str | Path, task: Task, steps: int, lr: float, cache: 
     key = {"base": str(Path(model_dir).resolve()), "steps": steps, "lr": lr, "seed": seed,
            "train": len(task.train), "batch_size": task.batch_size, "max_length": task.max_length}
     stamp = cache / FP32_STAMP if cache else None
-    if cache is not None and stamp is not None and stamp.is_file():
+    saved: dict[str, Any] | None = None
+    if distributed.is_main() and cache is not None and stamp is not None and stamp.is_file():
         saved = json.loads(stamp.read_text())
-        if saved.get("key") == key:
-            log.info("fp32: reusing the fine-tuned baseline in %s (dev accuracy %.4f)", cache, saved["accuracy"])
+        if saved.get("key") != key:
+            log.info("fp32: %s was made differently; fine-tuning again", cache)
+            saved = None
+    saved = distributed.broadcast(saved)  # rank 0 reads the cache; other machines need not see the folder
+    if saved is not None:
+        assert cache is not None
+        log.info("fp32: reusing the fine-tuned baseline in %s (dev accuracy %.4f)", cache, saved["accuracy"])
+        if distributed.is_main():
             model = AutoModelForSequenceClassification.from_pretrained(cache, attn_implementation="eager")
-            return model.eval(), float(saved["accuracy"])
-        log.info("fp32: %s was made differently; fine-tuning again", cache)
+        else:
+            with torch.random.fork_rng(devices=[]):  # the head's random init must not move this rank's RNG
+                model = load_base(model_dir, task.labels)
+        distributed.broadcast_weights(model)
+        return model.eval(), float(saved["accuracy"])
     torch.manual_seed(seed)
     model = load_base(model_dir, task.labels)
     if steps > 0:
         train(model, task.train_batches, steps, lr=lr, desc="fine-tune fp32")
-    acc = accuracy(model, task.dev_batches(), "dev fp32")
+    acc = distributed.broadcast(accuracy(model, task.dev_batches(), "dev fp32"))
     log.info("fp32: %d steps, dev accuracy %.4f", steps, acc)
-    if cache is not None:
+    if cache is not None and distributed.is_main():
         with atomic_dir(cache) as tmp:
             model.save_pretrained(tmp)  # type: ignore[operator]
             task.tokenizer.save_pretrained(tmp)

@@ -1,4 +1,8 @@
-"""Fine-tuning and evaluation loops for sequence classification, with progress bars and resumable state."""
+"""Fine-tuning and evaluation loops for sequence classification, with progress bars and resumable state.
+
+The same loops run in one process (CPU or GPU) or in many under a launcher (see `distributed`): each step takes one
+global batch, every rank trains on its slice, and DDP averages the gradients into the global batch's.
+"""
 
 from __future__ import annotations
 
@@ -9,17 +13,29 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
+
+from qbert_deploy.models import distributed
 
 Batch = tuple[dict[str, np.ndarray], np.ndarray]
 # Called with the full training state (model, optimizer, schedule, step, losses) every `save_every` steps.
 SaveHook = Callable[[dict[str, Any]], None]
-# The training loss of one batch: (model, inputs, labels) -> scalar; default the model's own loss.
+# The training loss of one batch: (model, inputs without labels, labels) -> scalar. Default: the model's own loss.
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
 
 
-def to_torch(inputs: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    return {k: torch.from_numpy(v) for k, v in inputs.items()}
+def to_torch(inputs: dict[str, np.ndarray], device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(v).to(device) for k, v in inputs.items()}
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def model_loss(model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    """The task loss the model computes itself from its labels (cross-entropy for classification)."""
+    return model(**inputs, labels=labels).loss
 
 
 def _cycle(make_batches: Callable[[int], Iterable[Batch]]) -> Iterator[Batch]:
@@ -35,8 +51,15 @@ def train(model: nn.Module, make_batches: Callable[[int], Iterable[Batch]], step
     """AdamW with linear warm-up and decay for `steps` steps; `make_batches(epoch)` yields shuffled batches.
 
     `resume` is a state that `save` was given earlier: training goes on from its step with the same data order.
+    `loss_fn` computes each batch's loss (e.g. distillation); by default the model's own loss on the labels. Its
+    `model` is a DDP wrapper when distributed: call it, do not reach into it. Only rank 0 calls `save`.
     """
-    model.train()
+    loss_fn = loss_fn or model_loss
+    device = distributed.device()
+    model.to(device).train()
+    engine: nn.Module = model
+    if distributed.world_size() > 1:
+        engine = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
     warm = max(1, int(steps * warmup))
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -51,22 +74,25 @@ def train(model: nn.Module, make_batches: Callable[[int], Iterable[Batch]], step
     data = _cycle(make_batches)
     for _ in itertools.islice(data, start):  # same batches as an uninterrupted run
         pass
-    with tqdm(total=steps, initial=start, desc=desc, unit="step", dynamic_ncols=True) as bar:
+    with tqdm(total=steps, initial=start, desc=desc, unit="step", dynamic_ncols=True,
+              disable=not distributed.is_main()) as bar:
         for step in range(start, steps):
             inputs, labels = next(data)
-            if loss_fn is None:
-                loss = model(**to_torch(inputs), labels=torch.from_numpy(labels)).loss
-            else:
-                loss = loss_fn(model, to_torch(inputs), torch.from_numpy(labels))
+            rows, weight = distributed.local_rows(len(labels))
+            loss = loss_fn(engine, to_torch({k: v[rows] for k, v in inputs.items()}, device),
+                           torch.from_numpy(labels[rows]).to(device))
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * weight).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             schedule.step()
-            losses.append(float(loss.detach()))
+            # The global batch's mean loss: the ranks' weighted losses sum to world size times it.
+            logged = (loss.detach() * weight / distributed.world_size()).reshape(1)
+            distributed.all_reduce_sum([logged])
+            losses.append(float(logged))
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
             bar.update()
-            if save is not None and (step + 1) % save_every == 0 and step + 1 < steps:
+            if save is not None and distributed.is_main() and (step + 1) % save_every == 0 and step + 1 < steps:
                 save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                       "schedule": schedule.state_dict(), "step": step + 1, "losses": losses})
     model.eval()
@@ -75,13 +101,21 @@ def train(model: nn.Module, make_batches: Callable[[int], Iterable[Batch]], step
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, batches: Iterable[Batch], desc: str = "evaluate") -> tuple[np.ndarray, np.ndarray]:
-    """Logits and labels over all batches."""
+    """Logits and labels over all batches; when distributed, each rank runs every world-size-th batch and all
+    ranks get all of them, in order."""
     model.eval()
-    logits, labels = [], []
-    for inputs, y in tqdm(list(batches), desc=desc, unit="batch", leave=False, dynamic_ncols=True):
-        logits.append(model(**to_torch(inputs)).logits.float().numpy())
-        labels.append(y)
-    return np.concatenate(logits), np.concatenate(labels)
+    device = model_device(model)
+    every = list(batches)
+    mine = list(range(distributed.rank(), len(every), distributed.world_size()))
+    results = {}
+    for index in tqdm(mine, desc=desc, unit="batch", leave=False, dynamic_ncols=True,
+                      disable=not distributed.is_main()):
+        inputs, y = every[index]
+        results[index] = (model(**to_torch(inputs, device)).logits.float().cpu().numpy(), y)
+    for part in distributed.all_gather(results):
+        results.update(part)
+    return (np.concatenate([results[i][0] for i in range(len(every))]),
+            np.concatenate([results[i][1] for i in range(len(every))]))
 
 
 def accuracy(model: nn.Module, batches: Iterable[Batch], desc: str = "evaluate") -> float:

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from qbert_deploy.models import distributed
 from qbert_deploy.models.allocation import allocate_bits
 from qbert_deploy.models.distill import Distiller, DistillWeights
 from qbert_deploy.models.gptq import gptq_model
@@ -78,7 +79,7 @@ def mixed_recipe(model: nn.Module, base: Recipe, sens: Sensitivity, choices: tup
 
 def apply_method(fp32: nn.Module, task: Task, method: Method, recipe: Recipe, settings: Settings) -> nn.Module:
     """A quantized copy of `fp32` made by `method` with `recipe` (mixed-precision overrides already in it)."""
-    model = copy.deepcopy(fp32)
+    model = copy.deepcopy(fp32).cpu()  # clipping and wrapping on the CPU, training on this process's device
     if method.clip is not None:
         clip_model(model, recipe, method.clip)
     if method.family == "ptq-gptq":
@@ -87,6 +88,7 @@ def apply_method(fp32: nn.Module, task: Task, method: Method, recipe: Recipe, se
     for module in model.modules():
         if isinstance(module, QuantLinear):
             module.quant_noise = settings.quant_noise
+    model.to(distributed.device())
     calibrate(model, [{k: v for k, v in b.items() if k != "labels"}
                       for b in task.input_batches(settings.calibration_batches, settings.seed)])
     if method.qat and settings.qat_steps > 0:

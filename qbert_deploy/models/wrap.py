@@ -83,13 +83,14 @@ def load_activation_ranges(model: nn.Module, ranges: dict[str, list[float]]) -> 
 def calibrate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> None:
     """Observe activation ranges (EMA) over `batches` without changing weights."""
     quantizers = [q for _, q in act_quantizers(model)]
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     for q in quantizers:
         q.calibrating = True
     try:
         for batch in batches:
-            model(**batch)
+            model(**{k: v.to(device) for k, v in batch.items()})
     finally:
         for q in quantizers:
             q.calibrating = False
