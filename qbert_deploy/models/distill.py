@@ -5,7 +5,8 @@ loss = w_logits * T^2 * KL(teacher(T) || student(T))       soft cross-entropy, l
      + w_attention * mean over layers of MSE(Q K^T / sqrt(d)) attention scores before the softmax
 
 The KL form of the soft cross-entropy has the same gradient and is zero when the student matches the teacher.
-MSE terms only count real tokens (the attention mask), so padding never pulls on the student.
+MSE terms only count real tokens (the attention mask), so padding never pulls on the student, and are averaged
+per example first, so that every term is a mean over examples (what a batch split over processes assumes).
 Attention scores are rebuilt from the query and key projections' outputs (forward hooks), which is what any
 attention implementation multiplies, so this works with eager and fused attention alike.
 """
@@ -143,7 +144,9 @@ class Distiller:
     def __call__(self, model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         w = self.weights
         hidden = bool(w.hidden)
-        self.teacher.to(labels.device)  # train() moves the student to its device (a GPU per rank)
+        device = labels.device  # train() moves the student to its device (a GPU per rank)
+        if next(self.teacher.parameters()).device != device:
+            self.teacher.to(device)
         with torch.no_grad():
             teacher = self.teacher(**inputs, output_hidden_states=hidden)
             teacher_scores = self._scores(self.teacher) if w.attention else []
@@ -164,9 +167,12 @@ def head_logits(out: Any) -> torch.Tensor:
 
 
 def _masked_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean squared error over the positions where `mask` (broadcastable, 0/1) is set."""
+    """Squared error averaged over each example's positions where `mask` (broadcastable, 0/1) is set, then over
+    the examples: a per-example mean like the cross-entropy, so a batch split over processes adds up to the same."""
     weight = mask.to(student.dtype).expand_as(student)
-    return ((student - teacher) ** 2 * weight).sum() / weight.sum().clamp(min=1)
+    dims = tuple(range(1, student.dim()))
+    per_example = ((student - teacher) ** 2 * weight).sum(dim=dims) / weight.sum(dim=dims).clamp(min=1)
+    return per_example.mean()
 
 
 def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, attention_mask: torch.Tensor | None,

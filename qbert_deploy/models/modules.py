@@ -57,7 +57,9 @@ class ActQuant(nn.Module):
                 self.range.copy_(self.learned)
             if self.training:
                 scale_t, zero_t = range_qparams(self.learned[0], self.learned[1], 0, qmax, symmetric=False)
-                return fake_quant_learned(x, scale_t, zero_t, 0, qmax, 1.0 / (x.numel() * qmax) ** 0.5)
+                # LSQ's gradient scale over the features of one token, not the batch: the same whatever the batch
+                # size or the number of processes sharing it.
+                return fake_quant_learned(x, scale_t, zero_t, 0, qmax, 1.0 / (x.shape[-1] * qmax) ** 0.5)
         elif self.training or self.calibrating:
             self.observe(x)
         scale, zero_point = self.qparams()

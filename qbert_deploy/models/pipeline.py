@@ -130,12 +130,12 @@ def run_job(job: Job, task: Task, method: Method, recipe: Recipe) -> Checkpoint:
     if settings.distill is not None:
         log.info("QAT distils from the %s: %s", job.teacher or "fp32 model", settings.distill)
     model = apply_method(fp32, task, method, recipe, settings)
-    acc = task.evaluate(model, "dev quantized")
     dev = task.dev_batches()
-    logits, _ = predict_logits(model, dev, "dev quantized")
+    logits, labels = predict_logits(model, dev, "dev quantized")
     fp32_logits, _ = predict_logits(fp32, dev, "dev fp32")
+    acc = task.score(logits, labels)
     model.cpu()
-    agreement = float((logits.argmax(-1) == fp32_logits.argmax(-1)).mean())
+    agreement = task.agreement(logits, fp32_logits)
     size = paper_size(model, recipe)
     metrics.update({f"{metric}_quantized": acc, "dev_agreement_fp32": agreement, "size_mb": size["size_mb"],
                     "compression": size["compression"], "qat_steps": job.qat_steps if method.qat else 0,

@@ -18,7 +18,7 @@ from qbert_deploy.data.batches import batches
 from qbert_deploy.data.tsv import Example
 from qbert_deploy.families import TEXT_INPUTS, family
 from qbert_deploy.models import distributed
-from qbert_deploy.models.train import Batch, accuracy, train
+from qbert_deploy.models.train import Batch, predict_logits, train
 from qbert_deploy.tasks import SEQUENCE, task_kind
 
 log = logging.getLogger("qbert_deploy.quantize")
@@ -47,8 +47,16 @@ class Task:
         return task_kind(self.kind).main_metric
 
     def evaluate(self, model: nn.Module, desc: str = "evaluate") -> float:
-        """The task's main metric on the dev data, as a fraction (accuracy here)."""
-        return accuracy(model, self.dev_batches(), desc)
+        """The task's main metric on the dev data, as a fraction."""
+        return self.score(*predict_logits(model, self.dev_batches(), desc))
+
+    def score(self, logits: np.ndarray, labels: np.ndarray) -> float:
+        """The main metric of dev logits (`predict_logits` over `dev_batches`): accuracy here."""
+        return float((logits.argmax(-1) == labels).mean())
+
+    def agreement(self, logits: np.ndarray, reference: np.ndarray) -> float:
+        """The fraction of dev predictions (argmax over the classes) that two models share."""
+        return float((logits.argmax(-1) == reference.argmax(-1)).mean())
 
     def train_batches(self, epoch: int) -> Iterator[Batch]:
         """Shuffled batches of similar lengths: each pool of 16 batches is sorted by length, so batches carry

@@ -8,7 +8,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from qbert_deploy.data.conll import TaggedSentence
 from qbert_deploy.data.features import (
@@ -22,7 +21,7 @@ from qbert_deploy.data.features import (
 from qbert_deploy.data.squad import Question
 from qbert_deploy.metrics import squad_scores, tagging_scores
 from qbert_deploy.models.task import Task
-from qbert_deploy.models.train import Batch, predict_logits
+from qbert_deploy.models.train import Batch
 from qbert_deploy.tasks import QA, TOKEN
 
 
@@ -98,8 +97,7 @@ class TokenTask(_FeatureTask):
     def _labels(features: Any) -> np.ndarray:
         return np.asarray(features.labels)
 
-    def evaluate(self, model: nn.Module, desc: str = "evaluate") -> float:
-        logits, _ = predict_logits(model, self.dev_batches(), desc)
+    def score(self, logits: np.ndarray, labels: np.ndarray) -> float:
         sentences: list[TaggedSentence] = self.dev
         predicted = decode_tags(logits, self._rows(True), sentences)
         names = self.labels
@@ -130,8 +128,11 @@ class QATask(_FeatureTask):
     def _label_tensors(labels: np.ndarray) -> dict[str, torch.Tensor]:
         return {"start_positions": torch.from_numpy(labels[:, 0]), "end_positions": torch.from_numpy(labels[:, 1])}
 
-    def evaluate(self, model: nn.Module, desc: str = "evaluate") -> float:
-        combined, _ = predict_logits(model, self.dev_batches(), desc)
+    def agreement(self, logits: np.ndarray, reference: np.ndarray) -> float:
+        """Start and end positions ([rows, tokens, 2]: argmax over the tokens) that two models share."""
+        return float((logits.argmax(1) == reference.argmax(1)).mean())
+
+    def score(self, combined: np.ndarray, labels: np.ndarray) -> float:
         questions: list[Question] = self.dev
         spans = decode_answers(combined, self._rows(True), questions)
         scores = squad_scores([s.text for s in spans], [[a.text for a in q.answers] for q in questions])
