@@ -109,7 +109,7 @@ def fp32_model(model_dir: str | Path, task: Task, steps: int, lr: float, cache: 
     if cache is not None and stamp is not None and stamp.is_file():
         saved = json.loads(stamp.read_text())
         if saved.get("key") == key:
-            log.info("fp32: reusing the fine-tuned baseline in %s (dev accuracy %.4f)", cache, saved["accuracy"])
+            log.info("fp32: reusing the fine-tuned baseline in %s (dev %s %.4f)", cache, task.metric, saved["accuracy"])
             model = _auto_class(task.kind).from_pretrained(cache, attn_implementation="eager")
             return model.eval(), float(saved["accuracy"])
         log.info("fp32: %s was made differently; fine-tuning again", cache)
