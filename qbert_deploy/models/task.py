@@ -144,7 +144,8 @@ def fp32_model(model_dir: str | Path, task: Task, steps: int, lr: float, cache: 
     saved = distributed.broadcast(saved)  # rank 0 reads the cache; other machines need not see the folder
     if saved is not None:
         assert cache is not None
-        log.info("fp32: reusing the fine-tuned baseline in %s (dev accuracy %.4f)", cache, saved["accuracy"])
+        log.info("fp32: reusing the fine-tuned baseline in %s (dev %s %.4f)", cache, task.metric,
+                 saved["accuracy"])
         if distributed.is_main():
             model = _auto_class(task.kind).from_pretrained(cache, attn_implementation="eager")
         else:
