@@ -32,7 +32,8 @@ from qbert_deploy.exporters.passes import (
     strip_prefix,
 )
 from qbert_deploy.exporters.size_report import size_markdown, size_report
-from qbert_deploy.models.build import build_model
+from qbert_deploy.models.build import build_model, estimated_parameters
+from qbert_deploy.models.prune import order_by_bits
 
 SUPPORTED_OPSETS = (21, 25)
 EXPORT_OPSET = 21  # what the exporter emits; a newer target only widens the types Q/DQ may take
@@ -99,6 +100,9 @@ def _torch_export(model: nn.Module, max_positions: int) -> ir.Model:
 
 
 def _fp32_bytes(checkpoint: Checkpoint) -> int:
+    """float32 bytes of the model's weights; a pruned model is compared with its unpruned fp32 model."""
+    if checkpoint.recipe.structure is not None:
+        return 4 * estimated_parameters(checkpoint.config, len(checkpoint.labels))
     return sum(t.numel() * 4 for t in checkpoint.state_dict.values() if t.is_floating_point())
 
 
@@ -108,6 +112,7 @@ def export_checkpoint(checkpoint: Checkpoint, out_dir: str | os.PathLike[str], o
         raise ExportError(f"opset {opset} is not supported; choose one of {SUPPORTED_OPSETS}")
     _check_replaceable(Path(out_dir))
     model = build_model(checkpoint)
+    order_by_bits(model)  # rows of one width contiguous in each mixed matrix (a no-op when already so)
     specs = to_export_modules(model)
     graph = _torch_export(model, int(checkpoint.config["max_position_embeddings"]))
     pack_weights(graph, specs, opset)
