@@ -17,7 +17,7 @@ from typing import Any
 from qbert_deploy.cli.common import run_cli
 
 PROG = "qbert-quantize"
-FAMILIES = ("qbert", "q8bert", "directq", "ptq-lq", "ptq-aciq", "ptq-ocs")
+FAMILIES = ("qbert", "q8bert", "directq", "ptq-lq", "ptq-aciq", "ptq-ocs", "aqbert")
 log = logging.getLogger("qbert_deploy.quantize")
 
 
@@ -43,6 +43,16 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _keep_fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
 def _bits_list(text: str) -> tuple[int, ...]:
     try:
         bits = tuple(sorted({int(b) for b in text.split(",")}))
@@ -65,8 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--labels", help="comma-separated label names, in id order (default: negative,positive)")
     parser.add_argument("--method", default="qbert", choices=FAMILIES,
                         help="qbert (group-wise + QAT), q8bert (symmetric 8-bit + QAT), directq (1 group, no QAT), "
-                        "ptq-lq / ptq-aciq / ptq-ocs (post-training, no training)")
-    target = parser.add_mutually_exclusive_group(required=True)
+                        "ptq-lq / ptq-aciq / ptq-ocs (post-training, no training), aqbert (searched bits per "
+                        "head and FFN block, pruning included; needs --budget-mb and/or --keep-macs)")
+    target = parser.add_mutually_exclusive_group()
     target.add_argument("--preset", choices=PRESETS, help="the paper's settings (models/qbert-*.json)")
     target.add_argument("--recipe", help="a recipe JSON file (per-layer bits as written)")
     target.add_argument("--bits", type=int, choices=range(2, 9), metavar="{2..8}", help="uniform weight bits")
@@ -74,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "average weight bits not above this")
     target.add_argument("--budget-mb", type=_positive(float, 0.001), help="Hessian-allocated mixed precision: "
                         "model size (the paper's way) not above this many MB")
+    parser.add_argument("--keep-macs", type=_keep_fraction, help="aqbert: fraction of the encoder's GEMM work to "
+                        "keep, in (0, 1]")
+    parser.add_argument("--search-steps", type=_positive(int, 1), default=200, help="aqbert: search steps")
     parser.add_argument("--bit-choices", type=_bits_list, default=(2, 3, 4, 8),
                         help="bit widths the allocation may use (default 2,3,4,8)")
     parser.add_argument("--groups", type=_positive(int), default=None,
@@ -181,7 +195,17 @@ def _run(args: argparse.Namespace) -> int:
     args.model_dir = Path(args.model)
     if not (args.model_dir / "config.json").is_file():
         raise ValueError(f"{args.model_dir}: not a Hugging Face model directory (no config.json)")
-    method, recipe = _method_and_recipe(args)
+    if args.method == "aqbert":
+        from qbert_deploy.models.aqbert_job import check_aqbert_args
+
+        check_aqbert_args(args)  # an impossible target fails here, before anything is written
+        method, recipe = None, None
+    else:
+        if not any(getattr(args, k) is not None for k in ("preset", "recipe", "bits", "avg_bits", "budget_mb")):
+            raise ValueError("one of --preset, --recipe, --bits, --avg-bits, --budget-mb is required")
+        if args.keep_macs is not None:
+            raise ValueError("--keep-macs is an aqbert target (--method aqbert)")
+        method, recipe = _method_and_recipe(args)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: exists and is not a folder")
@@ -199,6 +223,11 @@ def _quantize(args: argparse.Namespace, method: Any, recipe: Any, out: Path) -> 
     from qbert_deploy.models.pipeline import Job, run_job
 
     task = _task(args)
+    if args.method == "aqbert":
+        from qbert_deploy.models.aqbert_job import run_aqbert
+
+        run_aqbert(args, task, out)
+        return 0
     log.info("method %s, %d train / %d dev examples, labels %s", method.id, len(task.train), len(task.dev),
              task.labels)
     job = Job(model_dir=args.model_dir, out=out, finetune_steps=args.finetune_steps, lr=args.lr,
