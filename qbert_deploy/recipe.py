@@ -9,7 +9,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-RECIPE_VERSION = 1
+from qbert_deploy.structure import Structure, StructureError
+
+# Version 2 adds `structure` (pruned heads/neurons and per-subgroup bits); a recipe without one is still written
+# as version 1, so earlier files keep their bytes and digests.
+RECIPE_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 SUPPORTED_BITS = range(2, 9)
 
 
@@ -65,11 +70,17 @@ class Recipe:
     embedding: WeightQuant | None = field(default_factory=lambda: WeightQuant(bits=8, groups=None))
     activation_bits: int | None = 8
     method: str = "qbert"
-    version: int = RECIPE_VERSION
+    version: int | None = None  # None: the lowest version that can hold this recipe
+    structure: Structure | None = None
 
     def __post_init__(self) -> None:
-        if self.version != RECIPE_VERSION:
-            raise RecipeError(f"recipe version {self.version} is not supported (this build reads {RECIPE_VERSION})")
+        if self.version is None:
+            object.__setattr__(self, "version", 1 if self.structure is None else 2)
+        if self.version not in READABLE_VERSIONS:
+            raise RecipeError(f"recipe version {self.version} is not supported (this build reads "
+                              f"{', '.join(map(str, READABLE_VERSIONS))})")
+        if self.structure is not None and self.version == 1:
+            raise RecipeError("a recipe with a 'structure' (pruning, per-subgroup bits) must be version 2")
         if self.activation_bits is not None and self.activation_bits != 8:
             raise RecipeError(f"activation bits must be 8 or null (float), got {self.activation_bits!r}")
 
@@ -99,7 +110,7 @@ class Recipe:
             "overrides": {name: spec.to_json() for name, spec in sorted(self.overrides.items())},
             "embedding": None if self.embedding is None else self.embedding.to_json(),
             "activation_bits": self.activation_bits,
-        }
+        } | ({} if self.structure is None else {"structure": self.structure.to_json()})
 
     def dumps(self) -> str:
         return json.dumps(self.to_json(), sort_keys=True)
@@ -111,7 +122,8 @@ class Recipe:
     def from_json(cls, data: Any) -> Recipe:
         if not isinstance(data, Mapping):
             raise RecipeError(f"a recipe is a JSON object, got {type(data).__name__}")
-        unknown = set(data) - {"version", "method", "default", "overrides", "embedding", "activation_bits"}
+        unknown = set(data) - {"version", "method", "default", "overrides", "embedding", "activation_bits",
+                               "structure"}
         if unknown:
             raise RecipeError(f"recipe has unknown keys {sorted(unknown)}")
         overrides = data.get("overrides", {})
@@ -121,8 +133,13 @@ class Recipe:
         method = data.get("method", "qbert")
         if not isinstance(method, str):
             raise RecipeError(f"recipe 'method' must be a string, got {method!r}")
+        try:
+            structure = None if data.get("structure") is None else Structure.from_json(data["structure"])
+        except StructureError as err:
+            raise RecipeError(str(err)) from None
         return cls(
-            version=data.get("version", RECIPE_VERSION),
+            version=data.get("version", 1),
+            structure=structure,
             method=method,
             default=WeightQuant.from_json(data.get("default", {}), "default"),
             overrides={str(k): WeightQuant.from_json(v, f"overrides[{k}]") for k, v in overrides.items()},

@@ -23,7 +23,7 @@ from qbert_deploy.cli.common import run_cli
 
 PROG = "qbert-quantize"
 TASK_NAMES = ("sequence-classification", "token-classification", "question-answering")
-FAMILIES = ("qbert", "q8bert", "directq", "ptq-lq", "ptq-aciq", "ptq-ocs", "ptq-mse", "ptq-gptq")
+FAMILIES = ("qbert", "q8bert", "directq", "ptq-lq", "ptq-aciq", "ptq-ocs", "ptq-mse", "ptq-gptq", "aqbert")
 DISTILL_PRESETS = ("none", "logits", "full")  # models/distill.py PRESETS (not imported here: torch-free parser)
 FINETUNE_EPOCHS, QAT_EPOCHS = 2.0, 1.0
 log = logging.getLogger("qbert_deploy.quantize")
@@ -61,6 +61,16 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _keep_fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
 def _bits_list(text: str) -> tuple[int, ...]:
     try:
         bits = tuple(sorted({int(b) for b in text.split(",")}))
@@ -91,8 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--method", default="qbert", choices=FAMILIES,
                         help="qbert (group-wise + QAT), q8bert (symmetric 8-bit + QAT), directq (1 group, no QAT), "
                         "ptq-lq / ptq-aciq / ptq-ocs / ptq-mse (post-training clipping, no training), ptq-gptq "
-                        "(GPTQ error-compensating rounding on 256 calibration sentences)")
-    target = parser.add_mutually_exclusive_group(required=True)
+                        "(GPTQ error-compensating rounding on 256 calibration sentences), aqbert (searched bits per "
+                        "head and FFN block, pruning included; needs --budget-mb and/or --keep-macs)")
+    target = parser.add_mutually_exclusive_group()
     target.add_argument("--preset", choices=PRESETS, help="the paper's settings (models/qbert-*.json)")
     target.add_argument("--recipe", help="a recipe JSON file (per-layer bits as written)")
     target.add_argument("--bits", type=int, choices=range(2, 9), metavar="{2..8}", help="uniform weight bits")
@@ -100,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "average weight bits not above this")
     target.add_argument("--budget-mb", type=_positive(float, 0.001), help="Hessian-allocated mixed precision: "
                         "model size (the paper's way) not above this many MB")
+    parser.add_argument("--keep-macs", type=_keep_fraction, help="aqbert: fraction of the encoder's GEMM work to "
+                        "keep, in (0, 1]")
+    parser.add_argument("--search-steps", type=_positive(int, 1), default=200, help="aqbert: search steps")
     parser.add_argument("--bit-choices", type=_bits_list, default=(2, 3, 4, 8),
                         help="bit widths the allocation may use (default 2,3,4,8)")
     parser.add_argument("--groups", type=_positive(int), default=None,
@@ -295,10 +309,27 @@ def _run(args: argparse.Namespace) -> int:
     from qbert_deploy.models import distributed
 
     distributed.check_global_batch("--batch-size", args.batch_size, distributed.launched_world_size())
-    _model_family(args.model_dir)  # an unsupported architecture stops before anything is written
-    method, recipe = _method_and_recipe(args)
-    args.distill_weights = _distill_weights(args, method)
+    model_family = _model_family(args.model_dir)  # an unsupported architecture stops before anything is written
+    if args.method == "aqbert":
+        from qbert_deploy.models.aqbert_job import check_aqbert_args
+
+        if model_family.model_type != "bert":
+            raise ValueError(f"--method aqbert prunes BERT's heads and FFN blocks; {model_family.model_type} is not "
+                             "supported yet")
+        check_aqbert_args(args)  # an impossible target fails here, before anything is written
+        method, recipe = None, None
+        args.distill_weights = None
+    else:
+        if not any(getattr(args, k) is not None for k in ("preset", "recipe", "bits", "avg_bits", "budget_mb")):
+            raise ValueError("one of --preset, --recipe, --bits, --avg-bits, --budget-mb is required")
+        if args.keep_macs is not None:
+            raise ValueError("--keep-macs is an aqbert target (--method aqbert)")
+        method, recipe = _method_and_recipe(args)
+        args.distill_weights = _distill_weights(args, method)
     task = _task(args)
+    if args.method == "aqbert" and task.kind != "sequence-classification":
+        raise ValueError("--method aqbert searches sequence classifiers; token classification and QA are not "
+                         "supported yet")
     if args.distill_weights is not None and args.teacher is not None:
         _check_teacher(args, task)
     out = Path(args.out)
@@ -358,6 +389,11 @@ def _steps(epochs: float, steps: int | None, task: Any) -> int:
 def _quantize(args: argparse.Namespace, method: Any, recipe: Any, out: Path, task: Any) -> int:
     from qbert_deploy.models.pipeline import Job, run_job
 
+    if args.method == "aqbert":
+        from qbert_deploy.models.aqbert_job import run_aqbert
+
+        run_aqbert(args, task, out)
+        return 0
     learn = args.learn_ranges
     if learn == "auto":
         learn = "mse" if args.distill_weights is not None else "none"

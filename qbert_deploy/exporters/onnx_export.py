@@ -33,7 +33,8 @@ from qbert_deploy.exporters.passes import (
 )
 from qbert_deploy.exporters.size_report import size_markdown, size_report
 from qbert_deploy.families import TEXT_INPUTS, family_of
-from qbert_deploy.models.build import build_model
+from qbert_deploy.models.build import build_model, estimated_parameters
+from qbert_deploy.models.prune import order_by_bits
 from qbert_deploy.tasks import architecture, task_kind
 
 SUPPORTED_OPSETS = (21, 25)
@@ -105,6 +106,9 @@ def _torch_export(model: nn.Module, max_positions: int, inputs: tuple[str, ...] 
 
 
 def _fp32_bytes(checkpoint: Checkpoint) -> int:
+    """float32 bytes of the model's weights; a pruned model is compared with its unpruned fp32 model."""
+    if checkpoint.recipe.structure is not None:
+        return 4 * estimated_parameters(checkpoint.config, len(checkpoint.labels))
     return sum(t.numel() * 4 for t in checkpoint.state_dict.values() if t.is_floating_point())
 
 
@@ -114,6 +118,7 @@ def export_checkpoint(checkpoint: Checkpoint, out_dir: str | os.PathLike[str], o
         raise ExportError(f"opset {opset} is not supported; choose one of {SUPPORTED_OPSETS}")
     _check_replaceable(Path(out_dir))
     model = build_model(checkpoint)
+    order_by_bits(model)  # rows of one width contiguous in each mixed matrix (a no-op when already so)
     specs = to_export_modules(model)
     family = family_of(checkpoint.config)
     graph = _torch_export(model, family.max_tokens(checkpoint.config), family.inputs,

@@ -12,6 +12,7 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerBase
 
 from qbert_deploy.checkpoint import Checkpoint, CheckpointError
 from qbert_deploy.families import Family, UnsupportedModelError, family_of
+from qbert_deploy.models.prune import check_structure, restructure, subgroup_row_bits
 from qbert_deploy.models.quantizer import resolve_groups
 from qbert_deploy.models.wrap import (
     activation_ranges,
@@ -21,6 +22,7 @@ from qbert_deploy.models.wrap import (
     quantize_model,
 )
 from qbert_deploy.recipe import Recipe, RecipeError
+from qbert_deploy.structure import StructureError
 from qbert_deploy.tasks import DEFAULT_TASK, task_kind
 
 MAX_PARAMETERS = 2_000_000_000
@@ -108,8 +110,14 @@ def check_recipe_fits(recipe: Recipe, model: nn.Module) -> None:
         recipe.check_modules(linears)
     except RecipeError as err:
         raise CheckpointError(str(err)) from None
+    mixed = subgroup_row_bits(model, recipe.structure) if recipe.structure is not None else {}
     for name in linears:
         rows = _rows(model, name)
+        if name in mixed:
+            if len(mixed[name]) != rows:
+                raise CheckpointError(f"layer {name}: the structure gives {len(mixed[name])} row bit widths for "
+                                      f"{rows} rows")
+            continue  # one group per row, each at its subgroup's width
         try:
             resolve_groups(rows, recipe.for_module(name).groups)
         except ValueError as err:
@@ -123,11 +131,24 @@ def check_recipe_fits(recipe: Recipe, model: nn.Module) -> None:
                 raise CheckpointError(f"embedding {name}: {err}") from None
 
 
+def _restructure(model: nn.Module, checkpoint: Checkpoint) -> None:
+    """Prune a freshly built model to the recipe's structure (heads, FFN neurons), so pruned weights load."""
+    structure = checkpoint.recipe.structure
+    if structure is None:
+        return
+    try:
+        check_structure(structure, checkpoint.config)
+    except StructureError as err:
+        raise CheckpointError(str(err)) from None
+    restructure(model, structure)
+
+
 def build_model(checkpoint: Checkpoint, quantized: bool = True) -> nn.Module:
     """The fake-quant model of a checkpoint (or its float model), in eval mode on the CPU."""
     config = bert_config(checkpoint.config, len(checkpoint.labels))
     with torch.device("meta"):
         skeleton = _float_model(config, len(checkpoint.labels), checkpoint.task)
+    _restructure(skeleton, checkpoint)
     params = sum(p.numel() for p in skeleton.parameters())
     if params > MAX_PARAMETERS:
         raise CheckpointError(f"config describes {params:,} parameters, more than this tool accepts")
@@ -145,6 +166,7 @@ def build_model(checkpoint: Checkpoint, quantized: bool = True) -> nn.Module:
                                   f"the model needs {skeleton_state[name].dtype}")
     check_recipe_fits(checkpoint.recipe, skeleton)
     model = _float_model(config, len(checkpoint.labels), checkpoint.task)
+    _restructure(model, checkpoint)
     model.load_state_dict(checkpoint.state_dict, strict=False)
     if quantized:
         quantize_model(model, checkpoint.recipe)

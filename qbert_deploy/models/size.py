@@ -10,17 +10,24 @@ from qbert_deploy.recipe import Recipe
 MB = 2**20
 
 
+def _average_bits(module: nn.Module, default: int) -> float:
+    row_bits = getattr(module, "row_bits", None)
+    return sum(row_bits) / len(row_bits) if row_bits else float(default)
+
+
 def paper_size(model: nn.Module, recipe: Recipe | None) -> dict[str, float]:
     """Bytes of the encoder weights at their bits, embeddings at theirs, everything else float32.
 
     Scales and zero points are left out, as in the paper. `recipe=None` is the fp32 model.
     """
-    bits: dict[str, int] = {}
+    bits: dict[str, float] = {}
     if recipe is not None:
-        bits = {f"{name}.weight": recipe.for_module(name).bits for name in quantizable_linears(model)}
+        # a matrix whose rows have their own widths (AQ-BERT subgroups) counts each row at its width
+        bits = {f"{name}.weight": _average_bits(model.get_submodule(name), recipe.for_module(name).bits)
+                for name in quantizable_linears(model)}
         if recipe.embedding is not None:
             bits.update({f"{name}.weight": recipe.embedding.bits for name in embedding_modules(model)})
-    total_bits = fp32_bits = 0
+    total_bits = fp32_bits = 0.0
     for name, param in model.named_parameters():
         fp32_bits += param.numel() * 32
         total_bits += param.numel() * bits.get(name, 32)

@@ -10,6 +10,7 @@ from torch import nn
 
 from qbert_deploy.families import FAMILIES, SUPPORTED, is_encoder_linear
 from qbert_deploy.models.modules import ActQuant, QuantEmbedding, QuantLinear
+from qbert_deploy.models.prune import MixedQuantLinear, subgroup_row_bits
 from qbert_deploy.recipe import Recipe
 
 # Embedding tables of every family, by their last name; encoder Linears are the families' own (Q-BERT quantizes
@@ -42,10 +43,13 @@ def quantize_model(model: nn.Module, recipe: Recipe) -> nn.Module:
     if not linears:
         raise ValueError(f"the model has no encoder Linears to quantize (supported families: {', '.join(SUPPORTED)})")
     recipe.check_modules(linears)
+    row_bits = subgroup_row_bits(model, recipe.structure) if recipe.structure is not None else {}
     for name in linears:
         module = model.get_submodule(name)
         if isinstance(module, nn.Linear):
-            _set_submodule(model, name, QuantLinear(module, recipe.for_module(name), recipe.activation_bits))
+            spec = recipe.for_module(name)
+            _set_submodule(model, name, MixedQuantLinear(module, spec, recipe.activation_bits, row_bits[name])
+                           if name in row_bits else QuantLinear(module, spec, recipe.activation_bits))
     if recipe.embedding is not None:
         for name in embedding_modules(model):
             module = model.get_submodule(name)

@@ -1,0 +1,81 @@
+"""`qbert-quantize --method aqbert`: fp32 fine-tune, AQ-BERT search, physical pruning, QAT, model.pt and a plot."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qbert_deploy.atomic import atomic_file
+from qbert_deploy.checkpoint import save_checkpoint
+from qbert_deploy.data.batches import batches
+from qbert_deploy.models.aqbert import CostModel, SearchSettings, Target, describe, finalize, plot_choices, search
+from qbert_deploy.models.build import make_checkpoint, tokenizer_files
+from qbert_deploy.models.size import paper_size
+from qbert_deploy.models.task import Task, fp32_model
+from qbert_deploy.models.train import accuracy
+
+log = logging.getLogger("qbert_deploy.quantize")
+HELD_OUT = 0.2  # of the training examples: the architecture's batches (never the dev split)
+
+
+def target_of(args: argparse.Namespace) -> Target:
+    return Target(budget_mb=args.budget_mb, keep_macs=args.keep_macs)
+
+
+def check_aqbert_args(args: argparse.Namespace) -> None:
+    """Refuse what cannot work before anything is trained or written."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    for flag in ("preset", "recipe", "bits", "avg_bits"):
+        if getattr(args, flag) is not None:
+            raise ValueError(f"--{flag.replace('_', '-')} does not apply to --method aqbert (it searches the bits)")
+    target = target_of(args)
+    config = AutoConfig.from_pretrained(args.model_dir)
+    if config.model_type != "bert":
+        raise ValueError(f"{args.model_dir}: model_type {config.model_type!r} is not supported; only 'bert'")
+    config.num_labels = len(args.labels.split(",")) if args.labels else 2
+    with torch.device("meta"):
+        skeleton = AutoModelForSequenceClassification.from_config(config)
+    CostModel.of(skeleton, SearchSettings.ffn_block, SearchSettings.column_bits, 8).check(target)
+
+
+def run_aqbert(args: argparse.Namespace, task: Task, out: Path) -> None:
+    target = target_of(args)
+    settings = SearchSettings(steps=args.search_steps, qat_steps=args.qat_steps, weight_lr=args.qat_lr,
+                              qat_lr=args.qat_lr, calibration_batches=args.calibration_batches, seed=args.seed)
+    fp32, fp32_acc = fp32_model(args.model_dir, task, args.finetune_steps, args.lr,
+                                Path(args.fp32_cache) if args.fp32_cache else out / "fp32", args.seed)
+    split = max(1, int(len(task.train) * HELD_OUT))
+    held_out = list(batches(task.tokenizer, task.train[-split:], task.batch_size, task.max_length, shuffle_seed=1))
+    training = list(batches(task.tokenizer, task.train[:-split] or task.train, task.batch_size, task.max_length,
+                            shuffle_seed=2))
+    calibration = [{k: v for k, v in b.items() if k != "labels"}
+                   for b in task.input_batches(settings.calibration_batches, settings.seed)]
+    result, searched = search(fp32, training, held_out, calibration, target, settings)
+    log.info("AQ-BERT: %s", describe(result))
+    plot_choices(result, out / "aqbert_choice.png")
+    model = finalize(fp32, searched, result, calibration, task.train_batches, settings)
+    acc = accuracy(model, task.dev_batches(), "dev AQ-BERT")
+    size = paper_size(model, result.recipe)
+    metrics = {"dev_accuracy_fp32": fp32_acc, "dev_accuracy_quantized": acc, "size_mb": result.size_mb,
+               "compression": size["compression"], "macs_kept": result.macs_kept}
+    with tempfile.TemporaryDirectory() as tmp:
+        texts = tokenizer_files(task.tokenizer, Path(tmp))
+    checkpoint = make_checkpoint(model, result.recipe, task.labels, texts, metrics)
+    save_checkpoint(checkpoint, out / "model.pt")
+    summary: dict[str, Any] = {"target": dataclasses.asdict(target), "metrics": metrics,
+                               "settings": dataclasses.asdict(replace(settings)),
+                               "confidence": list(result.confidence),
+                               "head_bits": result.head_choices.tolist(), "block_bits": result.block_choices.tolist()}
+    with atomic_file(out / "aqbert.json") as tmp_path:
+        tmp_path.write_text(json.dumps(summary, indent=1) + "\n")
+    log.info("wrote %s: dev accuracy %.4f (fp32 %.4f), %.2f MB the paper's way, %.1f%% of the GEMM work",
+             out / "model.pt", acc, fp32_acc, result.size_mb, 100 * result.macs_kept)
