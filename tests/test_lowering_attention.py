@@ -14,13 +14,13 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
+from benchmarks.batch_invariance import padded
 from qbert_deploy.runtimes.attention_fusion import unmasked_attention_branch
 from qbert_deploy.runtimes.lowering import lower_model
 from qbert_deploy.runtimes.session import open_session
 from qbert_deploy.validation.parity import output_step
 from tests.tiny import text_batch
 
-Feed = dict[str, np.ndarray]
 
 
 def _lowered(canonical: Path, flash_branch: bool = False) -> bytes:
@@ -45,24 +45,15 @@ def _requests(count: int = 12, seed: int = 5) -> list[np.ndarray]:
     return out
 
 
-def _padded(requests: list[np.ndarray], length: int | None = None) -> Feed:
-    longest = length or max(r.shape[1] for r in requests)
-    feed = {n: np.zeros((len(requests), longest), np.int64) for n in ("input_ids", "attention_mask", "token_type_ids")}
-    for row, ids in enumerate(requests):
-        feed["input_ids"][row, :ids.shape[1]] = ids[0]
-        feed["attention_mask"][row, :ids.shape[1]] = 1
-    return feed
-
-
 def _differences(model: bytes) -> list[str]:
     """Rows whose logits or attention outputs (real tokens only) differ bitwise between runs: alone (1 thread) vs in
     padded batches of mixed lengths, vs alone padded to 64 tokens (2 threads)."""
     alone_session, batch_session = open_session(model, threads=1), open_session(model, threads=2)
     requests = _requests()
-    alone = [alone_session.run(None, _padded([r])) for r in requests]
-    runs = {f"batch {start // 4}": (start, batch_session.run(None, _padded(requests[start:start + 4])))
+    alone = [alone_session.run(None, padded([r])) for r in requests]
+    runs = {f"batch {start // 4}": (start, batch_session.run(None, padded(requests[start:start + 4])))
             for start in range(0, len(requests), 4)}
-    runs |= {f"alone padded to 64, request {i}": (i, batch_session.run(None, _padded([r], 64)))
+    runs |= {f"alone padded to 64, request {i}": (i, batch_session.run(None, padded([r], 64)))
              for i, r in enumerate(requests)}
     differ = []
     for what, (start, outputs) in runs.items():
