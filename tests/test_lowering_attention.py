@@ -22,7 +22,6 @@ from qbert_deploy.validation.parity import output_step
 from tests.tiny import text_batch
 
 
-
 def _lowered(canonical: Path, flash_branch: bool = False) -> bytes:
     """cpu-w8a8 in memory (optionally with the flash branch back), each attention output also a graph output."""
     model = ir.load(canonical)
