@@ -101,7 +101,10 @@ def test_cli_refuses_bad_targets_and_writes_nothing(tiny_dir: Path, tmp_path: Pa
 
 
 @pytest.mark.slow
-def test_cli_aqbert_run_writes_a_pruned_model_pt_and_its_plot(tiny_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("budget", [["--finetune-steps", "1", "--qat-steps", "1"],
+                                    ["--finetune-epochs", "0.2", "--epochs", "0.2"]], ids=["steps", "epochs"])
+def test_cli_aqbert_run_writes_a_pruned_model_pt_and_its_plot(tiny_dir: Path, tmp_path: Path,
+                                                              budget: list[str]) -> None:
     from qbert_deploy.checkpoint import load_checkpoint
     from qbert_deploy.data.tsv import Example, write_tsv
     from tests.tiny import SENTENCES
@@ -113,7 +116,7 @@ def test_cli_aqbert_run_writes_a_pruned_model_pt_and_its_plot(tiny_dir: Path, tm
     done = subprocess.run([sys.executable, "-m", "qbert_deploy.cli.quantize", "--method", "aqbert",
                            "--model", str(tiny_dir), "--train", str(tmp_path / "train.tsv"),
                            "--dev", str(tmp_path / "dev.tsv"), "--keep-macs", "0.6", "--search-steps", "2",
-                           "--finetune-steps", "1", "--qat-steps", "1", "--batch-size", "4",
+                           *budget, "--batch-size", "4",
                            "--calibration-batches", "1", "-o", str(out)],
                           capture_output=True, text=True, timeout=900, env=os.environ.copy())
     assert done.returncode == 0, done.stderr[-2000:]

@@ -392,6 +392,9 @@ def _quantize(args: argparse.Namespace, method: Any, recipe: Any, out: Path, tas
     if args.method == "aqbert":
         from qbert_deploy.models.aqbert_job import run_aqbert
 
+        # The epoch budget, as steps: the search and its QAT count steps.
+        args.finetune_steps = _steps(args.finetune_epochs, args.finetune_steps, task)
+        args.qat_steps = _steps(args.epochs, args.qat_steps, task)
         run_aqbert(args, task, out)
         return 0
     learn = args.learn_ranges
