@@ -12,7 +12,6 @@ each of N processes takes 1/N of it, so the run is the same run; only rank 0 wri
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -202,26 +201,17 @@ def _task(args: argparse.Namespace) -> Any:
     bad = sorted({e.label for e in train + dev if not 0 <= e.label < len(labels)})
     if bad:
         raise ValueError(f"labels {bad[:5]} are outside the {len(labels)} label names")
-    inputs = _model_family(args.model_dir).inputs
+    inputs = args.family.inputs
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     return Task(tokenizer, train, dev, labels, args.batch_size, args.max_length, inputs)
 
 
-def _model_family(model_dir: str) -> Any:
+def _model_family(model_dir: Path) -> Any:
     """The family of --model (before any data is read or training starts): an unsupported one stops here."""
-    from qbert_deploy.families import family
+    from qbert_deploy.runtimes.serving.model import model_family, read_json
 
-    path = Path(model_dir) / "config.json"
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: cannot read the model's config ({err})") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{path}: not a JSON object")
-    try:
-        return family(config.get("model_type"))
-    except ValueError as err:
-        raise ValueError(f"{model_dir}: {err}") from None
+    path = model_dir / "config.json"
+    return model_family(read_json(path), path)
 
 
 def _feature_task(args: argparse.Namespace, task_name: str) -> Any:
@@ -235,7 +225,7 @@ def _feature_task(args: argparse.Namespace, task_name: str) -> Any:
 
     if args.train is None or args.dev is None:
         raise ValueError(f"{task_name} needs --train and --dev data files")
-    inputs = _model_family(args.model_dir).inputs
+    inputs = args.family.inputs
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     if task_name == QA:
         return QATask(tokenizer, read_squad(args.train), read_squad(args.dev), list(QA_LABELS), args.batch_size,
@@ -309,14 +299,11 @@ def _run(args: argparse.Namespace) -> int:
     from qbert_deploy.models import distributed
 
     distributed.check_global_batch("--batch-size", args.batch_size, distributed.launched_world_size())
-    model_family = _model_family(args.model_dir)  # an unsupported architecture stops before anything is written
+    args.family = _model_family(args.model_dir)  # an unsupported architecture stops before anything is written
     if args.method == "aqbert":
         from qbert_deploy.models.aqbert_job import check_aqbert_args
 
-        if model_family.model_type != "bert":
-            raise ValueError(f"--method aqbert prunes BERT's heads and FFN blocks; {model_family.model_type} is not "
-                             "supported yet")
-        check_aqbert_args(args)  # an impossible target fails here, before anything is written
+        check_aqbert_args(args)  # BERT only; an impossible target fails here, before anything is written
         method, recipe = None, None
         args.distill_weights = None
     else:
