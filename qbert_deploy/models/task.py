@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Iterator
@@ -128,11 +129,22 @@ def load_teacher(path: Path, task: Task) -> nn.Module:
     return model.eval()
 
 
+def base_fingerprint(model_dir: str | Path) -> str:
+    """What identifies the base model in the fp32 cache: its files' names, sizes and config, not where it lives,
+    so the same package installed in another virtual environment reuses the fine-tune."""
+    folder = Path(model_dir)
+    digest = hashlib.sha256((folder / "config.json").read_bytes() if (folder / "config.json").is_file() else b"")
+    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+        if path.is_file():
+            digest.update(f"{path.name}:{path.stat().st_size};".encode())
+    return f"{folder.name}:{digest.hexdigest()[:16]}"
+
+
 def fp32_model(model_dir: str | Path, task: Task, steps: int, lr: float, cache: Path | None,
                seed: int = 0) -> tuple[nn.Module, float]:
     """The fine-tuned fp32 baseline and its dev metric, reused from `cache` when it was made the same way."""
     key: dict[str, Any] = {"task": task.kind} if task.kind != SEQUENCE else {}
-    key |= {"base": str(Path(model_dir).resolve()), "steps": steps, "lr": lr, "seed": seed,
+    key |= {"base": base_fingerprint(model_dir), "steps": steps, "lr": lr, "seed": seed,
            "train": len(task.train), "batch_size": task.batch_size, "max_length": task.max_length}
     stamp = cache / FP32_STAMP if cache else None
     saved: dict[str, Any] | None = None

@@ -1,0 +1,28 @@
+"""The fp32 cache is keyed on what the base model is, not on where it is installed."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from qbert_deploy.models.task import base_fingerprint
+
+
+def _base(folder: Path, hidden: int, weight_bytes: int = 64) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(f'{{"model_type": "bert", "hidden_size": {hidden}}}')
+    (folder / "model.safetensors").write_bytes(b"\0" * weight_bytes)
+    return folder
+
+
+def test_same_model_in_two_places_has_one_key(tmp_path: Path) -> None:
+    first = _base(tmp_path / "venv-a" / "model", 8)
+    second = tmp_path / "venv-b" / "model"
+    shutil.copytree(first, second)
+    assert base_fingerprint(first) == base_fingerprint(second)
+
+
+def test_another_config_or_weights_file_has_another_key(tmp_path: Path) -> None:
+    first = _base(tmp_path / "a" / "model", 8)
+    assert base_fingerprint(first) != base_fingerprint(_base(tmp_path / "b" / "model", 16))
+    assert base_fingerprint(first) != base_fingerprint(_base(tmp_path / "c" / "model", 8, weight_bytes=65))
