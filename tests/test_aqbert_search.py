@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -13,8 +14,20 @@ import torch
 from transformers import BertForSequenceClassification
 
 from qbert_deploy.exporters.onnx_export import export_checkpoint
-from qbert_deploy.models.aqbert import AQBertError, CostModel, SearchSettings, Target, finalize, plot_choices, search
+from qbert_deploy.models.aqbert import (
+    DEFAULT_DISTILL,
+    AQBertError,
+    CostModel,
+    SearchSettings,
+    Target,
+    _student_loss,
+    finalize,
+    plot_choices,
+    pruned_distill,
+    search,
+)
 from qbert_deploy.models.build import build_model, make_checkpoint
+from qbert_deploy.models.distill import DistillWeights
 from qbert_deploy.validation.parity import parity_check
 from tests.tiny import LABELS, _tokenizer_texts, text_batch, tiny_config, tokenizer
 
@@ -74,6 +87,24 @@ def test_a_budget_below_the_fixed_size_is_refused() -> None:
         Target(keep_macs=1.5)
 
 
+def test_search_and_qat_distil_logits_and_hidden_states_not_attention() -> None:
+    fp32 = _fp32()
+    inputs = {k: torch.from_numpy(v) for k, v in _batches(1, 3)[0][0].items()}
+    labels = torch.tensor([0, 1, 0, 1])
+    same = float(_student_loss(fp32, inputs, labels, None, fp32, DEFAULT_DISTILL).detach())
+    assert same == pytest.approx(0.0, abs=1e-6)
+    other = _fp32()
+    torch.manual_seed(1)
+    other.classifier.reset_parameters()
+    assert float(_student_loss(other, inputs, labels, None, fp32, DEFAULT_DISTILL).detach()) > 1e-4
+    task = float(_student_loss(fp32, inputs, labels, None, None, None).detach())
+    assert task == pytest.approx(float(fp32(**inputs, labels=labels).loss.detach()))
+    assert pruned_distill(DistillWeights(1.0, 1.0, 1.0)) == DistillWeights(1.0, 1.0, 0.0)
+    assert pruned_distill(None) is None
+    with pytest.raises(AQBertError, match="attention scores do not apply to pruned heads"):
+        pruned_distill(DistillWeights(logits=0.0, hidden=0.0, attention=1.0))
+
+
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("tinyhf")
@@ -87,6 +118,8 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (["--keep-macs", "1.5"], "argument --keep-macs: must be in (0, 1], got 1.5"),
     (["--budget-mb", "0.5"], "--budget-mb 0.5 cannot be met: with every head and FFN neuron pruned"),
     ([], "aqbert needs a target: --budget-mb and/or --keep-macs"),
+    (["--keep-macs", "0.5", "--distill-logits", "0", "--distill-hidden", "0"],
+     "attention scores do not apply to pruned heads"),
 ])
 def test_cli_refuses_bad_targets_and_writes_nothing(tiny_dir: Path, tmp_path: Path, args: list[str],
                                                     message: str) -> None:
@@ -123,3 +156,5 @@ def test_cli_aqbert_run_writes_a_pruned_model_pt_and_its_plot(tiny_dir: Path, tm
     checkpoint = load_checkpoint(out / "model.pt")
     assert checkpoint.recipe.structure is not None and checkpoint.metrics["macs_kept"] <= 0.6
     assert (out / "aqbert_choice.png").read_bytes()[:4] == b"\x89PNG"
+    summary = json.loads((out / "aqbert.json").read_text())
+    assert summary["settings"]["distill"] == {"logits": 1.0, "hidden": 1.0, "attention": 0.0, "temperature": 1.0}

@@ -128,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--distill", choices=DISTILL_PRESETS, default=None,
                         help="distillation from the fp32 model during QAT: full (logits, hidden states, attention "
                         "scores; the default for --method qbert), logits, or none (the paper's plain QAT; the "
-                        "default for q8bert)")
+                        "default for q8bert). aqbert distils logits and hidden states in its search and QAT by "
+                        "default (pruned heads cannot match the teacher's attention scores)")
     parser.add_argument("--distill-logits", type=float, default=None, help="weight of the soft cross-entropy")
     parser.add_argument("--distill-hidden", type=float, default=None, help="weight of the hidden-state MSE")
     parser.add_argument("--distill-attention", type=float, default=None,
@@ -305,7 +306,7 @@ def _run(args: argparse.Namespace) -> int:
 
         check_aqbert_args(args)  # BERT only; an impossible target fails here, before anything is written
         method, recipe = None, None
-        args.distill_weights = None
+        args.distill_weights = _aqbert_distill_weights(args)
     else:
         if not any(getattr(args, k) is not None for k in ("preset", "recipe", "bits", "avg_bits", "budget_mb")):
             raise ValueError("one of --preset, --recipe, --bits, --avg-bits, --budget-mb is required")
@@ -349,6 +350,17 @@ def _distill_weights(args: argparse.Namespace, method: Any) -> Any:
     if args.distill is None and any(v is not None for v in explicit) and preset == "none":
         preset = "full"  # weights given for a method that does not distill by default: distill with them
     return resolve_weights(preset, *explicit)
+
+
+def _aqbert_distill_weights(args: argparse.Namespace) -> Any:
+    """aqbert distils by default (logits and hidden states); attention scores do not apply to pruned heads."""
+    from qbert_deploy.models.aqbert import DEFAULT_DISTILL, pruned_distill
+    from qbert_deploy.models.distill import resolve_weights
+
+    explicit = [args.distill_logits, args.distill_hidden, args.distill_attention, args.distill_temperature]
+    if args.distill is None and not any(v is not None for v in explicit):
+        return DEFAULT_DISTILL
+    return pruned_distill(resolve_weights(args.distill or "full", *explicit))
 
 
 def _check_teacher(args: argparse.Namespace, task: Any) -> None:

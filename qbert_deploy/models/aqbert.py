@@ -11,6 +11,8 @@ Each subgroup chooses among CHOICES (0 = pruned) through architecture logits rel
 weights of the choices are mixed row by row, and a head's or block's keep probability gates its output (HF's
 `head_mask` for heads, the intermediate activation for FFN blocks). The logits are trained on held-out batches
 (task loss + lambda x how far the expected size / GEMM work is over the target), the weights on training batches.
+With distillation on (the default), the task loss is the distillation loss from the fp32 model: soft cross-entropy on
+the logits plus MSE on the hidden states. The attention-score term does not apply: pruned layers have fewer heads.
 The argmax choice, cut down greedily where it is still over the target, becomes a version-2 recipe; the pruned
 model is rebuilt physically and fine-tuned with QAT.
 """
@@ -20,7 +22,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from qbert_deploy.models.distill import Distiller, DistillWeights, distill_loss
 from qbert_deploy.models.modules import QuantLinear
 from qbert_deploy.models.prune import encoder_layers, restructure
 from qbert_deploy.models.quantizer import fake_quant_weight
@@ -48,6 +51,10 @@ Batch = tuple[dict[str, np.ndarray], np.ndarray]
 
 class AQBertError(ValueError):
     """A target the search cannot meet."""
+
+
+# Logits and hidden states, as `--distill full` minus the attention term that pruned heads cannot match.
+DEFAULT_DISTILL = DistillWeights(logits=1.0, hidden=1.0, attention=0.0)
 
 
 @dataclass(frozen=True)
@@ -247,6 +254,8 @@ class SearchSettings:
     column_bits: int = 8  # attention-output and FFN-output matrices (the subgroups' column side)
     calibration_batches: int = 8
     seed: int = 0
+    distill: DistillWeights | None = DEFAULT_DISTILL  # None: the plain task loss in the search and the QAT
+    teacher: nn.Module | None = None  # default: the fp32 model being searched
 
 
 @dataclass
@@ -265,6 +274,31 @@ def base_recipe(settings: SearchSettings) -> Recipe:
                   embedding=WeightQuant(bits=8, groups=None), activation_bits=8, method="aqbert")
 
 
+def _student_loss(model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor,
+                  head_mask: torch.Tensor | None, teacher: nn.Module | None,
+                  weights: DistillWeights | None) -> torch.Tensor:
+    """The task loss, or the distillation loss from `teacher` when distilling."""
+    if teacher is None or weights is None:
+        loss: torch.Tensor = model(**inputs, labels=labels, head_mask=head_mask).loss
+        return loss
+    hidden = bool(weights.hidden)
+    with torch.no_grad():
+        target = teacher(**inputs, output_hidden_states=hidden)
+    out = model(**inputs, head_mask=head_mask, output_hidden_states=hidden)
+    return distill_loss(out.logits, target.logits, inputs.get("attention_mask"), weights,
+                        out.hidden_states if hidden else None, target.hidden_states if hidden else None)
+
+
+def pruned_distill(weights: DistillWeights | None) -> DistillWeights | None:
+    """`weights` without the attention-score term (pruned layers have fewer heads than the teacher)."""
+    if weights is None or not weights.attention:
+        return weights
+    if not (weights.logits or weights.hidden):
+        raise AQBertError("aqbert distils logits and hidden states; attention scores do not apply to pruned heads "
+                          "(set --distill-logits or --distill-hidden above 0)")
+    return replace(weights, attention=0.0)
+
+
 def _excess(value: torch.Tensor, target: float) -> torch.Tensor:
     return (value / target - 1).clamp(min=0)
 
@@ -274,6 +308,8 @@ def search(fp32: nn.Module, train_batches: Iterable[Batch], held_out: Iterable[B
            settings: SearchSettings) -> tuple[SearchResult, nn.Module]:
     """Run the relaxed search on a copy of `fp32`; returns the discrete result and the search-trained float model."""
     torch.manual_seed(settings.seed)
+    distill = pruned_distill(settings.distill)
+    teacher = (settings.teacher or fp32).eval() if distill is not None else None
     recipe = base_recipe(settings)
     cost = CostModel.of(fp32, settings.ffn_block, settings.column_bits, 8)
     cost.check(target)
@@ -294,7 +330,7 @@ def search(fp32: nn.Module, train_batches: Iterable[Batch], held_out: Iterable[B
             inputs, labels = next(train_iter)
             with torch.no_grad():
                 head_mask = searcher.sample(tau)
-            loss = model(**_torch(inputs), labels=torch.from_numpy(labels), head_mask=head_mask).loss
+            loss = _student_loss(model, _torch(inputs), torch.from_numpy(labels), head_mask, teacher, distill)
             weights.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -302,7 +338,7 @@ def search(fp32: nn.Module, train_batches: Iterable[Batch], held_out: Iterable[B
             # architecture on a held-out batch: task loss + lambda x excess over the target
             inputs, labels = next(held_iter)
             head_mask = searcher.sample(tau)
-            task_loss = model(**_torch(inputs), labels=torch.from_numpy(labels), head_mask=head_mask).loss
+            task_loss = _student_loss(model, _torch(inputs), torch.from_numpy(labels), head_mask, teacher, distill)
             size, macs = space.expected()
             penalty = torch.zeros((), dtype=torch.float64)
             if target.budget_mb is not None:
@@ -416,7 +452,9 @@ def finalize(fp32: nn.Module, searched: nn.Module, result: SearchResult,
     quantize_model(model, result.recipe)
     calibrate(model, calibration)
     if settings.qat_steps > 0:
-        train(model, train_batches, settings.qat_steps, lr=settings.qat_lr, desc="AQ-BERT QAT")
+        distill = pruned_distill(settings.distill)
+        distiller = Distiller(settings.teacher or fp32, distill) if distill is not None else None
+        train(model, train_batches, settings.qat_steps, lr=settings.qat_lr, desc="AQ-BERT QAT", loss_fn=distiller)
     return model.eval()
 
 

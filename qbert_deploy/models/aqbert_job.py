@@ -7,7 +7,6 @@ import dataclasses
 import json
 import logging
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from qbert_deploy.data.batches import batches
 from qbert_deploy.models.aqbert import CostModel, SearchSettings, Target, describe, finalize, plot_choices, search
 from qbert_deploy.models.build import make_checkpoint, tokenizer_files
 from qbert_deploy.models.size import paper_size
-from qbert_deploy.models.task import Task, fp32_model
+from qbert_deploy.models.task import Task, fp32_model, load_teacher
 from qbert_deploy.models.train import accuracy
 
 log = logging.getLogger("qbert_deploy.quantize")
@@ -47,12 +46,24 @@ def check_aqbert_args(args: argparse.Namespace) -> None:
     CostModel.of(skeleton, SearchSettings.ffn_block, SearchSettings.column_bits, 8).check(target)
 
 
+def _settings_json(settings: SearchSettings) -> dict[str, Any]:
+    """The search settings for aqbert.json (the teacher is a model, not a setting)."""
+    values = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings) if f.name != "teacher"}
+    values["distill"] = dataclasses.asdict(settings.distill) if settings.distill is not None else None
+    return values
+
+
 def run_aqbert(args: argparse.Namespace, task: Task, out: Path) -> None:
     target = target_of(args)
-    settings = SearchSettings(steps=args.search_steps, qat_steps=args.qat_steps, weight_lr=args.qat_lr,
-                              qat_lr=args.qat_lr, calibration_batches=args.calibration_batches, seed=args.seed)
     fp32, fp32_acc = fp32_model(args.model_dir, task, args.finetune_steps, args.lr,
                                 Path(args.fp32_cache) if args.fp32_cache else out / "fp32", args.seed)
+    distill = getattr(args, "distill_weights", None)
+    teacher = load_teacher(Path(args.teacher), task) if distill is not None and args.teacher else None
+    settings = SearchSettings(steps=args.search_steps, qat_steps=args.qat_steps, weight_lr=args.qat_lr,
+                              qat_lr=args.qat_lr, calibration_batches=args.calibration_batches, seed=args.seed,
+                              distill=distill, teacher=teacher)
+    log.info("AQ-BERT: %s", f"distils from the {args.teacher or 'fp32 model'}: {distill}" if distill is not None
+             else "plain task loss (--distill none)")
     split = max(1, int(len(task.train) * HELD_OUT))
     held_out = list(batches(task.tokenizer, task.train[-split:], task.batch_size, task.max_length, shuffle_seed=1))
     training = list(batches(task.tokenizer, task.train[:-split] or task.train, task.batch_size, task.max_length,
@@ -72,7 +83,7 @@ def run_aqbert(args: argparse.Namespace, task: Task, out: Path) -> None:
     checkpoint = make_checkpoint(model, result.recipe, task.labels, texts, metrics)
     save_checkpoint(checkpoint, out / "model.pt")
     summary: dict[str, Any] = {"target": dataclasses.asdict(target), "metrics": metrics,
-                               "settings": dataclasses.asdict(replace(settings)),
+                               "settings": _settings_json(settings),
                                "confidence": list(result.confidence),
                                "head_bits": result.head_choices.tolist(), "block_bits": result.block_choices.tolist()}
     with atomic_file(out / "aqbert.json") as tmp_path:
