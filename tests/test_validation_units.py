@@ -61,3 +61,12 @@ def test_bits_and_sensitivity_per_layer() -> None:
     assert sensitivity_per_layer({"dev_accuracy": 0.9}) == {}
     assert sensitivity_per_layer({"sensitivity.layer.1": 2.0, "sensitivity.layer.0": 5.0}) == {0: 5.0, 1: 2.0}
     assert sensitivity_per_layer({"hessian_omega": [1.0, 3.0]}) == {0: 1.0, 1: 3.0}
+
+
+def test_limit_takes_examples_spread_over_a_label_sorted_file() -> None:
+    from qbert_deploy.validation.task_data import spread
+
+    labels = [1] * 50 + [0] * 50  # the movie-review split is sorted by rating
+    assert sorted(set(spread(labels, 8))) == [0, 1] and len(spread(labels, 8)) == 8
+    assert spread(list(range(10)), 5) == [0, 2, 4, 6, 8]
+    assert spread(labels, None) == labels and spread(labels, 500) == labels

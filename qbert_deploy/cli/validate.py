@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=_positive, default=32)
     parser.add_argument("--max-length", type=_positive, default=128)
     parser.add_argument("--threads", type=_positive, help="intra-op threads for ORT and PyTorch")
-    parser.add_argument("--limit", type=_positive, help="only the first N examples")
+    parser.add_argument("--limit", type=_positive, help="only N examples, evenly spaced over the file")
     layer = parser.add_argument_group("layerwise")
     layer.add_argument("--layerwise", action="store_true",
                        help="compare each encoder layer and quantized Linear with PyTorch; name the first that departs")

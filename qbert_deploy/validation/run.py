@@ -26,7 +26,7 @@ from qbert_deploy.validation.layerwise import (
 )
 from qbert_deploy.validation.provenance import check_match, read_export_info
 from qbert_deploy.validation.report import Report, backend_table, task_table, write_report
-from qbert_deploy.validation.task_data import prepare
+from qbert_deploy.validation.task_data import prepare, spread
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ def validate(export_dir: Path, checkpoint_path: Path, data_path: Path, settings:
     tokenizer = load_tokenizer(export_dir)
     evaluation = prepare(checkpoint.task, data_path, checkpoint.labels, tokenizer, settings.batch_size,
                          settings.max_length, settings.limit, inputs)
-    examples = read_tsv(data_path, checkpoint.labels)[:settings.limit] if checkpoint.task == SEQUENCE else []
+    examples = spread(read_tsv(data_path, checkpoint.labels), settings.limit) if checkpoint.task == SEQUENCE else []
     digest = evaluation.digest
     baseline_accuracy = read_baseline(baseline, digest) if baseline is not None else None
     specs = backend_specs(settings.providers, settings.profiles)

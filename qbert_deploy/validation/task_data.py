@@ -11,12 +11,14 @@ import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from qbert_deploy.families import TEXT_INPUTS
 from qbert_deploy.tasks import QA, SEQUENCE, TASKS, TOKEN, entities, task_kind, task_of_data
+
+T = TypeVar("T")
 
 Batch = dict[str, np.ndarray]
 
@@ -40,8 +42,16 @@ class Evaluation:
         return outputs if self.valid is None else outputs[self.valid]
 
 
+def spread(items: list[T], limit: int | None) -> list[T]:
+    """`limit` items evenly spaced over the file (all of them without a limit): data files are often sorted by
+    label, and their first N examples would all be of one class."""
+    if not limit or limit >= len(items):
+        return items
+    return [items[i * len(items) // limit] for i in range(limit)]
+
+
 def _file_digest(path: Path, limit: int | None) -> str:
-    return hashlib.sha256(path.read_bytes() + f"\nlimit={limit}".encode()).hexdigest()
+    return hashlib.sha256(path.read_bytes() + f"\nlimit={limit} spread".encode()).hexdigest()
 
 
 def prepare(task: str, data_path: Path, labels: list[str], tokenizer: Any, batch_size: int, max_length: int,
@@ -72,7 +82,7 @@ def _sequence(data_path: Path, labels: list[str], tokenizer: Any, batch_size: in
     from qbert_deploy.validation.harness import dataset_digest, tokenize
     from qbert_deploy.validation.stats import agreement
 
-    examples = read_tsv(data_path, labels)[:limit] if limit else read_tsv(data_path, labels)
+    examples = spread(read_tsv(data_path, labels), limit)
     gold = np.array([e.label for e in examples], dtype=np.int64)
     return Evaluation(
         SEQUENCE, tokenize(tokenizer, examples, batch_size, max_length), len(examples), dataset_digest(examples),
@@ -91,7 +101,7 @@ def _token(data_path: Path, labels: list[str], tokenizer: Any, batch_size: int, 
     from qbert_deploy.data.features import decode_tags, tag_features
     from qbert_deploy.metrics import tagging_scores
 
-    sentences = read_conll(data_path, labels)[:limit] if limit else read_conll(data_path, labels)
+    sentences = spread(read_conll(data_path, labels), limit)
     features = tag_features(tokenizer, sentences, max_length)
     gold = [[labels[t] for t in s.tags] for s in sentences]
     words = np.zeros_like(features.labels, dtype=bool)
@@ -119,7 +129,7 @@ def _qa(data_path: Path, tokenizer: Any, batch_size: int, max_length: int, limit
     from qbert_deploy.data.squad import read_squad
     from qbert_deploy.metrics import squad_scores
 
-    questions = read_squad(data_path)[:limit] if limit else read_squad(data_path)
+    questions = spread(read_squad(data_path), limit)
     features = qa_features(tokenizer, questions, max_length)
     truths = [[a.text for a in q.answers] for q in questions]
     context = features.context
