@@ -159,11 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _task_name(args: argparse.Namespace) -> str:
     """--task, else the model's head, else the data format; a --task that contradicts the model's head is an error."""
-    import json
-
     from qbert_deploy.tasks import SEQUENCE, task_of_data, task_of_head
 
-    config = json.loads((args.model_dir / "config.json").read_text(encoding="utf-8"))
+    config = _config(args.model_dir)
     head = task_of_head(config.get("architectures"))
     if args.task and head and args.task != head:
         raise ValueError(f"--task {args.task} contradicts the model's head ({config['architectures'][0]} is "
@@ -207,12 +205,18 @@ def _task(args: argparse.Namespace) -> Any:
     return Task(tokenizer, train, dev, labels, args.batch_size, args.max_length, inputs)
 
 
+def _config(model_dir: Path) -> dict[str, Any]:
+    """A Hugging Face directory's config.json (one-line error when it cannot be read)."""
+    from qbert_deploy.runtimes.serving.model import read_json
+
+    return read_json(model_dir / "config.json")
+
+
 def _model_family(model_dir: Path) -> Any:
     """The family of --model (before any data is read or training starts): an unsupported one stops here."""
-    from qbert_deploy.runtimes.serving.model import model_family, read_json
+    from qbert_deploy.runtimes.serving.model import model_family
 
-    path = model_dir / "config.json"
-    return model_family(read_json(path), path)
+    return model_family(_config(model_dir), model_dir / "config.json")
 
 
 def _feature_task(args: argparse.Namespace, task_name: str) -> Any:
@@ -364,19 +368,12 @@ def _aqbert_distill_weights(args: argparse.Namespace) -> Any:
 
 
 def _check_teacher(args: argparse.Namespace, task: Any) -> None:
-    import json
-
     from qbert_deploy.models.distill import check_teacher
 
     teacher = Path(args.teacher)
     if not (teacher / "config.json").is_file():
         raise ValueError(f"{teacher}: the teacher is not a Hugging Face model directory (no config.json)")
-    try:
-        teacher_config = json.loads((teacher / "config.json").read_text(encoding="utf-8"))
-        student_config = json.loads((args.model_dir / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{teacher}: unreadable config.json: {err}") from None
-    check_teacher(teacher_config, student_config, task.labels, args.distill_weights)
+    check_teacher(_config(teacher), _config(args.model_dir), task.labels, args.distill_weights)
 
 
 def _steps(epochs: float, steps: int | None, task: Any) -> int:
