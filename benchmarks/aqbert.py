@@ -217,6 +217,7 @@ def _search_budget(fp32: torch.nn.Module, task: Any, keep: float, mb: float | No
     _export(checkpoint, folder / "export")
     assert result.recipe.structure is not None
     info = {"size_mb_paper": result.size_mb, "macs_kept": result.macs_kept, "budget_mb": mb, "keep_macs": keep,
+            "search_steps": settings.steps, "qat_steps": settings.qat_steps,
             "confidence": list(result.confidence), "head_bits": result.head_choices.tolist(),
             "block_bits": result.block_choices.tolist(), "structure": result.recipe.structure.to_json()}
     write_text_atomic(info_path, json.dumps(info, indent=1) + "\n")
