@@ -192,14 +192,16 @@ def _pack(values: np.ndarray, bits: int) -> np.ndarray:
     return packed
 
 
-def weights_to_matmulnbits(model: ir.Model, accuracy_level: int, widen_2bit: bool = True) -> int:
+def weights_to_matmulnbits(model: ir.Model, accuracy_level: int, widen_2bit: bool = True,
+                           widen_to_8bit: bool = False) -> int:
     """weight-only / cuda: DequantizeLinear(weight) + MatMul -> com.microsoft.MatMulNBits, accuracy level pinned.
 
     Pre: per-output-channel weights [K, N].
     Post: MatMulNBits(A, packed B [N, ceil(K/bs), bs*bits/8], scales [N*K/bs], zero points) computing the same
     (q - zp) * scale weights; 2- and 3-bit weights use the 4-bit kernel (same integers), signed integers are
     offset to unsigned with the zero point offset alike. Activation Q/DQ in front stay, so the activations are
-    what the canonical graph computes; only the GEMM's float summation differs.
+    what the canonical graph computes; only the GEMM's float summation differs. `widen_to_8bit` puts every weight
+    in the 8-bit kernel (same integers), for GPUs where it is the faster one.
     """
     graph = model.graph
     done = 0
@@ -214,6 +216,7 @@ def weights_to_matmulnbits(model: ir.Model, accuracy_level: int, widen_2bit: boo
             bits = 8
         else:
             raise LoweringError(f"{dq.name}: weight type {source.dtype} has no MatMulNBits form")
+        bits = 8 if widen_to_8bit else bits
         q, scale, zp = _site_arrays(dq)
         k, n = q.shape
         offset = 1 << (bits - 1) if source.dtype in (ir.DataType.INT2, ir.DataType.INT4, ir.DataType.INT8) else 0
@@ -333,5 +336,31 @@ def residual_sum(model: ir.Model) -> int:
         graph.remove(add, safe=True)
         if len(terms) == 3 and inner is not None:
             graph.remove(inner, safe=True)
+        done += 1
+    return done
+
+
+def fold_activation_qdq(model: ir.Model) -> int:
+    """cuda-fused: drop every 8-bit activation QuantizeLinear -> DequantizeLinear pair; activations stay float.
+
+    This changes numerics, by design (the profile says so and the accuracy gate checks it): the canonical graph
+    rounds and clips each Linear's input to 8 bits, the folded one feeds the float value. On a GPU the pair is two
+    launches per Linear that no fused kernel absorbs, and ORT's transformer fusions do not match through it.
+    Pre: per-tensor activation Q/DQ pairs (a QuantizeLinear whose every consumer is a DequantizeLinear).
+    Post: no QuantizeLinear on a computed tensor; the weights' DequantizeLinear are untouched.
+    Returns the number of QuantizeLinear removed.
+    """
+    graph = model.graph
+    done = 0
+    for q in [n for n in graph if n.op_type == "QuantizeLinear"]:
+        source = q.inputs[0]
+        if source is None or constant_source(source) is not None:
+            continue
+        dqs = [use.node for use in q.outputs[0].uses()]
+        if not dqs or any(dq.op_type != "DequantizeLinear" or activation_qdq(dq.outputs[0]) is None for dq in dqs):
+            continue
+        for dq in dqs:
+            dq.outputs[0].replace_all_uses_with(source, replace_graph_outputs=True)
+        graph.remove([*dqs, q], safe=True)
         done += 1
     return done
