@@ -3,6 +3,8 @@ the CUDA graph itself only on a GPU (`@pytest.mark.gpu`)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,10 @@ import pytest
 from onnx import TensorProto, helper
 
 from qbert_deploy.runtimes.buckets import BucketedSession, ShapeBucketError, ShapeBuckets, pad_feed
+from qbert_deploy.runtimes.serving import ServedModel
+from qbert_deploy.runtimes.serving.model import softmax
 from qbert_deploy.runtimes.session import SessionError, open_session
+from tests.served import running_server
 from tests.tiny import SENTENCES, text_batch
 
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
@@ -94,6 +99,26 @@ def test_sequence_outputs_are_sliced_back(tmp_path: Path) -> None:
         assert scores.tolist() == [[4, 5, 6], [7, 8, 0]] and pooled.tolist() == [15, 15], io_binding
 
 
+def test_server_buckets_are_invisible(tiny_export: Path) -> None:
+    plain = ServedModel(tiny_export)
+    bucketed = ServedModel(tiny_export, shape_buckets=SMALL)
+    assert isinstance(bucketed.session, BucketedSession)
+    for label, feed in {**FEEDS, "sixteen (beyond the largest bucket)": text_batch(SENTENCES * 2)}.items():
+        np.testing.assert_array_equal(bucketed.run(feed), plain.run(feed), err_msg=label)
+    assert bucketed.session.runs["unbucketed"] == 1
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--shape-buckets", "8,1x32"], "batch buckets must be positive, distinct and ascending, got [8, 1]"),
+    (["--shape-buckets", "32"], "expected BATCHES x SEQUENCES"),
+    (["--cuda-graph"], "CUDA graphs need the cuda provider; cpu would run")])
+def test_serve_bucket_options_are_one_line_errors(tiny_export: Path, args: list[str], message: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "qbert_deploy.cli.serve", str(tiny_export), "--port", "0", *args],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.startswith("qbert-serve: error:"), done
+    assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
 @pytest.mark.skipif(HAS_CUDA, reason="checks the refusal on a machine without CUDA")
 def test_cuda_graph_needs_the_cuda_provider(tiny_export: Path) -> None:
     with pytest.raises(SessionError, match="CUDA graphs need the cuda provider, not CPUExecutionProvider"), \
@@ -115,3 +140,18 @@ def test_cuda_graph_buckets_match_plain_cuda_runs(tiny_export: Path, profile: st
             got = graphed.run(["logits"], feed)[0]
             np.testing.assert_allclose(got, expected, rtol=0, atol=2e-2, err_msg=label)
             assert (got.argmax(-1) == expected.argmax(-1)).all(), label
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and onnxruntime-gpu")
+def test_serves_with_cuda_graphs(tiny_export: Path, tmp_path: Path) -> None:
+    import httpx
+
+    expected = ServedModel(tiny_export, providers=("cuda",))
+    with running_server(tiny_export, tmp_path, "--providers", "cuda", "--cuda-graph") as server:
+        for text in ("fine", "a gorgeous, moving film that i would see again"):
+            response = httpx.post(f"{server.url}/v2/models/qbert/classify", json={"text": text})
+            assert response.status_code == 200, response.text
+            want = softmax(expected.run(expected.encode([text]).feeds))[0]
+            got = response.json()["predictions"][0]["probabilities"]
+            np.testing.assert_allclose([got[label] for label in expected.labels], want, rtol=0, atol=1e-3)
