@@ -114,8 +114,21 @@ install_payload() {
   libs=$(find $(python3 -c 'import nvidia; print(" ".join(nvidia.__path__))') -name 'lib*.so*' -printf '%h\n' \
     2>/dev/null | sort -u | paste -sd:)
   export LD_LIBRARY_PATH=${libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-  python3 -c "import onnxruntime as o; print(o.__version__, o.get_available_providers()); \
-assert 'CUDAExecutionProvider' in o.get_available_providers()"
+  # a session that really starts on CUDA (ORT lists the provider even when its libraries are missing)
+  python3 - <<'PYCHECK'
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper
+
+print(ort.__file__, ort.__version__, ort.get_available_providers())
+graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "check",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+session = ort.InferenceSession(model.SerializeToString(), providers=["CUDAExecutionProvider"])
+assert session.get_providers()[0] == "CUDAExecutionProvider", session.get_providers()
+print("CUDA session starts:", session.get_providers())
+PYCHECK
 }
 
 environment() {

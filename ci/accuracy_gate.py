@@ -9,10 +9,10 @@ against the baseline committed in ci/baseline.json. Exit code: the first failing
     python ci/accuracy_gate.py --out ci-out --profiles canonical,cpu-w8a8          # fewer ORT profiles
     python ci/accuracy_gate.py --out ci-out --providers cuda --min-agreement 99.5  # on a GPU (onnxruntime-gpu)
 
-With `--providers cuda` the ORT side runs on the GPU under the CUDA profiles (default cuda,cuda-fp16,cuda-fused:
-cuda-fused folds the 8-bit activation quantizers away, a numerics change this checks). ci/baseline.json holds CPU
-backends only, so a CUDA run is gated against PyTorch fake-quant (accuracy drop and agreement) unless --baseline
-names a CUDA baseline.
+With `--providers cuda` the ORT side runs on the GPU under the CUDA profiles (default cuda, cuda-fp16, cuda-fused,
+cuda-fused-w8: the fused ones fold the 8-bit activation quantizers away, a numerics change this checks).
+ci/baseline.json holds CPU backends only, so a CUDA run is gated against PyTorch fake-quant (accuracy drop and
+agreement) unless --baseline names a CUDA baseline.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ TRAIN_BATCH = 16
 LEARNING_RATE = 2e-4
 RECIPES = ("w4", "mp23")  # qbert-quantize's presets (models/qbert-*.json)
 PROVIDERS = ("cpu", "cuda")
-DEFAULT_PROFILES = {"cpu": "canonical,cpu-w8a8,weight-only", "cuda": "cuda,cuda-fp16,cuda-fused"}
+DEFAULT_PROFILES = {"cpu": "canonical,cpu-w8a8,weight-only",
+                    "cuda": "cuda,cuda-fp16,cuda-fused,cuda-fused-w8"}
 
 
 def _refuse(message: str) -> int:

@@ -20,7 +20,8 @@ def test_providers_choose_profiles_and_baseline() -> None:
     parser = accuracy_gate.build_parser()
     assert accuracy_gate.resolve(parser.parse_args([])) == (
         "canonical,cpu-w8a8,weight-only", accuracy_gate.BASELINE), "the CPU gate must stay what CI runs"
-    assert accuracy_gate.resolve(parser.parse_args(["--providers", "cuda"])) == ("cuda,cuda-fp16,cuda-fused", None)
+    assert accuracy_gate.resolve(parser.parse_args(["--providers", "cuda"])) == (
+        "cuda,cuda-fp16,cuda-fused,cuda-fused-w8", None)
     assert accuracy_gate.resolve(parser.parse_args(["--providers", "cuda", "--profiles", "cuda-fused",
                                                     "--baseline", "b.json"])) == ("cuda-fused", Path("b.json"))
 
