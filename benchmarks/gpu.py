@@ -125,14 +125,18 @@ def ort_targets(export_dir: Path, folder: Path) -> dict[str, tuple[Path, str | N
 
 def runners(export_dir: Path, folder: Path) -> tuple[dict[str, Callable[[Feed], np.ndarray]], dict[str, int]]:
     targets = ort_targets(export_dir, folder)
-    out: dict[str, Callable[[Feed], np.ndarray]] = {
-        "PyTorch fp32 eager": _torch_runner(export_dir, half=False),
-        "PyTorch fp16 eager": _torch_runner(export_dir, half=True)}
+    out: dict[str, Callable[[Feed], np.ndarray]] = {"PyTorch fp32 eager": _torch_runner(export_dir, half=False)}
+    if SMOKE["torch"] == "cuda":  # fp16 on the CPU is the same code, only minutes slower
+        out["PyTorch fp16 eager"] = _torch_runner(export_dir, half=True)
     for label, (path, profile, graph) in targets.items():
         try:
-            out[label] = _ort_runner(path, profile, graph)
+            runner = _ort_runner(path, profile, graph)
+            for batch in BATCHES:  # a CUDA graph is captured on a bucket's first run: fail here, not mid-timing
+                runner(_feed(batch))
+            out[label] = runner
         except Exception as err:  # one configuration that cannot start must not cost the whole GPU run
-            print(f"  {label} did not start: {str(err).strip().splitlines()[0][:300]}", file=sys.stderr, flush=True)
+            first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+            print(f"  {label} did not start or run: {first}", file=sys.stderr, flush=True)
     sizes = {label: path.stat().st_size for label, (path, _, _) in targets.items()}
     return out, sizes
 
@@ -210,9 +214,10 @@ def node_counts(path: Path, profile: str | None) -> dict[str, Any]:
     return {"nodes": sum(ops.values()), "top": ops.most_common(10)}
 
 
-def measure(exports: Path, names: Sequence[str], rounds: int, work: Path,
-            memory: Sequence[str] | None = None) -> dict[str, Any]:
-    """Everything for each model; `memory` names the configurations whose GPU memory is measured (None: all)."""
+def measure(exports: Path, names: Sequence[str], rounds: int, work: Path, memory: Sequence[str] | None = None,
+            save: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Everything for each model; `memory` names the configurations whose GPU memory is measured (None: all);
+    `save` gets the results after each model (a run stopped at its time limit keeps the models done)."""
     import onnxruntime as ort
     import torch
 
@@ -271,6 +276,8 @@ def measure(exports: Path, names: Sequence[str], rounds: int, work: Path,
                 print(f"[{name}] GPU memory: {label}", flush=True)
                 model["gpu_mib"][label] = gpu_memory(kind, target, profile_name, graph)
         results["models"][name] = model
+        if save is not None:
+            save(results | {"finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())})
     results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     return results
 
@@ -398,9 +405,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             label for label in args.memory.split(";") if label]
         if args.smoke_cpu:
             SMOKE.update(provider="cpu", torch="cpu")
-        results = measure(args.exports, args.models.split(","), args.rounds, args.work, memory)
-        results["command"] = "python -m benchmarks.gpu run " + " ".join(sys.argv[2:] if argv is None else argv[1:])
-        args.out.write_text(json.dumps(results, indent=1))
+        command = "python -m benchmarks.gpu run " + " ".join(sys.argv[2:] if argv is None else argv[1:])
+
+        def save(results: dict[str, Any]) -> None:
+            from qbert_deploy.atomic import write_text_atomic
+
+            write_text_atomic(args.out, json.dumps(results | {"command": command}, indent=1))
+
+        save(measure(args.exports, args.models.split(","), args.rounds, args.work, memory, save))
         print(f"wrote {args.out}")
     else:
         write_report(json.loads(args.results.read_text()), args.markdown, args.markdown.parent / "gpu_latency.png")

@@ -166,7 +166,7 @@ run_all() {
   else
     step bert_base_export 240 "$PY" -m benchmarks.models bert-base &
     bert_pid=$!
-    step gate 330 "$PY" ci/accuracy_gate.py --out "$WORK/ci-out" --providers cuda --min-agreement 99.5 &
+    step gate 300 "$PY" ci/accuracy_gate.py --out "$WORK/ci-out" --providers cuda --min-agreement 99.5 &
     gate_pid=$!
   fi
   step gpu_tests 180 "$PY" -m pytest -q -p no:cacheprovider -m gpu -rs "${GPU_TESTS[@]}"
