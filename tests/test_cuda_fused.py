@@ -12,9 +12,10 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 
+from qbert_deploy.runtimes.attention_fusion import fuse_attention
 from qbert_deploy.runtimes.graph_checks import cuda_violations, weight_sites
-from qbert_deploy.runtimes.lowering import lower, profile_info
-from qbert_deploy.runtimes.lowering_passes import fold_activation_qdq
+from qbert_deploy.runtimes.lowering import lower, matmulnbits_4bit, ort_transformer_fusions, profile_info
+from qbert_deploy.runtimes.lowering_passes import fold_activation_qdq, gather_then_dequantize, pack_qkv_matmulnbits
 from qbert_deploy.runtimes.session import open_session
 from qbert_deploy.validation.parity import output_step
 from tests.qdq_variants import requantized
@@ -40,7 +41,11 @@ def test_fused_profile_graph_form(tiny_export: Path, tmp_path: Path, profile: st
     assert ops["BiasGelu"] == LAYERS, ops
     assert ops["LayerNormalization"] == 0 and ops["Gelu"] == 0, ops
     nbits = [n for n in model.graph if n.op_type == "MatMulNBits"]
-    assert len(nbits) == LINEARS and {n.attributes["bits"].as_int() for n in nbits} == {bits}
+    assert len(nbits) == LINEARS - 2 * LAYERS, "Q, K and V are one MatMulNBits per layer"
+    assert {n.attributes["bits"].as_int() for n in nbits} == {bits}
+    assert ops["Split"] == LAYERS, ops
+    packed_qkv = [n for n in nbits if n.name and n.name.endswith("/qkv_MatMulNBits")]
+    assert len(packed_qkv) == LAYERS and all(n.attributes["N"].as_int() == 3 * 64 for n in packed_qkv)
     for node in nbits:  # weights stay packed integers: N x blocks x (block * bits / 8) bytes
         packed = node.inputs[1]
         assert packed is not None and packed.dtype == ir.DataType.UINT8 and packed.shape is not None
@@ -57,6 +62,7 @@ def test_fused_profile_graph_form(tiny_export: Path, tmp_path: Path, profile: st
     info = json.loads(model.metadata_props["qbert.lowering"])
     assert "Q/DQ folded" in info["numerics"] and info["numerics"] == profile_info(profile).numerics
     assert info["passes"]["fold_activation_qdq"] == LINEARS and info["passes"]["ort_transformer_fusions"] > 0
+    assert info["passes"]["pack_qkv_matmulnbits"] == LAYERS
 
 
 @pytest.mark.parametrize("profile", ["cuda-fused", "cuda-fused-w8"])
@@ -109,3 +115,18 @@ def test_fused_profile_runs_on_the_gpu(tiny_export: Path, tmp_path: Path, profil
     got = np.asarray(session.run(["logits"], feed)[0])
     assert float(np.abs(got - expected).max()) / output_step(expected) <= TOLERANCE_STEPS
     assert (got.argmax(-1) == expected.argmax(-1)).all()
+
+
+def test_packed_qkv_is_exactly_the_three_projections(tiny_export: Path) -> None:
+    """In fp32 on the CPU EP, one MatMulNBits + Split gives bitwise the logits of the three MatMulNBits."""
+    def logits(pack: bool) -> np.ndarray:
+        model = ir.load(tiny_export / "model.onnx")
+        for rewrite in (gather_then_dequantize, fuse_attention, fold_activation_qdq, ort_transformer_fusions,
+                        matmulnbits_4bit):
+            rewrite(model)
+        if pack:
+            assert pack_qkv_matmulnbits(model) == LAYERS
+        session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+        return np.asarray(session.run(["logits"], text_batch())[0])
+
+    np.testing.assert_array_equal(logits(pack=True), logits(pack=False))

@@ -22,7 +22,8 @@ Profiles (the name is written into the lowered file's metadata, `qbert.lowering`
 - `cuda-fused`: the GPU profile built for speed. The 8-bit activation Q/DQ pairs are folded away (a numerics
   change: activations are no longer rounded to 8 bits; the accuracy gate checks it on the real model), then ORT's own
   BERT fusions (onnxruntime.transformers: SkipLayerNormalization with the bias inside, BiasGelu) run on that graph,
-  the weights become MatMulNBits (packed 4-bit, 8-bit stays 8-bit) and float math goes to fp16.
+  the weights become MatMulNBits (packed 4-bit, 8-bit stays 8-bit), each layer's Q, K and V one MatMulNBits + Split,
+  and float math goes to fp16.
   `cuda-fused-w8` is the same with every weight in the 8-bit kernel (same integers), for GPUs where that one is faster.
 - `tensorrt`: 8-bit explicit quantization: int8 weights with zero point 0 (exact up to 7 bits), activations as
   symmetric int8 over the calibrated range (TensorRT has no zero points: this changes numerics, by design).
@@ -48,6 +49,7 @@ from qbert_deploy.runtimes.lowering_passes import (
     LoweringError,
     fold_activation_qdq,
     gather_then_dequantize,
+    pack_qkv_matmulnbits,
     residual_sum,
     symmetric_activations,
     symmetric_weights,
@@ -159,11 +161,11 @@ _PROFILES = {
     "cuda-fused": Profile(
         "cuda-fused", ("cuda",), f"weights exact (2-bit in the 4-bit kernel); {_FUSED}",
         (gather_then_dequantize, fuse_attention, fold_activation_qdq, ort_transformer_fusions, matmulnbits_4bit,
-         float16_compute)),
+         pack_qkv_matmulnbits, float16_compute)),
     "cuda-fused-w8": Profile(
         "cuda-fused-w8", ("cuda",), f"weights exact, all in the 8-bit kernel; {_FUSED}",
         (gather_then_dequantize, fuse_attention, fold_activation_qdq, ort_transformer_fusions, matmulnbits_8bit,
-         float16_compute)),
+         pack_qkv_matmulnbits, float16_compute)),
     "tensorrt": Profile(
         "tensorrt", ("tensorrt",),
         "weights exact as symmetric int8; activations requantized to symmetric int8 over the same range",
