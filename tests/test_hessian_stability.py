@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import BertForSequenceClassification
@@ -80,3 +84,15 @@ def test_setting_parses_subsets_batch_iters_and_refuses_nonsense() -> None:
     for bad in ("4x16", "0x16x10", "ax16x10"):
         with pytest.raises(ValueError, match="SUBSETSxBATCHxITERS"):
             Setting.parse(bad)
+
+
+def test_qbert_quantize_defaults_are_the_measured_cheapest_stable_setting() -> None:
+    from qbert_deploy.cli.quantize import build_parser
+    from qbert_deploy.models.pipeline import Job
+
+    measured = json.loads((Path(__file__).parents[1] / "docs/results/hessian_stability.json").read_text())
+    parser = build_parser()
+    cli = Setting(*(parser.get_default(f"hessian_{k}") for k in ("subsets", "batch", "iters")))
+    job = {f.name: f.default for f in dataclasses.fields(Job)}
+    assert cli == Setting.parse(measured["cheapest_stable"]), (cli, measured["cheapest_stable"])
+    assert cli == Setting(job["hessian_subsets"], job["hessian_batch"], job["hessian_iters"]), job
