@@ -166,16 +166,22 @@ def peak_memory(config: Config, threads: int) -> dict[int, float]:
     return {int(b): peak - data["baseline_mib"] for b, peak in data["peak_mib"].items()}
 
 
-def op_profile(path: str, feed: Feed, threads: int, runs: int = 3) -> list[tuple[str, float, float]]:
-    """ORT's own per-op-type kernel time: (op type, ms per run, share)."""
+def op_profile(path: str, feed: Feed, threads: int | None, runs: int = 3, providers: Sequence[str] = ("cpu",),
+               profile: str | None = None) -> list[tuple[str, float, float]]:
+    """ORT's own per-op-type kernel time: (op type, ms per run, share); `profile` applies a lowering profile's
+    session and provider settings (the file must already be lowered for it)."""
     import onnxruntime as ort
 
-    from qbert_deploy.runtimes.session import session_options
+    from qbert_deploy.runtimes.lowering import profile_info
+    from qbert_deploy.runtimes.session import provider_names, session_options
 
-    options = session_options(threads)
+    full = provider_names(providers)
+    info = profile_info(profile) if profile else None
+    options = session_options(threads, config=info.session_config if info else None)
     options.enable_profiling = True
     options.profile_file_prefix = str(Path(path).parent / "ort-profile")
-    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(path, options, providers=full, provider_options=[
+        dict(info.provider_options.get(p, {})) if info else {} for p in full])
     session.run(["logits"], feed)
     for _ in range(runs):
         session.run(["logits"], feed)

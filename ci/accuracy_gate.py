@@ -7,6 +7,12 @@ against the baseline committed in ci/baseline.json. Exit code: the first failing
     python ci/accuracy_gate.py --out ci-out                       # gate (what .ci/run does)
     python ci/accuracy_gate.py --out ci-out --write-baseline      # refresh ci/baseline.json
     python ci/accuracy_gate.py --out ci-out --profiles canonical,cpu-w8a8          # fewer ORT profiles
+    python ci/accuracy_gate.py --out ci-out --providers cuda --min-agreement 99.5  # on a GPU (onnxruntime-gpu)
+
+With `--providers cuda` the ORT side runs on the GPU under the CUDA profiles (default cuda, cuda-fp16, cuda-fused,
+cuda-fused-w8: the fused ones fold the 8-bit activation quantizers away, a numerics change this checks).
+ci/baseline.json holds CPU backends only, so a CUDA run is gated against PyTorch fake-quant (accuracy drop and
+agreement) unless --baseline names a CUDA baseline.
 """
 
 from __future__ import annotations
@@ -27,6 +33,14 @@ FINE_TUNE_STEPS = 60
 TRAIN_BATCH = 16
 LEARNING_RATE = 2e-4
 RECIPES = ("w4", "mp23")  # qbert-quantize's presets (models/qbert-*.json)
+PROVIDERS = ("cpu", "cuda")
+DEFAULT_PROFILES = {"cpu": "canonical,cpu-w8a8,weight-only",
+                    "cuda": "cuda,cuda-fp16,cuda-fused,cuda-fused-w8"}
+
+
+def _refuse(message: str) -> int:
+    print(f"accuracy_gate: error: {message}", file=sys.stderr)
+    return 2
 
 
 def quantize(out: Path, recipe: str, steps: int, qat_steps: int) -> tuple[int, Path]:
@@ -44,20 +58,45 @@ def _run(command: list[str]) -> int:
     return subprocess.run(command, check=False).returncode
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("ci-out"), help="work folder (reused between runs)")
     parser.add_argument("--recipe", choices=RECIPES, default="w4")
     parser.add_argument("--steps", type=int, default=FINE_TUNE_STEPS, help="float fine-tuning steps")
     parser.add_argument("--qat-steps", type=int, default=0, help="quantization-aware training steps")
-    parser.add_argument("--profiles", default="canonical,cpu-w8a8,weight-only",
-                        help="ORT CPU profiles to validate, comma-separated")
-    parser.add_argument("--baseline", type=Path, default=BASELINE)
+    parser.add_argument("--providers", choices=PROVIDERS, default="cpu",
+                        help="where ONNX Runtime runs: cpu (default) or cuda (needs onnxruntime-gpu and a GPU)")
+    parser.add_argument("--profiles", default=None,
+                        help="ORT profiles to validate, comma-separated (default: "
+                             + "; ".join(f"{k}: {v}" for k, v in DEFAULT_PROFILES.items()) + ")")
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help=f"baseline JSON (default {BASELINE.relative_to(ROOT)} on the CPU, none on CUDA)")
     parser.add_argument("--write-baseline", action="store_true", help="record --baseline from this run instead")
     parser.add_argument("--max-drop", default="0.5", help="accuracy drop allowed, percentage points")
     parser.add_argument("--min-agreement", default="99.0", help="ORT vs PyTorch fake-quant agreement floor, %%")
     parser.add_argument("--layerwise", action="store_true")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def resolve(args: argparse.Namespace) -> tuple[str, Path | None]:
+    """(profiles, baseline file or None) for the chosen provider."""
+    return args.profiles or DEFAULT_PROFILES[args.providers], args.baseline or (
+        BASELINE if args.providers == "cpu" else None)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    profiles, baseline = resolve(args)
+    if args.providers != "cpu":
+        if args.write_baseline and args.baseline is None:
+            return _refuse(f"--write-baseline with --providers {args.providers} needs --baseline PATH "
+                           f"({BASELINE.relative_to(ROOT)} holds the CPU backends)")
+        from qbert_deploy.runtimes.session import SessionError, first_available
+
+        try:
+            first_available([args.providers])
+        except SessionError as err:
+            return _refuse(f"--providers {args.providers}: {err} (install onnxruntime-gpu on a machine with a GPU)")
 
     started = time.time()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -73,12 +112,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if code:
         return code
     command = [python, "-m", "qbert_deploy.cli.validate", str(export), "--checkpoint", str(model_pt),
-               "--data", str(data["dev"]), "--providers", "cpu", "--profile", args.profiles, "--threads", "2",
+               "--data", str(data["dev"]), "--providers", args.providers, "--profile", profiles, "--threads", "2",
                "--report", str(args.out / f"report.{args.recipe}"), "--max-drop", args.max_drop,
                "--min-agreement", args.min_agreement]
     if args.layerwise:
         command.append("--layerwise")
-    command += ["--write-baseline", str(args.baseline)] if args.write_baseline else ["--baseline", str(args.baseline)]
+    if args.write_baseline:
+        command += ["--write-baseline", str(baseline)]
+    elif baseline is not None:
+        command += ["--baseline", str(baseline)]
     code = _run(command)
     print(f"accuracy gate: exit {code} after {time.time() - started:.0f} s", flush=True)
     return code

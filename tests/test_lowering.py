@@ -46,7 +46,7 @@ def _histogram(path: Path) -> Counter[str]:
 
 
 def test_public_api_is_what_it_claims() -> None:
-    assert PROFILES == ("cpu-w8a8", "weight-only", "cuda", "cuda-fp16", "tensorrt")
+    assert PROFILES == ("cpu-w8a8", "weight-only", "cuda", "cuda-fp16", "cuda-fused", "cuda-fused-w8", "tensorrt")
     for name in lowering.__all__:
         assert hasattr(lowering, name), name
 

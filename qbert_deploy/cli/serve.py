@@ -44,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "model.<PROFILE>.onnx if the export has it, else model.onnx lowered at start; "
                              "'canonical' serves model.onnx as exported")
     parser.add_argument("--threads", type=_positive, default=None, help="ONNX Runtime intra-op threads")
+    parser.add_argument("--shape-buckets", default=None, metavar="BATCHESxSEQUENCES",
+                        help="run every batch padded to a fixed shape bucket, e.g. 1,8,32x32,64,128,256 (the "
+                             "default with --cuda-graph); padding is invisible to clients, and a batch beyond the "
+                             "largest bucket runs unpadded")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="capture one CUDA graph per shape bucket and replay it (needs --providers cuda)")
     parser.add_argument("--max-batch", type=_positive, default=32, help="most rows per model run (default 32)")
     parser.add_argument("--max-delay-ms", type=_delay, default=5.0,
                         help="longest wait for more requests to fill a batch (default 5)")
@@ -64,10 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from qbert_deploy.runtimes.buckets import ShapeBuckets
     from qbert_deploy.runtimes.serving import ServeConfig, ServedModel, create_app
 
     providers = [p.strip() for p in args.providers.split(",") if p.strip()]
-    model = ServedModel(args.export_dir, profile=args.profile, providers=providers, threads=args.threads)
+    buckets = ShapeBuckets.parse(args.shape_buckets) if args.shape_buckets else None
+    model = ServedModel(args.export_dir, profile=args.profile, providers=providers, threads=args.threads,
+                        shape_buckets=buckets, cuda_graph=args.cuda_graph)
     config = ServeConfig(model_name=args.model_name, max_batch=args.max_batch, max_delay_ms=args.max_delay_ms,
                          max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
                          reject_long_text=args.reject_long_text)

@@ -45,9 +45,9 @@ class Job:
     qat_steps: int = 200
     qat_lr: float = 5e-5
     quant_noise: float = 0.0
-    hessian_subsets: int = 3
-    hessian_batch: int = 32
-    hessian_iters: int = 20
+    hessian_subsets: int = 2  # qbert-quantize's defaults (docs/results/hessian_stability.md)
+    hessian_batch: int = 16
+    hessian_iters: int = 6
     budget_mb: float | None = None
     calibration_batches: int = 8
     save_every: int = 50

@@ -19,6 +19,12 @@ Profiles (the name is written into the lowered file's metadata, `qbert.lowering`
   but int4, no integer GEMM kernels; the attention core as one MultiHeadAttention; sessions run with TF32 off.
 - `cuda-fp16`: the `cuda` form with float tensors, scales and math in fp16 (the GPU's fast kernels): numerics
   differ from the canonical graph by fp16 rounding, by design.
+- `cuda-fused`: the GPU profile built for speed. The 8-bit activation Q/DQ pairs are folded away (a numerics
+  change: activations are no longer rounded to 8 bits; the accuracy gate checks it on the real model), then ORT's own
+  BERT fusions (onnxruntime.transformers: SkipLayerNormalization with the bias inside, BiasGelu) run on that graph,
+  the weights become MatMulNBits (packed 4-bit, 8-bit stays 8-bit), each layer's Q, K and V one MatMulNBits + Split,
+  and float math goes to fp16.
+  `cuda-fused-w8` is the same with every weight in the 8-bit kernel (same integers), for GPUs where that one is faster.
 - `tensorrt`: 8-bit explicit quantization: int8 weights with zero point 0 (exact up to 7 bits), activations as
   symmetric int8 over the calibrated range (TensorRT has no zero points: this changes numerics, by design).
 """
@@ -41,7 +47,9 @@ from qbert_deploy.runtimes.graph_checks import blocked_int8_pitfalls, cuda_viola
 from qbert_deploy.runtimes.integer_gemms import integer_matmuls
 from qbert_deploy.runtimes.lowering_passes import (
     LoweringError,
+    fold_activation_qdq,
     gather_then_dequantize,
+    pack_qkv_matmulnbits,
     residual_sum,
     symmetric_activations,
     symmetric_weights,
@@ -88,6 +96,46 @@ def float16_compute(model: ir.Model) -> int:
     return sum(1 for value in model.graph.initializers.values() if value.dtype == ir.DataType.FLOAT16)
 
 
+def matmulnbits_8bit(model: ir.Model) -> int:
+    """cuda-fused-w8: every weight in the 8-bit kernel (same integers; 2-, 3- and 4-bit ones widened)."""
+    return weights_to_matmulnbits(model, MATMULNBITS_ACCURACY_LEVEL, widen_to_8bit=True)
+
+
+def ort_transformer_fusions(model: ir.Model) -> int:
+    """cuda-fused: ORT's own BERT fusions (onnxruntime.transformers) on the graph without activation Q/DQ:
+    residual Add + LayerNormalization -> SkipLayerNormalization, the bias Adds into SkipLayerNormalization and
+    BiasGelu. Run while each Linear is still DequantizeLinear -> MatMul, the form ORT's patterns match; the
+    attention core is already our MultiHeadAttention (ORT's attention fusion needs float weights) and the
+    embeddings keep their row-wise dequantization, so those two fusions are off. Returns the fused nodes made.
+    The fused bias stays outside MatMulNBits: ORT's CUDA kernel refuses that input ("MatMulNBits does not support
+    bias in CUDA kernel" in the ORT releases read for this profile), while SkipLayerNormalization and BiasGelu
+    add it for free."""
+    import logging
+
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.onnx_model_bert import BertOnnxModel
+
+    options = FusionOptions("bert")
+    options.enable_attention = False
+    options.enable_embed_layer_norm = False
+    options.enable_gelu_approximation = False  # FastGelu's tanh form would be a second numerics change
+    before = {n.op_type for n in model.graph}
+    quiet = logging.getLogger("onnxruntime.transformers")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        fused = BertOnnxModel(ir.to_proto(model), 0, 0)
+        fused.optimize(options)
+    finally:
+        quiet.setLevel(level)
+    model.graph = ir.from_proto(fused.model).graph
+    model.opset_imports.setdefault("com.microsoft", 1)
+    return sum(1 for n in model.graph if n.domain == "com.microsoft" and n.op_type not in before)
+
+
+_FUSED = "activation 8-bit Q/DQ folded away (activations stay float: a numerics change, checked by the accuracy " \
+    "gate); residual + LayerNorm, biases and Gelu in ORT's fused kernels; float math in fp16"
+
 _PROFILES = {
     "cpu-w8a8": Profile(
         "cpu-w8a8", ("cpu",), "exact: same integers and scales as the canonical graph",
@@ -110,6 +158,14 @@ _PROFILES = {
         "cuda-fp16", ("cuda",),
         "weights exact (2-bit in the 4-bit kernel); activations, scales and float math in fp16",
         (gather_then_dequantize, matmulnbits_4bit, fuse_attention, float16_compute)),
+    "cuda-fused": Profile(
+        "cuda-fused", ("cuda",), f"weights exact (2-bit in the 4-bit kernel); {_FUSED}",
+        (gather_then_dequantize, fuse_attention, fold_activation_qdq, ort_transformer_fusions, matmulnbits_4bit,
+         pack_qkv_matmulnbits, float16_compute)),
+    "cuda-fused-w8": Profile(
+        "cuda-fused-w8", ("cuda",), f"weights exact, all in the 8-bit kernel; {_FUSED}",
+        (gather_then_dequantize, fuse_attention, fold_activation_qdq, ort_transformer_fusions, matmulnbits_8bit,
+         pack_qkv_matmulnbits, float16_compute)),
     "tensorrt": Profile(
         "tensorrt", ("tensorrt",),
         "weights exact as symmetric int8; activations requantized to symmetric int8 over the same range",

@@ -192,14 +192,16 @@ def _pack(values: np.ndarray, bits: int) -> np.ndarray:
     return packed
 
 
-def weights_to_matmulnbits(model: ir.Model, accuracy_level: int, widen_2bit: bool = True) -> int:
+def weights_to_matmulnbits(model: ir.Model, accuracy_level: int, widen_2bit: bool = True,
+                           widen_to_8bit: bool = False) -> int:
     """weight-only / cuda: DequantizeLinear(weight) + MatMul -> com.microsoft.MatMulNBits, accuracy level pinned.
 
     Pre: per-output-channel weights [K, N].
     Post: MatMulNBits(A, packed B [N, ceil(K/bs), bs*bits/8], scales [N*K/bs], zero points) computing the same
     (q - zp) * scale weights; 2- and 3-bit weights use the 4-bit kernel (same integers), signed integers are
     offset to unsigned with the zero point offset alike. Activation Q/DQ in front stay, so the activations are
-    what the canonical graph computes; only the GEMM's float summation differs.
+    what the canonical graph computes; only the GEMM's float summation differs. `widen_to_8bit` puts every weight
+    in the 8-bit kernel (same integers), for GPUs where it is the faster one.
     """
     graph = model.graph
     done = 0
@@ -214,6 +216,7 @@ def weights_to_matmulnbits(model: ir.Model, accuracy_level: int, widen_2bit: boo
             bits = 8
         else:
             raise LoweringError(f"{dq.name}: weight type {source.dtype} has no MatMulNBits form")
+        bits = 8 if widen_to_8bit else bits
         q, scale, zp = _site_arrays(dq)
         k, n = q.shape
         offset = 1 << (bits - 1) if source.dtype in (ir.DataType.INT2, ir.DataType.INT4, ir.DataType.INT8) else 0
@@ -333,5 +336,83 @@ def residual_sum(model: ir.Model) -> int:
         graph.remove(add, safe=True)
         if len(terms) == 3 and inner is not None:
             graph.remove(inner, safe=True)
+        done += 1
+    return done
+
+
+def fold_activation_qdq(model: ir.Model) -> int:
+    """cuda-fused: drop every 8-bit activation QuantizeLinear -> DequantizeLinear pair; activations stay float.
+
+    This changes numerics, by design (the profile says so and the accuracy gate checks it): the canonical graph
+    rounds and clips each Linear's input to 8 bits, the folded one feeds the float value. On a GPU the pair is two
+    launches per Linear that no fused kernel absorbs, and ORT's transformer fusions do not match through it.
+    Pre: per-tensor activation Q/DQ pairs (a QuantizeLinear whose every consumer is a DequantizeLinear).
+    Post: no QuantizeLinear on a computed tensor; the weights' DequantizeLinear are untouched.
+    Returns the number of QuantizeLinear removed.
+    """
+    graph = model.graph
+    done = 0
+    for q in [n for n in graph if n.op_type == "QuantizeLinear"]:
+        source = q.inputs[0]
+        if source is None or constant_source(source) is not None:
+            continue
+        dqs = [use.node for use in q.outputs[0].uses()]
+        if not dqs or any(dq.op_type != "DequantizeLinear" or activation_qdq(dq.outputs[0]) is None for dq in dqs):
+            continue
+        for dq in dqs:
+            dq.outputs[0].replace_all_uses_with(source, replace_graph_outputs=True)
+        graph.remove([*dqs, q], safe=True)
+        done += 1
+    return done
+
+
+def pack_qkv_matmulnbits(model: ir.Model) -> int:
+    """cuda-fused: the Q, K and V projections of each attention as one MatMulNBits over the three weights side by
+    side, then a Split: one GEMM launch instead of three, on a wider N that fills the GPU better at small batches.
+
+    Pre: MultiHeadAttention whose query, key and value are each the only use of a MatMulNBits, all three reading the
+    same input with the same K, bits, block size and accuracy level (the layer's weights as `weights_to_matmulnbits`
+    wrote them). Post: MatMulNBits(A, [B_q; B_k; B_v], [s_q; s_k; s_v], [zp_q; zp_k; zp_v]) with N = N_q + N_k + N_v,
+    Split on the last axis into the three projections. Each output column is computed from its own packed row,
+    scales and zero points, exactly as before. Returns the number of attentions packed.
+    """
+    graph = model.graph
+    done = 0
+    for mha in [n for n in graph if n.op_type == "MultiHeadAttention" and n.domain == "com.microsoft"]:
+        if len(mha.inputs) < 3:
+            continue
+        nodes = [value.producer() if value is not None else None for value in mha.inputs[:3]]
+        if any(n is None or n.op_type != "MatMulNBits" or len(n.inputs) != 4 for n in nodes):
+            continue
+        q, k, v = (n for n in nodes if n is not None)
+        same = ("K", "bits", "block_size", "accuracy_level")
+        if any(n.inputs[0] is not q.inputs[0] or len(list(n.outputs[0].uses())) != 1
+               or any(n.attributes[a].as_int() != q.attributes[a].as_int() for a in same) for n in (q, k, v)):
+            continue
+        arrays = []
+        for index in (1, 2, 3):
+            values = [n.inputs[index] for n in (q, k, v)]
+            if any(x is None or x.const_value is None for x in values):
+                break
+            arrays.append(np.concatenate([np.asarray(x.const_value.numpy()) for x in values if x is not None
+                                          and x.const_value is not None], axis=0))
+        if len(arrays) != 3:
+            continue
+        widths = [n.attributes["N"].as_int() for n in (q, k, v)]
+        name = (mha.name or "attention").removesuffix("/MultiHeadAttention")
+        inputs = [q.inputs[0], _constant(graph, f"{name}.qkv_weight_nbits", arrays[0]),
+                  _constant(graph, f"{name}.qkv_weight_nbits_scale", arrays[1]),
+                  _constant(graph, f"{name}.qkv_weight_nbits_zero_point", arrays[2])]
+        attributes = {a: q.attributes[a].as_int() for a in same} | {"N": sum(widths)}
+        fused = ir.node("MatMulNBits", inputs, domain="com.microsoft", attributes=attributes,
+                        name=f"{name}/qkv_MatMulNBits")
+        fused.outputs[0].name, fused.outputs[0].type = f"{name}_qkv", q.outputs[0].type
+        split = ir.node("Split", [fused.outputs[0], _constant(graph, f"{name}.qkv_split", np.array(widths, np.int64))],
+                        attributes={"axis": -1}, num_outputs=3, name=f"{name}/qkv_split")
+        graph.insert_before(q, [fused, split])
+        for old, new in zip((q, k, v), split.outputs, strict=True):
+            new.name, new.type, new.shape = f"{old.outputs[0].name}_packed", old.outputs[0].type, old.outputs[0].shape
+            old.outputs[0].replace_all_uses_with(new)
+        graph.remove([q, k, v], safe=True)
         done += 1
     return done

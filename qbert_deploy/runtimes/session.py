@@ -104,13 +104,15 @@ def _profiled_model(model: str | os.PathLike[str] | bytes, profile: str, provide
 def open_session(model: str | os.PathLike[str] | bytes, providers: Sequence[str] = ("cpu",),
                  threads: int | None = None, optimize: bool = True, allow_fallback: bool = False,
                  optimized_model_path: str | os.PathLike[str] | None = None,
-                 profile: str | None = None) -> ort.InferenceSession:
+                 profile: str | None = None, cuda_graph: bool = False) -> ort.InferenceSession:
     """A session on the first provider of `providers` that this onnxruntime build has.
 
     Falling back to a later provider (the CPU, say) happens only with `allow_fallback`, and warns.
     `profile` (see `qbert_deploy.runtimes.lowering.PROFILES`, or "auto" for the provider's default) lowers a
     canonical model in memory, or checks that a lowered file was lowered for it, and applies the profile's
-    session settings. `optimized_model_path` dumps the graph ORT actually runs.
+    session settings. `optimized_model_path` dumps the graph ORT actually runs. `cuda_graph` turns on ORT's CUDA
+    graphs (CUDA only): run such a session through `qbert_deploy.runtimes.buckets.BucketedSession`, which binds
+    fixed buffers per shape bucket, as CUDA graphs need.
     """
     wanted = provider_names(providers)
     available = set(ort.get_available_providers())
@@ -135,6 +137,10 @@ def open_session(model: str | os.PathLike[str] | bytes, providers: Sequence[str]
         config = dict(info.session_config)
         disabled = list(info.disabled_optimizers)
         provider_options = [dict(info.provider_options.get(p, {})) for p in usable]
+    if cuda_graph:
+        if usable[0] != PROVIDERS["cuda"]:
+            raise SessionError(f"CUDA graphs need the cuda provider, not {usable[0]}")
+        provider_options[0]["enable_cuda_graph"] = "1"
     options = session_options(threads, optimize, optimized_model_path, config)
     try:
         session = ort.InferenceSession(model, options, providers=usable, provider_options=provider_options,

@@ -19,6 +19,7 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from qbert_deploy.families import TEXT_INPUTS, Family, family_of
+from qbert_deploy.runtimes.buckets import BucketedSession, ShapeBuckets
 from qbert_deploy.runtimes.session import PROVIDERS, SessionError, first_available, open_session
 from qbert_deploy.tasks import DEFAULT_TASK, best_span, combine, entities, task_kind, task_of_head
 
@@ -88,12 +89,12 @@ def served_file(export_dir: str | os.PathLike[str], profile: str | None = None,
 
 
 def open_served(served: ServedFile, providers: Sequence[str] = ("cpu",), threads: int | None = None,
-                allow_fallback: bool = False) -> ort.InferenceSession:
+                allow_fallback: bool = False, cuda_graph: bool = False) -> ort.InferenceSession:
     """A session on a served file, under its profile's session settings (lowered in memory when it must be)."""
     from qbert_deploy.runtimes.lowering import PROFILES
 
     return open_session(served.path, providers, threads=threads, allow_fallback=allow_fallback,
-                        profile=served.profile if served.profile in PROFILES else None)
+                        profile=served.profile if served.profile in PROFILES else None, cuda_graph=cuda_graph)
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -165,8 +166,13 @@ class ServedModel:
     """One ORT session on an export directory, plus what the server needs to feed it text."""
 
     def __init__(self, export_dir: str | os.PathLike[str], profile: str | None = None,
-                 providers: Sequence[str] = ("cpu",), threads: int | None = None) -> None:
+                 providers: Sequence[str] = ("cpu",), threads: int | None = None,
+                 shape_buckets: ShapeBuckets | None = None, cuda_graph: bool = False) -> None:
+        """`shape_buckets` runs every batch padded to a fixed shape bucket (invisible to clients; a batch beyond the
+        largest bucket runs unpadded); `cuda_graph` (CUDA only) adds a captured CUDA graph per bucket."""
         self.export_dir = Path(export_dir)
+        if cuda_graph and first_available(providers) != "cuda":
+            raise SessionError(f"CUDA graphs need the cuda provider; {first_available(providers)} would run")
         self.served = served_file(self.export_dir, profile, first_available(providers))
         self.path, self.profile = self.served.path, self.served.profile
         config = read_json(self.export_dir / "config.json")
@@ -174,12 +180,16 @@ class ServedModel:
         tokenizer_config = (read_json(self.export_dir / "tokenizer_config.json")
                             if (self.export_dir / "tokenizer_config.json").is_file() else {})
         try:
-            self.session: ort.InferenceSession = open_served(self.served, providers, threads=threads,
-                                                             allow_fallback=len(providers) > 1)
+            session = open_served(self.served, providers, threads=threads, allow_fallback=len(providers) > 1,
+                                  cuda_graph=cuda_graph)
         except SessionError as err:
             if profile is not None:
                 raise
             raise SessionError(f"{err} (--profile {CANONICAL} serves the graph as exported)") from None
+        self.pad_id = int(config.get("pad_token_id") or 0)
+        self.session: ort.InferenceSession | BucketedSession = session
+        if shape_buckets is not None or cuda_graph:
+            self.session = BucketedSession(session, shape_buckets, pad_values=self.pad_values, oversize="unbucketed")
         names = [i.name for i in self.session.get_inputs()]
         if "input_ids" not in names or not set(names) <= set(INPUT_NAMES):
             raise ModelDirError(f"{self.path}: inputs {names} are not a subset of {list(INPUT_NAMES)}")
@@ -198,7 +208,6 @@ class ServedModel:
         self.max_length = _max_length(config, tokenizer_config, family)
         self.vocab_size = int(config.get("vocab_size", 0)) or None
         self.type_vocab_size = int(config.get("type_vocab_size", 2))
-        self.pad_id = int(config.get("pad_token_id") or 0)
         self.providers = self.session.get_providers()
         tokenizer_path = self.export_dir / "tokenizer.json"
         if not tokenizer_path.is_file():
