@@ -224,6 +224,37 @@ def _search_budget(fp32: torch.nn.Module, task: Any, keep: float, mb: float | No
     return info
 
 
+def markdown(summary: dict[str, Any]) -> str:
+    """pareto.json's two tables as markdown, ratios against ORT dynamic int8 of the same run."""
+    rows = summary["minilm"]
+    int8 = next(r for r in rows if r["label"] == "ORT dynamic int8")
+    fp32 = next(r for r in rows if r["label"] == "ORT fp32")
+    out = ["| MiniLM-L6 | dev acc % (vs fp32) | agrees with fp32 % | batch 1 ms | batch 8 ms | / int8 b1 | / int8 b8 "
+           "| file MB | canonical MB | peak RSS MiB (b1/b8 max) | GEMM work kept | search / QAT steps |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        delta = "" if r is fp32 else f" ({100 * (r['dev_accuracy'] - fp32['dev_accuracy']):+.2f})"
+        canonical = f"{r['canonical_bytes'] / 1e6:.2f}" if r.get("canonical_bytes") else "–"
+        rss = f"{r['peak_rss_mib']:.0f}" if r.get("peak_rss_mib") is not None else "–"
+        steps = f"{r['search_steps']} / {r['qat_steps']}" if "qat_steps" in r else "–"
+        out.append(f"| {r['label']} | {100 * r['dev_accuracy']:.2f}{delta} | {100 * r['agreement_fp32']:.2f} | "
+                   f"{r['batch1_ms']:.1f} | {r['batch8_ms']:.1f} | {r['batch1_ms'] / int8['batch1_ms']:.2f} | "
+                   f"{r['batch8_ms'] / int8['batch8_ms']:.2f} | {r['file_bytes'] / 1e6:.2f} | {canonical} | {rss} | "
+                   f"{r.get('macs_kept', 1.0):.2f} | {steps} |")
+    base = summary.get("bert_base") or {}
+    if base:
+        ref, q8 = base["ORT fp32"], base["ORT dynamic int8"]
+        out += ["", "| BERT-base (random weights), MiniLM's ratios | batch 1 ms | batch 8 ms | / int8 b1 | / int8 b8 "
+                "| file MB | / fp32 file |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for label, r in base.items():
+            timed = "batch1_ms" in r
+            out.append(f"| {label} | {r['batch1_ms']:.1f} | {r['batch8_ms']:.1f} | "
+                       f"{r['batch1_ms'] / q8['batch1_ms']:.2f} | {r['batch8_ms'] / q8['batch8_ms']:.2f} | "
+                       if timed else f"| {label} | – | – | – | – | ")
+            out[-1] += f"{r['file_bytes'] / 1e6:.2f} | {r['file_bytes'] / ref['file_bytes']:.3f} |"
+    return "\n".join(out) + "\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="benchmarks.aqbert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -243,7 +274,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-length", type=int, default=64, help="training/dev sequence length")
     parser.add_argument("--no-bert-base", action="store_true")
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--report", action="store_true", help="only render OUT/pareto.json as markdown")
     args = parser.parse_args(argv)
+    if args.report:
+        print(markdown(json.loads((args.out / "pareto.json").read_text())), end="")
+        return 0
     budgets = parse_budgets(args.budgets)
     import math
 
@@ -328,6 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                "minilm": rows, "bert_base": bert_base}
     write_text_atomic(out / "pareto.json", json.dumps(summary, indent=1) + "\n")
     _plot(rows, out / "pareto.png")
+    write_text_atomic(out / "pareto.md", markdown(summary))
     print(json.dumps(summary, indent=1))
     return 0
 
