@@ -27,9 +27,9 @@ from qbert_deploy.models.aqbert import (
     search,
 )
 from qbert_deploy.models.build import build_model, make_checkpoint
-from qbert_deploy.models.distill import DistillWeights
+from qbert_deploy.models.distill import Distiller, DistillWeights
 from qbert_deploy.validation.parity import parity_check
-from tests.tiny import LABELS, _tokenizer_texts, text_batch, tiny_config, tokenizer
+from tests.tiny import LABELS, _tokenizer_texts, save_hf_dir, text_batch, tiny_config
 
 SETTINGS = SearchSettings(steps=16, qat_steps=2, arch_lr=0.2, column_bits=8, calibration_batches=1)
 
@@ -91,13 +91,13 @@ def test_search_and_qat_distil_logits_and_hidden_states_not_attention() -> None:
     fp32 = _fp32()
     inputs = {k: torch.from_numpy(v) for k, v in _batches(1, 3)[0][0].items()}
     labels = torch.tensor([0, 1, 0, 1])
-    same = float(_student_loss(fp32, inputs, labels, None, fp32, DEFAULT_DISTILL).detach())
+    same = float(_student_loss(fp32, inputs, labels, None, Distiller(fp32, DEFAULT_DISTILL)).detach())
     assert same == pytest.approx(0.0, abs=1e-6)
     other = _fp32()
     torch.manual_seed(1)
     other.classifier.reset_parameters()
-    assert float(_student_loss(other, inputs, labels, None, fp32, DEFAULT_DISTILL).detach()) > 1e-4
-    task = float(_student_loss(fp32, inputs, labels, None, None, None).detach())
+    assert float(_student_loss(other, inputs, labels, None, Distiller(fp32, DEFAULT_DISTILL)).detach()) > 1e-4
+    task = float(_student_loss(fp32, inputs, labels, None, None).detach())
     assert task == pytest.approx(float(fp32(**inputs, labels=labels).loss.detach()))
     assert pruned_distill(DistillWeights(1.0, 1.0, 1.0)) == DistillWeights(1.0, 1.0, 0.0)
     assert pruned_distill(None) is None
@@ -107,10 +107,7 @@ def test_search_and_qat_distil_logits_and_hidden_states_not_attention() -> None:
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("tinyhf")
-    _fp32().save_pretrained(root)
-    tokenizer().save_pretrained(root)  # type: ignore[attr-defined]
-    return root
+    return save_hf_dir(_fp32(), tmp_path_factory.mktemp("tinyhf"))
 
 
 @pytest.mark.parametrize("args, message", [

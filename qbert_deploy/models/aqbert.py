@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from qbert_deploy.models.distill import Distiller, DistillWeights, distill_loss
+from qbert_deploy.models.distill import Distiller, DistillWeights
 from qbert_deploy.models.modules import QuantLinear
 from qbert_deploy.models.prune import encoder_layers, restructure
 from qbert_deploy.models.quantizer import fake_quant_weight
@@ -275,18 +275,12 @@ def base_recipe(settings: SearchSettings) -> Recipe:
 
 
 def _student_loss(model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor,
-                  head_mask: torch.Tensor | None, teacher: nn.Module | None,
-                  weights: DistillWeights | None) -> torch.Tensor:
-    """The task loss, or the distillation loss from `teacher` when distilling."""
-    if teacher is None or weights is None:
+                  head_mask: torch.Tensor | None, distiller: Distiller | None) -> torch.Tensor:
+    """The task loss, or `distiller`'s loss when distilling."""
+    if distiller is None:
         loss: torch.Tensor = model(**inputs, labels=labels, head_mask=head_mask).loss
         return loss
-    hidden = bool(weights.hidden)
-    with torch.no_grad():
-        target = teacher(**inputs, output_hidden_states=hidden)
-    out = model(**inputs, head_mask=head_mask, output_hidden_states=hidden)
-    return distill_loss(out.logits, target.logits, inputs.get("attention_mask"), weights,
-                        out.hidden_states if hidden else None, target.hidden_states if hidden else None)
+    return distiller(model, inputs, labels, head_mask=head_mask)
 
 
 def pruned_distill(weights: DistillWeights | None) -> DistillWeights | None:
@@ -309,7 +303,7 @@ def search(fp32: nn.Module, train_batches: Iterable[Batch], held_out: Iterable[B
     """Run the relaxed search on a copy of `fp32`; returns the discrete result and the search-trained float model."""
     torch.manual_seed(settings.seed)
     distill = pruned_distill(settings.distill)
-    teacher = (settings.teacher or fp32).eval() if distill is not None else None
+    distiller = Distiller(settings.teacher or fp32, distill) if distill is not None else None
     recipe = base_recipe(settings)
     cost = CostModel.of(fp32, settings.ffn_block, settings.column_bits, 8)
     cost.check(target)
@@ -330,7 +324,7 @@ def search(fp32: nn.Module, train_batches: Iterable[Batch], held_out: Iterable[B
             inputs, labels = next(train_iter)
             with torch.no_grad():
                 head_mask = searcher.sample(tau)
-            loss = _student_loss(model, _torch(inputs), torch.from_numpy(labels), head_mask, teacher, distill)
+            loss = _student_loss(model, _torch(inputs), torch.from_numpy(labels), head_mask, distiller)
             weights.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -338,7 +332,7 @@ def search(fp32: nn.Module, train_batches: Iterable[Batch], held_out: Iterable[B
             # architecture on a held-out batch: task loss + lambda x excess over the target
             inputs, labels = next(held_iter)
             head_mask = searcher.sample(tau)
-            task_loss = _student_loss(model, _torch(inputs), torch.from_numpy(labels), head_mask, teacher, distill)
+            task_loss = _student_loss(model, _torch(inputs), torch.from_numpy(labels), head_mask, distiller)
             size, macs = space.expected()
             penalty = torch.zeros((), dtype=torch.float64)
             if target.budget_mb is not None:
