@@ -25,7 +25,7 @@ from qbert_deploy.cli.export import main as export_main
 from qbert_deploy.cli.quantize import main as quantize_main
 from qbert_deploy.cli.validate import main as validate_main
 from qbert_deploy.data.tsv import Example, write_tsv
-from tests.tiny import SENTENCES, tiny_config, tokenizer
+from tests.tiny import SENTENCES, save_hf_dir, tiny_config, tokenizer
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,8 +51,7 @@ pytestmark = pytest.mark.distributed
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("tinydist")
     torch.manual_seed(0)
-    BertForSequenceClassification(tiny_config()).save_pretrained(root / "model")
-    tokenizer().save_pretrained(root / "model")  # type: ignore[attr-defined]
+    save_hf_dir(BertForSequenceClassification(tiny_config()), root / "model")
     examples = [Example(s, i % 2) for i, s in enumerate(SENTENCES)]
     write_tsv(root / "train.tsv", examples * 4 + examples[:1])
     write_tsv(root / "dev.tsv", examples)

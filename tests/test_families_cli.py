@@ -20,7 +20,7 @@ from qbert_deploy.cli import export, quantize, serve, triton_repo, validate
 from qbert_deploy.data.tsv import Example, write_tsv
 from qbert_deploy.exporters.onnx_export import export_checkpoint
 from tests.served import Reference, running_server
-from tests.tiny import FAMILIES, LABELS, SENTENCES, text_batch, tiny_checkpoint, tiny_model, tokenizer
+from tests.tiny import FAMILIES, LABELS, SENTENCES, save_hf_dir, text_batch, tiny_checkpoint, tiny_model
 
 FAST = ["--finetune-steps", "4", "--qat-steps", "2", "--calibration-batches", "1", "--batch-size", "4",
         "--groups", "4", "--lr", "1e-3", "--hessian-subsets", "2", "--hessian-batch", "4", "--hessian-iters", "3"]
@@ -36,10 +36,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _hf_dir(model_type: str, root: Path) -> Path:
-    folder = root / f"hf-{model_type}"
-    tiny_model(model_type).save_pretrained(folder)
-    tokenizer().save_pretrained(folder)  # type: ignore[attr-defined]
-    return folder
+    return save_hf_dir(tiny_model(model_type), root / f"hf-{model_type}")
 
 
 # One method per family keeps the run short while each family meets QAT, the Hessian allocation or PTQ somewhere;

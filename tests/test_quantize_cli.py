@@ -16,7 +16,7 @@ from transformers import BertForSequenceClassification
 from qbert_deploy.checkpoint import load_checkpoint
 from qbert_deploy.cli.quantize import main
 from qbert_deploy.data.tsv import Example, write_tsv
-from tests.tiny import SENTENCES, tiny_config, tokenizer
+from tests.tiny import SENTENCES, save_hf_dir, tiny_config
 
 FAST = ["--finetune-steps", "2", "--qat-steps", "2", "--hessian-subsets", "2", "--hessian-batch", "4",
         "--hessian-iters", "3", "--calibration-batches", "1", "--batch-size", "4", "--groups", "4"]
@@ -27,9 +27,7 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny BERT as a Hugging Face directory, plus GLUE-style train/dev TSVs beside it."""
     root = tmp_path_factory.mktemp("tinyhf")
     torch.manual_seed(0)
-    model = BertForSequenceClassification(tiny_config())
-    model.save_pretrained(root / "model")
-    tokenizer().save_pretrained(root / "model")  # type: ignore[attr-defined]
+    save_hf_dir(BertForSequenceClassification(tiny_config()), root / "model")
     examples = [Example(s, i % 2) for i, s in enumerate(SENTENCES)]
     write_tsv(root / "train.tsv", examples * 4)
     write_tsv(root / "dev.tsv", examples)

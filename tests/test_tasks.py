@@ -27,7 +27,7 @@ from qbert_deploy.runtimes.triton_repo import write_triton_repo
 from qbert_deploy.tasks import QA, TOKEN, entities
 from tests.served import RunningServer, running_server
 from tests.task_files import TAGS, questions, write_conll_pair, write_squad_pair
-from tests.tiny import tiny_config, tokenizer
+from tests.tiny import save_hf_dir, tiny_config, tokenizer
 
 FAST = ["--finetune-steps", "3", "--qat-steps", "2", "--hessian-subsets", "2", "--hessian-batch", "4",
         "--hessian-iters", "3", "--calibration-batches", "1", "--batch-size", "4", "--groups", "4",
@@ -84,8 +84,7 @@ def test_doc_stride_windows_find_an_answer_in_a_long_context() -> None:
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("tasks")
     torch.manual_seed(0)
-    BertModel(tiny_config()).save_pretrained(root / "model")
-    tokenizer().save_pretrained(root / "model")  # type: ignore[attr-defined]
+    save_hf_dir(BertModel(tiny_config()), root / "model")
     write_conll_pair(root)
     write_squad_pair(root)
     return root
@@ -184,8 +183,7 @@ def test_bad_conll_squad_and_task_are_refused(workdir: Path, tmp_path: Path,
              "has no context")
     torch.manual_seed(0)
     tagger = tmp_path / "tagger"
-    BertForTokenClassification(tiny_config()).save_pretrained(tagger)
-    tokenizer().save_pretrained(tagger)  # type: ignore[attr-defined]
+    save_hf_dir(BertForTokenClassification(tiny_config()), tagger)
     _refused(capsys, ["--model", str(tagger), "--bits", "4", "--task", "question-answering", "--train", str(squad),
                       "--dev", str(squad)], tmp_path / "o5", "contradicts the model's head")
 

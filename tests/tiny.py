@@ -41,6 +41,13 @@ def _tokenizer_texts() -> dict[str, str]:
         return tokenizer_files(tokenizer(), Path(tmp))
 
 
+def save_hf_dir(model: nn.Module, folder: Path) -> Path:
+    """`model` and the real tokenizer as a Hugging Face directory (what --model reads)."""
+    model.save_pretrained(folder)  # type: ignore[operator]
+    tokenizer().save_pretrained(folder)  # type: ignore[attr-defined]
+    return folder
+
+
 def tiny_config(hidden: int = 64, layers: int = 2, heads: int = 4, intermediate: int = 128) -> BertConfig:
     return BertConfig(vocab_size=30522, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                       intermediate_size=intermediate, max_position_embeddings=128, num_labels=len(LABELS),
