@@ -113,6 +113,9 @@ class BucketedSession:
         if not inputs or any(len(i.shape) != 2 for i in inputs):
             raise ShapeBucketError("shape buckets need [batch, sequence] inputs only")
         self._batch_dim, self._sequence_dim = inputs[0].shape
+        self._input_dtypes = {i.name: np.int64 if i.type == "tensor(int64)" else np.int32 for i in inputs}
+        self._sequence_outputs = {o.name for o in session.get_outputs()
+                                  if len(o.shape) > 1 and o.shape[1] == self._sequence_dim}
         self._lock = threading.Lock()
         self._bound: dict[tuple[int, int], tuple[Any, dict[str, Any], dict[str, Any], Any]] = {}
         self.runs: dict[str, int] = {"bucketed": 0, "unbucketed": 0}
@@ -139,14 +142,13 @@ class BucketedSession:
         if bucket not in self._bound:
             binding = self._session.io_binding()
             inputs, outputs = {}, {}
-            for meta in self._session.get_inputs():
-                ids = np.int64 if meta.type == "tensor(int64)" else np.int32
-                inputs[meta.name] = ort.OrtValue.ortvalue_from_shape_and_type(list(bucket), ids, self.device, 0)
-                binding.bind_ortvalue_input(meta.name, inputs[meta.name])
+            for name, dtype in self._input_dtypes.items():
+                inputs[name] = ort.OrtValue.ortvalue_from_shape_and_type(list(bucket), dtype, self.device, 0)
+                binding.bind_ortvalue_input(name, inputs[name])
             for meta in self._session.get_outputs():
-                dtype = np.float16 if meta.type == "tensor(float16)" else np.float32
+                floats = np.float16 if meta.type == "tensor(float16)" else np.float32
                 outputs[meta.name] = ort.OrtValue.ortvalue_from_shape_and_type(
-                    self._output_shape(meta, bucket), dtype, self.device, 0)
+                    self._output_shape(meta, bucket), floats, self.device, 0)
                 binding.bind_ortvalue_output(meta.name, outputs[meta.name])
             run_options = ort.RunOptions()
             if self.cuda_graph:  # one captured graph per bucket
@@ -185,12 +187,10 @@ class BucketedSession:
             if self.io_binding:
                 binding, inputs, outputs, options = self._binding(bucket)
                 for name, value in inputs.items():
-                    value.update_inplace(padded[name].astype(value.numpy().dtype, copy=False))
+                    value.update_inplace(padded[name].astype(self._input_dtypes[name], copy=False))
                 self._session.run_with_iobinding(binding, options)
                 results = [outputs[name].numpy() for name in names]
             else:
                 results = [np.asarray(v) for v in self._session.run(names, padded, run_options)]
-        sequence_outputs = {o.name for o in self._session.get_outputs()
-                            if len(o.shape) > 1 and o.shape[1] == self._sequence_dim}
-        return [r[:batch, :length] if name in sequence_outputs else r[:batch] for name, r in zip(names, results,
-                                                                                                 strict=True)]
+        return [r[:batch, :length] if name in self._sequence_outputs else r[:batch]
+                for name, r in zip(names, results, strict=True)]
