@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from qbert_deploy.exporters.onnx_export import LogitsOnly
+from qbert_deploy.models.hf_compat import export_attention
 from qbert_deploy.recipe import Recipe, WeightQuant
 
 SEQUENCE = 128
@@ -80,11 +81,13 @@ def _export_fp32(model: nn.Module, path: Path) -> None:
     """The plain fp32 ONNX that ORT's own recipes start from (TorchScript exporter, as optimum does)."""
     example = tuple(_random_ids(1, SEQUENCE, 0).values())
     dims = {0: "batch", 1: "sequence"}
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-            contextlib.redirect_stderr(io.StringIO()):
+    wrapped = LogitsOnly(model)
+    # transformers 5's masking_utils graph is not what ORT's fusions match: export 4.x's attention form (hf_compat)
+    with export_attention(model) as wrapped.mask, warnings.catch_warnings(), \
+            contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")
         logging.getLogger("torch").setLevel(logging.ERROR)
-        torch.onnx.export(LogitsOnly(model), example, str(path), dynamo=False, opset_version=17,
+        torch.onnx.export(wrapped, example, str(path), dynamo=False, opset_version=17,
                           input_names=["input_ids", "attention_mask", "token_type_ids"], output_names=["logits"],
                           dynamic_axes={"input_ids": dims, "attention_mask": dims, "token_type_ids": dims})
 

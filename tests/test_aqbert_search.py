@@ -91,13 +91,13 @@ def test_search_and_qat_distil_logits_and_hidden_states_not_attention() -> None:
     fp32 = _fp32()
     inputs = {k: torch.from_numpy(v) for k, v in _batches(1, 3)[0][0].items()}
     labels = torch.tensor([0, 1, 0, 1])
-    same = float(_student_loss(fp32, inputs, labels, None, Distiller(fp32, DEFAULT_DISTILL)).detach())
+    same = float(_student_loss(fp32, inputs, labels, Distiller(fp32, DEFAULT_DISTILL)).detach())
     assert same == pytest.approx(0.0, abs=1e-6)
     other = _fp32()
     torch.manual_seed(1)
     other.classifier.reset_parameters()
-    assert float(_student_loss(other, inputs, labels, None, Distiller(fp32, DEFAULT_DISTILL)).detach()) > 1e-4
-    task = float(_student_loss(fp32, inputs, labels, None, None).detach())
+    assert float(_student_loss(other, inputs, labels, Distiller(fp32, DEFAULT_DISTILL)).detach()) > 1e-4
+    task = float(_student_loss(fp32, inputs, labels, None).detach())
     assert task == pytest.approx(float(fp32(**inputs, labels=labels).loss.detach()))
     assert pruned_distill(DistillWeights(1.0, 1.0, 1.0)) == DistillWeights(1.0, 1.0, 0.0)
     assert pruned_distill(None) is None

@@ -57,7 +57,9 @@ def _recipe_json(folder: Path) -> None:
 
 
 DAMAGE: list[tuple[str, Callable[[Path], None], str, str]] = [
-    ("tokenizer missing", lambda f: (f / "vocab.txt").unlink() or (f / "tokenizer.json").unlink(), "files",
+    # transformers 5 saves no vocab.txt beside tokenizer.json; 4.x saves both
+    ("tokenizer missing", lambda f: (f / "vocab.txt").unlink(missing_ok=True) or (f / "tokenizer.json").unlink(),
+     "files",
      "missing tokenizer.json or vocab.txt"),
     ("model truncated", lambda f: (f / "model.onnx").write_bytes((f / "model.onnx").read_bytes()[:5000]),
      "onnx checker", ""),

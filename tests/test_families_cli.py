@@ -20,6 +20,7 @@ from qbert_deploy.cli import export, quantize, serve, triton_repo, validate
 from qbert_deploy.data.tsv import Example, write_tsv
 from qbert_deploy.exporters.onnx_export import export_checkpoint
 from tests.served import Reference, running_server
+from tests.stack import needs_optimum
 from tests.tiny import FAMILIES, LABELS, SENTENCES, save_hf_dir, text_batch, tiny_checkpoint, tiny_model
 
 FAST = ["--finetune-steps", "4", "--qat-steps", "2", "--calibration-batches", "1", "--batch-size", "4",
@@ -141,6 +142,7 @@ def test_unsupported_model_type_is_refused_by_every_command(data: Path, tmp_path
     _refused(serve.main, [str(tmp_path / "foreign"), "--port", "0"], "qbert-serve", capsys)
 
 
+@needs_optimum
 @pytest.mark.parametrize("model_type", ["distilbert", "roberta"])
 def test_export_dir_runs_in_optimum_and_a_pipeline(model_type: str, tmp_path: Path) -> None:
     import warnings

@@ -10,9 +10,11 @@ import numpy as np
 from transformers import AutoTokenizer, pipeline
 
 from tests.served import Reference
+from tests.stack import needs_optimum
 from tests.tiny import LABELS, SENTENCES, text_batch
 
 
+@needs_optimum
 def test_export_dir_runs_in_optimum_and_a_transformers_pipeline(tiny_export: Path, tmp_path: Path) -> None:
     export = tmp_path / "export"
     shutil.copytree(tiny_export, export)

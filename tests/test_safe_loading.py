@@ -127,7 +127,7 @@ def test_export_metadata_records_versions_and_hashes(tiny_export: Path, tiny_ckp
     (lambda f: (f / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}"),
      "not a readable safetensors file"),
     (lambda f: (f / "model.safetensors").unlink(), "no such file"),
-    (lambda f: (f / "vocab.txt").unlink(), "tokenizer file listed in qbert_checkpoint.json is missing"),
+    (lambda f: (f / "tokenizer.json").unlink(), "tokenizer file listed in qbert_checkpoint.json is missing"),
     (lambda f: (f / "qbert_checkpoint.json").write_text('{"format": "other"}'), "not a qbert-deploy checkpoint"),
 ])
 def test_safetensors_folder_errors(tmp_path: Path, tiny_ckpt: Checkpoint, mutate: object, expected: str) -> None:

@@ -26,6 +26,7 @@ from qbert_deploy.runtimes.session import open_session
 from qbert_deploy.runtimes.triton_repo import write_triton_repo
 from qbert_deploy.tasks import QA, TOKEN, entities
 from tests.served import RunningServer, running_server
+from tests.stack import needs_optimum
 from tests.task_files import TAGS, questions, write_conll_pair, write_squad_pair
 from tests.tiny import save_hf_dir, tiny_config, tokenizer
 
@@ -262,6 +263,7 @@ def test_triton_repo_names_the_task_outputs(exported: dict[str, Path], tmp_path:
         assert 'name: "start_logits"' in text and 'name: "end_logits"' in text and "label_filename" not in text
 
 
+@needs_optimum
 def test_optimum_loads_both_exports_and_pipelines_run(exported: dict[str, Path], tmp_path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -132,6 +132,8 @@ def _ort_opset(ctx: _Context) -> str:
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
+    from qbert_deploy.runtimes.session import load_error
+
     if ctx.model is None:
         raise ValueError("model.onnx could not be read")
     opset = ctx.model.opset_imports.get("", 0)
@@ -145,7 +147,10 @@ def _ort_opset(ctx: _Context) -> str:
         raise ValueError(f"opset {opset} is not supported by onnxruntime {ort.__version__}") from err
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    ort.InferenceSession(str(ctx.folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    try:
+        ort.InferenceSession(str(ctx.folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    except Exception as err:
+        raise ValueError(load_error(err)) from None
     return f"opset {opset} supported; onnxruntime {ort.__version__} loads the model"
 
 

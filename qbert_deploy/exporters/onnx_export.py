@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -32,8 +33,9 @@ from qbert_deploy.exporters.passes import (
     strip_prefix,
 )
 from qbert_deploy.exporters.size_report import size_markdown, size_report
-from qbert_deploy.families import TEXT_INPUTS, family_of
+from qbert_deploy.families import TEXT_INPUTS, family, family_of
 from qbert_deploy.models.build import build_model, estimated_parameters
+from qbert_deploy.models.hf_compat import export_attention
 from qbert_deploy.models.prune import order_by_bits
 from qbert_deploy.tasks import architecture, task_kind
 
@@ -61,11 +63,17 @@ class LogitsOnly(nn.Module):
         super().__init__()
         self.model = model
         self.outputs = outputs
+        self.mask: Callable[[torch.Tensor], torch.Tensor] = lambda mask: mask  # see hf_compat.export_attention
+        config = getattr(model, "config", None)
+        self.zero_token_types = config is not None and "token_type_embeddings" in family(config.model_type).embeddings
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        if token_type_ids is None and self.zero_token_types:
+            # RoBERTa's one token type as zeros: transformers 5 would gather it from a buffer by position id
+            token_type_ids = torch.zeros_like(input_ids)
         types = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, **types)
+        out = self.model(input_ids=input_ids, attention_mask=self.mask(attention_mask), **types)
         tensors: tuple[torch.Tensor, ...] = tuple(out[name] for name in self.outputs)
         return tensors[0] if len(tensors) == 1 else tensors
 
@@ -87,7 +95,8 @@ def _torch_export(model: nn.Module, max_positions: int, inputs: tuple[str, ...] 
     sequence = torch.export.Dim("sequence", min=2, max=max_positions)
     dims = {0: batch, 1: sequence}
     quiet = io.StringIO()
-    with warnings.catch_warnings(), contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+    with (export_attention(model) as wrapped.mask, warnings.catch_warnings(), contextlib.redirect_stdout(quiet),
+          contextlib.redirect_stderr(quiet)):
         warnings.simplefilter("ignore")
         # The exporter and its graph optimizer narrate every step at INFO; a user only needs our summary.
         for name in ("torch", "onnxscript", "onnx_ir"):

@@ -8,9 +8,10 @@ Subgroups are structural, so that a pruned one is physically gone from the deplo
   kernels tile without a ragged edge and 4/2-bit rows pack into whole bytes, while a block is still small enough
   (1/48 of a MiniLM FFN) for the search to trade fine-grained work for accuracy.
 Each subgroup chooses among CHOICES (0 = pruned) through architecture logits relaxed with Gumbel-softmax: the
-weights of the choices are mixed row by row, and a head's or block's keep probability gates its output (HF's
-`head_mask` for heads, the intermediate activation for FFN blocks). The logits are trained on held-out batches
-(task loss + lambda x how far the expected size / GEMM work is over the target), the weights on training batches.
+weights of the choices are mixed row by row, and a head's or block's keep probability gates its output (each
+head's attention context, as 4.x's `head_mask` did, for heads; the intermediate activation for FFN blocks). The
+logits are trained on held-out batches (task loss + lambda x how far the expected size / GEMM work is over the
+target), the weights on training batches.
 With distillation on (the default), the task loss is the distillation loss from the fp32 model: soft cross-entropy on
 the logits plus MSE on the hidden states. The attention-score term does not apply: pruned layers have fewer heads.
 The argmax choice, cut down greedily where it is still over the target, becomes a version-2 recipe; the pruned
@@ -20,6 +21,7 @@ model is rebuilt physically and fine-tuned with QAT.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -33,6 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qbert_deploy.models.distill import Distiller, DistillWeights
+from qbert_deploy.models.hf_compat import head_gate_hook
 from qbert_deploy.models.modules import QuantLinear
 from qbert_deploy.models.prune import encoder_layers, restructure
 from qbert_deploy.models.quantizer import fake_quant_weight
@@ -209,6 +212,7 @@ class Searcher:
         self.heads: list[list[SearchLinear]] = []
         self.ffn: list[SearchLinear] = []
         self.gates: list[torch.Tensor | None] = []
+        self.head_gates: list[torch.Tensor | None] = []
         for index, (_, layer) in sorted(encoder_layers(model).items()):
             attention = layer.attention.self
             group = []
@@ -222,6 +226,12 @@ class Searcher:
             self.ffn.append(dense)
             self.gates.append(None)
             layer.intermediate.register_forward_hook(self._gate_hook(index))
+            self.head_gates.append(None)
+            attention.register_forward_hook(head_gate_hook(functools.partial(self._head_gate, index),
+                                                           int(attention.attention_head_size)))
+
+    def _head_gate(self, index: int) -> torch.Tensor | None:
+        return self.head_gates[index]
 
     def _gate_hook(self, index: int) -> Callable[[nn.Module, Any, torch.Tensor], torch.Tensor]:
         def hook(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
@@ -229,8 +239,8 @@ class Searcher:
             return output if gate is None else output * gate.repeat_interleave(self.ffn_block)
         return hook
 
-    def sample(self, tau: float) -> torch.Tensor:
-        """Draw a relaxed choice into the modules; returns the head mask [layers, heads] to pass the model."""
+    def sample(self, tau: float) -> None:
+        """Draw a relaxed choice into the modules (head gates, FFN gates, mixed widths)."""
         head_keep, head_mix = _relaxed(self.space.heads, tau)
         block_keep, block_mix = _relaxed(self.space.blocks, tau)
         for index, group in enumerate(self.heads):
@@ -238,7 +248,10 @@ class Searcher:
                 linear.mix = head_mix[index]
             self.ffn[index].mix = block_mix[index]
             self.gates[index] = block_keep[index]
-        return head_keep
+            self.head_gates[index] = head_keep[index]
+
+    def ungate_heads(self) -> None:
+        self.head_gates = [None] * len(self.head_gates)
 
 
 @dataclass
@@ -275,12 +288,12 @@ def base_recipe(settings: SearchSettings) -> Recipe:
 
 
 def _student_loss(model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor,
-                  head_mask: torch.Tensor | None, distiller: Distiller | None) -> torch.Tensor:
+                  distiller: Distiller | None) -> torch.Tensor:
     """The task loss, or `distiller`'s loss when distilling."""
     if distiller is None:
-        loss: torch.Tensor = model(**inputs, labels=labels, head_mask=head_mask).loss
+        loss: torch.Tensor = model(**inputs, labels=labels).loss
         return loss
-    return distiller(model, inputs, labels, head_mask=head_mask)
+    return distiller(model, inputs, labels)
 
 
 def pruned_distill(weights: DistillWeights | None) -> DistillWeights | None:
@@ -323,16 +336,16 @@ def search(fp32: nn.Module, train_batches: Iterable[Batch], held_out: Iterable[B
             # weights on a training batch, the choice held fixed
             inputs, labels = next(train_iter)
             with torch.no_grad():
-                head_mask = searcher.sample(tau)
-            loss = _student_loss(model, _torch(inputs), torch.from_numpy(labels), head_mask, distiller)
+                searcher.sample(tau)
+            loss = _student_loss(model, _torch(inputs), torch.from_numpy(labels), distiller)
             weights.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             weights.step()
             # architecture on a held-out batch: task loss + lambda x excess over the target
             inputs, labels = next(held_iter)
-            head_mask = searcher.sample(tau)
-            task_loss = _student_loss(model, _torch(inputs), torch.from_numpy(labels), head_mask, distiller)
+            searcher.sample(tau)
+            task_loss = _student_loss(model, _torch(inputs), torch.from_numpy(labels), distiller)
             size, macs = space.expected()
             penalty = torch.zeros((), dtype=torch.float64)
             if target.budget_mb is not None:
@@ -348,6 +361,7 @@ def search(fp32: nn.Module, train_batches: Iterable[Batch], held_out: Iterable[B
                             work_kept=f"{float(macs.detach()):.2f}", tau=f"{tau:.2f}")
             bar.update()
     weights.zero_grad(set_to_none=True)
+    searcher.ungate_heads()
     heads, blocks = _fit(space, cost, target)
     model.eval()
     structure, neurons = _structure(heads, blocks, cost)

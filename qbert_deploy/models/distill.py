@@ -141,9 +141,7 @@ class Distiller:
             scores.append(qh @ kh.transpose(-1, -2) / math.sqrt(width // heads))
         return scores
 
-    def __call__(self, model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor,
-                 **student_kwargs: Any) -> torch.Tensor:
-        """`student_kwargs` go to the student's forward only (the AQ-BERT search's relaxed `head_mask`)."""
+    def __call__(self, model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         w = self.weights
         hidden = bool(w.hidden)
         device = labels.device  # train() moves the student to its device (a GPU per rank)
@@ -152,7 +150,7 @@ class Distiller:
         with torch.no_grad():
             teacher = self.teacher(**inputs, output_hidden_states=hidden)
             teacher_scores = self._scores(self.teacher) if w.attention else []
-        student = model(**inputs, output_hidden_states=hidden, **student_kwargs)
+        student = model(**inputs, output_hidden_states=hidden)
         student_scores = self._scores(model) if w.attention else []
         return distill_loss(head_logits(student), head_logits(teacher), inputs.get("attention_mask"), w,
                             student.hidden_states if hidden else None, teacher.hidden_states if hidden else None,

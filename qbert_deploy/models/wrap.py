@@ -28,8 +28,11 @@ def quantizable_linears(model: nn.Module) -> list[str]:
 
 
 def embedding_modules(model: nn.Module) -> list[str]:
-    return [name for name, module in model.named_modules()
-            if isinstance(module, (nn.Embedding, QuantEmbedding)) and name.rpartition(".")[2] in EMBEDDINGS]
+    """The embedding tables in the families' order (word, position, token type), whatever order the model's
+    implementation defines them in (transformers 5's RoBERTa defines token types before positions)."""
+    found = [name for name, module in model.named_modules()
+             if isinstance(module, (nn.Embedding, QuantEmbedding)) and name.rpartition(".")[2] in EMBEDDINGS]
+    return sorted(found, key=lambda name: EMBEDDINGS.index(name.rpartition(".")[2]))
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -56,6 +57,26 @@ def session_options(threads: int | None = None, optimize: bool = True,
 def _short(err: Exception) -> str:
     text = str(err).strip()
     return text.splitlines()[0][:300] if text else type(err).__name__
+
+
+TESTED_ORT = "1.32.0"  # the newest onnxruntime the test suite ran on
+# How ORT says it lacks an operator: no kernel for a (domain:)op at some version, or an op it does not know at all.
+_MISSING_OP = (re.compile(r"Could not find an implementation for (\S+?)\((\d+)\)"),
+               re.compile(r"(\S+?)\((-?\d+)\) is not a registered function/op"),
+               re.compile(r"No Op registered for (\S+) with domain_version of (\d+)"))
+
+
+def load_error(err: Exception) -> str:
+    """One line for ORT's refusal of a model, naming the installed onnxruntime; an operator this ORT lacks (an
+    older release than the profiles were written for) is named with the upgrade to make."""
+    text = str(err)
+    for pattern in _MISSING_OP:
+        match = pattern.search(text)
+        if match:
+            version = f" (opset {match.group(2)})" if not match.group(2).startswith("-") else ""
+            return (f"onnxruntime {ort.__version__} has no kernel for {match.group(1)}{version}, which this model "
+                    f"needs; upgrade onnxruntime (pip install -U onnxruntime; tested with {TESTED_ORT})")
+    return f"onnxruntime {ort.__version__} could not load the model: {_short(err)}"
 
 
 def model_lowering(model: str | os.PathLike[str] | bytes) -> str | None:
@@ -146,7 +167,7 @@ def open_session(model: str | os.PathLike[str] | bytes, providers: Sequence[str]
         session = ort.InferenceSession(model, options, providers=usable, provider_options=provider_options,
                                        disabled_optimizers=disabled)
     except Exception as err:  # onnxruntime raises its own untyped exceptions
-        raise SessionError(f"onnxruntime could not load the model: {_short(err)}") from None
+        raise SessionError(load_error(err)) from None
     # A listed provider can still fail to start (no libcudnn, no libnvinfer): ORT then quietly uses the CPU.
     running = session.get_providers()[0]
     if running != usable[0] and not allow_fallback:
