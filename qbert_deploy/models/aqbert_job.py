@@ -33,7 +33,7 @@ def check_aqbert_args(args: argparse.Namespace) -> None:
     """Refuse what cannot work before anything is trained or written."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    for flag in ("preset", "recipe", "bits", "avg_bits"):
+    for flag in ("preset", "recipe", "bits", "avg_bits", "bits_from"):
         if getattr(args, flag) is not None:
             raise ValueError(f"--{flag.replace('_', '-')} does not apply to --method aqbert (it searches the bits)")
     target = target_of(args)
