@@ -45,6 +45,7 @@ from qbert_deploy.models.aqbert import (
 )
 from qbert_deploy.models.build import make_checkpoint, tokenizer_files
 from qbert_deploy.models.distill import Distiller
+from qbert_deploy.models.hf_compat import ATTENTION
 from qbert_deploy.models.prune import restructure
 from qbert_deploy.models.train import train
 from qbert_deploy.models.wrap import calibrate, quantize_model
@@ -121,7 +122,7 @@ def _bert_base(folder: Path, structures: dict[str, Structure], texts: dict[str, 
 
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    base = BertForSequenceClassification(BertConfig(num_labels=2, attn_implementation="eager")).eval()
+    base = BertForSequenceClassification(BertConfig(num_labels=2, attn_implementation=ATTENTION)).eval()
     files = {"ORT fp32": folder / "fp32.onnx", "ORT dynamic int8": folder / "fp32-int8.onnx"}
     if not files["ORT fp32"].is_file():
         _export_fp32(base, files["ORT fp32"])

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.run import Feed, _feed, time_interleaved
+from qbert_deploy.models.hf_compat import ATTENTION
 
 ROOT = Path(__file__).resolve().parent.parent
 START, END = "<!-- gpu benchmark start -->", "<!-- gpu benchmark end -->"
@@ -43,7 +44,7 @@ def _torch_model(export_dir: Path, half: bool, device: str | None = None) -> Any
 
     torch.manual_seed(0)
     config = BertConfig.from_json_file(str(export_dir / "config.json"))
-    config._attn_implementation = "eager"
+    config._attn_implementation = ATTENTION
     model = BertForSequenceClassification(config).eval().to(device or SMOKE["torch"])
     return model.half() if half else model
 

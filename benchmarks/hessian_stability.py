@@ -32,6 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qbert_deploy.models.hessian import Sensitivity, encoder_layers, layer_eigenvalues
+from qbert_deploy.models.hf_compat import ATTENTION
 from qbert_deploy.models.methods import parse_method
 from qbert_deploy.models.workflow import layer_of, mixed_recipe
 from qbert_deploy.models.wrap import quantizable_linears
@@ -232,7 +233,7 @@ def _load_fp32(cache: Path) -> tuple[nn.Module, dict[str, Any]]:
     stamp = cache / FP32_STAMP
     if not stamp.is_file():
         raise ValueError(f"{cache}: no cached fp32 model; run `python -m benchmarks.qbert_table --only fp32` first")
-    model = AutoModelForSequenceClassification.from_pretrained(cache, attn_implementation="eager")
+    model = AutoModelForSequenceClassification.from_pretrained(cache, attn_implementation=ATTENTION)
     return model.eval(), json.loads(stamp.read_text())
 
 

