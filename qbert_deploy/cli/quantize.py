@@ -217,7 +217,7 @@ def _task(args: argparse.Namespace) -> Any:
 
 def _config(model_dir: Path) -> dict[str, Any]:
     """A Hugging Face directory's config.json (one-line error when it cannot be read)."""
-    from qbert_deploy.runtimes.serving.model import read_json
+    from qbert_deploy.runtimes.export_dir import read_json
 
     return read_json(model_dir / "config.json")
 
