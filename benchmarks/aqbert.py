@@ -50,7 +50,6 @@ from qbert_deploy.models.prune import restructure
 from qbert_deploy.models.train import train
 from qbert_deploy.models.wrap import calibrate, quantize_model
 from qbert_deploy.recipe import Recipe, WeightQuant
-from qbert_deploy.runtimes.lowering import lower, lowered_path
 from qbert_deploy.structure import LayerPlan, Structure
 
 Feed = dict[str, np.ndarray]
@@ -75,9 +74,8 @@ def _texts(task: Any) -> dict[str, str]:
 
 
 def _export(checkpoint: Checkpoint, folder: Path) -> dict[str, Path]:
-    result = export_checkpoint(checkpoint, folder, opset=25)
-    fast = lower(result.model_path, "cpu-w8a8", lowered_path(folder, "cpu-w8a8"))
-    return {"canonical": result.model_path, "cpu-w8a8": fast}
+    result = export_checkpoint(checkpoint, folder, opset=25, lower=["cpu-w8a8"])
+    return {"canonical": result.model_path, "cpu-w8a8": result.lowered["cpu-w8a8"]}
 
 
 def _session(path: Path) -> Callable[[Feed], np.ndarray]:

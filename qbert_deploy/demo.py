@@ -28,7 +28,6 @@ def _run(out: Path, steps: int, qat_steps: int) -> int:
     from qbert_deploy.models.methods import parse_method
     from qbert_deploy.models.pipeline import Job, run_job
     from qbert_deploy.models.task import Task
-    from qbert_deploy.runtimes.lowering import lower, lowered_path
     from qbert_deploy.validation.parity import parity_check
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -49,8 +48,8 @@ def _run(out: Path, steps: int, qat_steps: int) -> int:
     quant_accuracy = checkpoint.metrics["dev_accuracy_quantized"]
     agreement = checkpoint.metrics["dev_agreement_fp32"]
     bits = sorted({spec.bits for spec in checkpoint.recipe.overrides.values()})
-    result = export_checkpoint(checkpoint, out / "export", opset=21)
-    lowered = lower(result.model_path, "cpu-w8a8", lowered_path(out / "export", "cpu-w8a8"))
+    result = export_checkpoint(checkpoint, out / "export", opset=21, lower=["cpu-w8a8"])  # hash recorded, checked
+    lowered = result.lowered["cpu-w8a8"]
     parity = parity_check(build_model(checkpoint), result.model_path, encode(tokenizer, splits["dev"][:32]))
     size = result.size
     print(f"\ndemo finished in {time.time() - started:.0f} s")

@@ -18,7 +18,7 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from qbert_deploy.runtimes.lowering import lower
+from qbert_deploy.runtimes.lowering import lower_in_export
 from tests.served import Reference, RunningServer, feeds_for, metric_value, running_server
 from tests.tiny import LABELS, SENTENCES, text_batch, tokenizer
 
@@ -55,7 +55,7 @@ def test_startup_line_names_the_file_and_profile(server: RunningServer, tiny_exp
     assert "model.onnx lowered in memory to profile cpu-w8a8 as 'qbert'" in server.log_text(), server.log_text()
     export = tmp_path / "export"
     shutil.copytree(tiny_export, export)
-    lower(export / "model.onnx", "cpu-w8a8", export / "model.cpu-w8a8.onnx")
+    lower_in_export(export, "cpu-w8a8")
     with running_server(export, tmp_path) as lowered:
         assert "model.cpu-w8a8.onnx (profile cpu-w8a8) as 'qbert'" in lowered.log_text(), lowered.log_text()
         meta = httpx.get(f"{lowered.url}/v2/models/qbert").json()["parameters"]

@@ -14,7 +14,8 @@ import onnxruntime as ort
 import pytest
 
 from qbert_deploy.cli.serve import build_parser
-from qbert_deploy.runtimes.lowering import lower
+from qbert_deploy.runtimes.export_dir import record_files
+from qbert_deploy.runtimes.lowering import lower_in_export
 from qbert_deploy.runtimes.serving import Batcher, QueueFull, ServedModel
 from qbert_deploy.runtimes.serving.batcher import pad_and_stack
 from qbert_deploy.runtimes.serving.metrics import ServeMetrics
@@ -86,19 +87,21 @@ def test_profile_is_served_and_a_missing_one_is_a_one_line_error(tiny_export: Pa
     export = tmp_path / "export"
     shutil.copytree(tiny_export, export)
     shutil.copyfile(export / "model.onnx", export / "model.cpu-test.onnx")
+    record_files(export, ["model.cpu-test.onnx"])  # a file placed by hand is served once its sha256 is recorded
     assert ServedModel(export, profile="cpu-test").path.name == "model.cpu-test.onnx"
     foreign = tmp_path / "foreign"  # a model.onnx that is not a qbert export: the default profile cannot lower it
     shutil.copytree(tiny_export, foreign)
     model = onnx.load(str(foreign / "model.onnx"))
     del model.metadata_props[:]
     onnx.save(model, str(foreign / "model.onnx"))
-    assert ServedModel(foreign, profile="canonical").profile == "canonical"
+    assert ServedModel(foreign, profile="canonical", verify=False).profile == "canonical"
     for args, message in [([str(export), "--profile", "cuda-w4"], "no profile 'cuda-w4'"),
                           ([str(tmp_path / "missing")], "not an export directory"),
                           ([str(export), "--providers", "tpu"], "unknown execution provider 'tpu'"),
                           ([str(export), "--profile", "cuda-fp16"], "profile 'cuda-fp16' is for cuda, not cpu"),
-                          ([str(foreign)], "not a qbert-deploy export (no qbert.format_version metadata) "
-                                           "(--profile canonical serves the graph as exported)")]:
+                          ([str(foreign), "--no-verify"], "not a qbert-deploy export (no qbert.format_version "
+                                                          "metadata) (--profile canonical serves the graph as "
+                                                          "exported)")]:
         done = subprocess.run([sys.executable, "-m", "qbert_deploy.cli.serve", *args, "--port", "0"],
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 2 and done.stderr.startswith("qbert-serve: error:"), done
@@ -114,7 +117,7 @@ def test_the_default_profile_is_the_fast_one(tiny_export: Path, tmp_path: Path) 
     assert np.array_equal(default.run(feed), fast) and not np.array_equal(fast, canonical)
     export = tmp_path / "export"
     shutil.copytree(tiny_export, export)
-    lower(export / "model.onnx", "cpu-w8a8", export / "model.cpu-w8a8.onnx")
+    lower_in_export(export, "cpu-w8a8")
     on_disk = ServedModel(export)
     assert (on_disk.path.name, on_disk.profile, on_disk.served.lowered_in_memory) == (
         "model.cpu-w8a8.onnx", "cpu-w8a8", False)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 from qbert_deploy.cli.common import fail, run_cli
 
@@ -57,6 +59,26 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
+class ParityFailure(Exception):
+    """PyTorch and ONNX disagree: the export is not committed (exit 1, like a failed --check)."""
+
+
+def _parity(checkpoint: Any) -> Callable[[Path], None]:
+    """The parity check on the export's model.onnx while it is still in its temporary directory."""
+    def verify(model_path: Path) -> None:
+        from qbert_deploy.families import family_of
+        from qbert_deploy.models.build import build_model
+        from qbert_deploy.validation.parity import parity_check, random_batch
+
+        batch = random_batch(int(checkpoint.config["vocab_size"]), inputs=family_of(checkpoint.config).inputs)
+        results = parity_check(build_model(checkpoint), model_path, batch)
+        for line in results:
+            print(f"parity vs PyTorch fake-quant: {line.line()}")
+        if any(r.argmax_agreement < 1.0 for r in results):
+            raise ParityFailure("parity check: argmax differs between PyTorch and ONNX; the export was not written")
+    return verify
+
+
 def _export(args: argparse.Namespace) -> int:
     if args.check is not None:
         return _check(args)
@@ -66,26 +88,19 @@ def _export(args: argparse.Namespace) -> int:
     from qbert_deploy.exporters.onnx_export import export_checkpoint
 
     checkpoint = load_checkpoint(args.checkpoint)
-    result = export_checkpoint(checkpoint, args.out, opset=args.opset)
+    profiles = list(dict.fromkeys(name for names in args.lower for name in names))
+    try:
+        # Lowering, the self-check and parity all run before the export takes the place of OUT.
+        result = export_checkpoint(checkpoint, args.out, opset=args.opset, lower=profiles,
+                                   pack_3bit=not args.no_3bit_packing,
+                                   verify=None if args.no_parity else _parity(checkpoint))
+    except ParityFailure as err:
+        return fail(str(err), code=1, prog="qbert-export")
     size = result.size
     print(f"wrote {result.model_path} ({size['file_bytes'] / 2**20:.2f} MB; fp32 weights "
           f"{size['fp32_bytes'] / 2**20:.2f} MB; {size['compression_on_disk']:.2f}x smaller on disk)")
-    for profile in dict.fromkeys(name for names in args.lower for name in names):
-        from qbert_deploy.runtimes.lowering import lower, lowered_path
-
-        path = lower(result.model_path, profile, lowered_path(args.out, profile), pack_3bit=not args.no_3bit_packing)
+    for profile, path in result.lowered.items():
         print(f"wrote {path} (lowered for {profile}, {path.stat().st_size / 2**20:.2f} MB)")
-    if not args.no_parity:
-        from qbert_deploy.families import family_of
-        from qbert_deploy.models.build import build_model
-        from qbert_deploy.validation.parity import parity_check, random_batch
-
-        batch = random_batch(int(checkpoint.config["vocab_size"]), inputs=family_of(checkpoint.config).inputs)
-        results = parity_check(build_model(checkpoint), result.model_path, batch)
-        for line in results:
-            print(f"parity vs PyTorch fake-quant: {line.line()}")
-        if any(r.argmax_agreement < 1.0 for r in results):
-            return fail("parity check: argmax differs between PyTorch and ONNX", code=1, prog="qbert-export")
     if args.triton_repo:
         from qbert_deploy.runtimes.triton_repo import write_triton_repo
 

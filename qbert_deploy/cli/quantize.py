@@ -191,9 +191,8 @@ def _task(args: argparse.Namespace) -> Any:
     task_name = _task_name(args)
     if task_name != SEQUENCE:
         return _feature_task(args, task_name)
-    labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
-    if labels is not None and (len(labels) < 2 or any(not x for x in labels) or len(set(labels)) != len(labels)):
-        raise ValueError(f"--labels needs at least two distinct names, got {args.labels!r}")
+    names, head_size = _head_labels(args)
+    labels = _given_labels(args, names, head_size)
     if (args.train is None) != (args.dev is None):
         raise ValueError("give both --train and --dev, or neither (the movie-review data)")
     if args.train is None:
@@ -204,7 +203,8 @@ def _task(args: argparse.Namespace) -> Any:
     else:
         train, dev = read_tsv(args.train, labels), read_tsv(args.dev, labels)
         count = max(e.label for e in train + dev) + 1 if train and dev else 0
-        labels = labels or [str(i) for i in range(max(count, 2))]
+        labels = labels or [str(i) for i in range(max(count, head_size or 2))]
+        _fits_head(labels, head_size, "labels")
     if not train or not dev:
         raise ValueError("the training and dev data must not be empty")
     bad = sorted({e.label for e in train + dev if not 0 <= e.label < len(labels)})
@@ -215,9 +215,48 @@ def _task(args: argparse.Namespace) -> Any:
     return Task(tokenizer, train, dev, labels, args.batch_size, args.max_length, inputs)
 
 
+def _head_labels(args: argparse.Namespace) -> tuple[list[str] | None, int | None]:
+    """The model's trained head: (its label names, its size). Names only when config.json's id2label holds real
+    ones, not transformers' LABEL_0...; (None, None) for a model without a head, whose labels come from the data."""
+    from qbert_deploy.runtimes.export_dir import labels_of
+    from qbert_deploy.tasks import task_of_head
+
+    config = _config(args.model_dir)
+    if task_of_head(config.get("architectures")) is None:
+        return None, None
+    labels = labels_of(config, args.model_dir / "config.json")
+    generic = labels == [f"LABEL_{i}" for i in range(len(labels))]
+    return (None if generic else labels), len(labels)
+
+
+def _given_labels(args: argparse.Namespace, names: list[str] | None, head_size: int | None) -> list[str] | None:
+    """--labels, checked against the model's head: a trained head's own names (the rows it was trained on, in its
+    order) or as many names as a head with LABEL_i names has outputs. Else the head's names, or None (the data's)."""
+    if not args.labels:
+        return names
+    labels = [x.strip() for x in args.labels.split(",")]
+    if len(labels) < 2 or any(not x for x in labels) or len(set(labels)) != len(labels):
+        raise ValueError(f"--labels needs at least two distinct names, got {args.labels!r}")
+    if names is not None and labels != names:
+        unknown = [x for x in labels if x not in names]
+        why = (f"names {', '.join(map(repr, unknown))}, which it does not know" if unknown
+               else "differs in order or count")
+        raise ValueError(f"--labels {args.labels} {why}: the model's trained head has the labels "
+                         f"{', '.join(names)} (drop --labels to use them)")
+    _fits_head(labels, head_size, "--labels")
+    return labels
+
+
+def _fits_head(labels: list[str], head_size: int | None, what: str) -> None:
+    """As many labels as the model's head has outputs (else the weights would not load into the head)."""
+    if head_size is not None and len(labels) != head_size:
+        raise ValueError(f"the model's head has {head_size} outputs, but there are {len(labels)} {what} "
+                         f"({', '.join(labels[:6])}); give --labels with {head_size} names in the head's order")
+
+
 def _config(model_dir: Path) -> dict[str, Any]:
     """A Hugging Face directory's config.json (one-line error when it cannot be read)."""
-    from qbert_deploy.runtimes.serving.model import read_json
+    from qbert_deploy.runtimes.export_dir import read_json
 
     return read_json(model_dir / "config.json")
 
@@ -245,9 +284,17 @@ def _feature_task(args: argparse.Namespace, task_name: str) -> Any:
     if task_name == QA:
         return QATask(tokenizer, read_squad(args.train), read_squad(args.dev), list(QA_LABELS), args.batch_size,
                       args.max_length, inputs, stride=args.doc_stride)
-    labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
+    names, head_size = _head_labels(args)
+    labels = _given_labels(args, names, head_size)
+    found = tag_names(read_tags(args.train) + read_tags(args.dev))
+    if names is not None:  # a trained tagger: its tags, and data tags it was not trained on are refused
+        unknown = [tag for tag in found if tag not in names]
+        if unknown:
+            raise ValueError(f"the data have tags the model's trained head does not know: "
+                             f"{', '.join(map(repr, unknown))} (its tags: {', '.join(names)})")
     if labels is None:
-        labels = tag_names(read_tags(args.train) + read_tags(args.dev))
+        labels = found
+        _fits_head(labels, head_size, "tags in the data")
     return TokenTask(tokenizer, read_conll(args.train, labels), read_conll(args.dev, labels),
                      labels, args.batch_size, args.max_length, inputs)
 

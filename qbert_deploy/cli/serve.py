@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="answer 400 to text longer than the model maximum instead of truncating it")
     parser.add_argument("--graceful-timeout-s", type=_positive, default=30,
                         help="on shutdown, how long in-flight requests may take to finish (default 30)")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="serve the model file without checking it against the sha256 qbert-export recorded in "
+                             "qbert_recipe.json (for a file placed by hand; a warning says so)")
     parser.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))
     return parser
 
@@ -71,12 +74,19 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from qbert_deploy.runtimes.buckets import ShapeBuckets
+    from qbert_deploy.runtimes.export_dir import UnverifiedFileError
     from qbert_deploy.runtimes.serving import ServeConfig, ServedModel, create_app
 
     providers = [p.strip() for p in args.providers.split(",") if p.strip()]
     buckets = ShapeBuckets.parse(args.shape_buckets) if args.shape_buckets else None
-    model = ServedModel(args.export_dir, profile=args.profile, providers=providers, threads=args.threads,
-                        shape_buckets=buckets, cuda_graph=args.cuda_graph)
+    try:
+        model = ServedModel(args.export_dir, profile=args.profile, providers=providers, threads=args.threads,
+                            shape_buckets=buckets, cuda_graph=args.cuda_graph, verify=not args.no_verify)
+    except UnverifiedFileError as err:
+        raise UnverifiedFileError(f"{err} (--no-verify serves it unverified)") from None
+    if args.no_verify:
+        print(f"qbert-serve: warning: --no-verify: {model.path} is served without checking its sha256 against "
+              "qbert_recipe.json", file=sys.stderr, flush=True)
     config = ServeConfig(model_name=args.model_name, max_batch=args.max_batch, max_delay_ms=args.max_delay_ms,
                          max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
                          reject_long_text=args.reject_long_text)

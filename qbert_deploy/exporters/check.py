@@ -1,7 +1,11 @@
 """Verify an export directory before deployment, with onnx and onnxruntime only (no torch).
 
 Each check is one small function returning a `CheckResult`; `check_export` runs them all and never raises on a
-bad directory: a corrupt or tampered file is a failed check with a one-line reason.
+bad directory: a corrupt or tampered file is a failed check with a one-line reason. Every model file is checked,
+model.onnx and each lowered model.<profile>.onnx (the one qbert-serve runs by default): the onnx checker, the
+onnxruntime load and the sha256 recorded at export. What qbert-serve needs of the directory (config.json's types,
+the tokenizer, the graph's inputs and outputs) is checked by the same code qbert-serve runs at start
+(`qbert_deploy.runtimes.export_dir`), so a directory that passes here is one qbert-serve starts on.
 """
 
 from __future__ import annotations
@@ -16,15 +20,17 @@ from typing import Any
 
 import onnx
 import onnx_ir as ir
+import onnxruntime as ort  # imported here, not mid-check: a Ctrl-C inside an import is not a KeyboardInterrupt
 
 from qbert_deploy.recipe import Recipe
+from qbert_deploy.runtimes import export_dir
+from qbert_deploy.runtimes.export_dir import ExportConfig
 
 REQUIRED_METADATA = ("qbert.format_version", "qbert.recipe", "qbert.recipe_sha256", "qbert.checkpoint_sha256",
                      "qbert.weights_sha256", "qbert.labels", "qbert.versions")
-# qbert_recipe.json holds the recipe plus the digests that tie it to the checkpoint and the weights.
-RECIPE_FILE_DIGESTS = ("checkpoint_sha256", "weights_sha256")
-TOKENIZER_REQUIRED = ("tokenizer_config.json",)
-TOKENIZER_VOCAB = ("tokenizer.json", "vocab.txt")  # at least one
+# qbert_recipe.json holds the recipe plus the digests that tie it to the checkpoint, the weights and the files.
+RECIPE_FILE_DIGESTS = ("checkpoint_sha256", "weights_sha256", export_dir.FILES_KEY)
+TOKENIZER_REQUIRED = ("tokenizer.json", "tokenizer_config.json")  # qbert-serve tokenizes with tokenizer.json
 
 
 def weights_sha256(model: ir.Model) -> str:
@@ -56,26 +62,21 @@ class _Context:
     model: ir.Model | None = None
     metadata: dict[str, str] = field(default_factory=dict)
     recipe_file: dict[str, Any] = field(default_factory=dict)
+    session: Any = None  # onnxruntime's session on model.onnx, once loaded
+    config: ExportConfig | None = None  # config.json as qbert-serve reads it, once validated
 
 
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0][:200]}" if text else type(err).__name__
+    return f"{type(err).__name__}: {text.splitlines()[0][:400]}" if text else type(err).__name__
 
 
 def _files(ctx: _Context) -> str:
     missing = [n for n in ("model.onnx", "config.json", "qbert_recipe.json", *TOKENIZER_REQUIRED)
                if not (ctx.folder / n).is_file()]
-    if not any((ctx.folder / n).is_file() for n in TOKENIZER_VOCAB):
-        missing.append(" or ".join(TOKENIZER_VOCAB))
     if missing:
         raise ValueError(f"missing {', '.join(missing)}")
-    if (ctx.folder / "tokenizer.json").is_file():
-        from tokenizers import Tokenizer
-
-        Tokenizer.from_file(str(ctx.folder / "tokenizer.json"))
-    json.loads((ctx.folder / "tokenizer_config.json").read_text(encoding="utf-8"))
-    return "model.onnx, config.json, qbert_recipe.json and tokenizer files present and readable"
+    return "model.onnx, config.json, qbert_recipe.json and tokenizer files present"
 
 
 def _onnx_checker(ctx: _Context) -> str:
@@ -119,20 +120,75 @@ def _weights_hash(ctx: _Context) -> str:
 
 def _labels(ctx: _Context) -> str:
     labels = json.loads(ctx.metadata["qbert.labels"])
-    config = json.loads((ctx.folder / "config.json").read_text(encoding="utf-8"))
-    id2label = config.get("id2label", {}) if isinstance(config, dict) else {}
-    from_config = [id2label.get(str(i)) for i in range(len(id2label))]
+    from_config = export_dir.labels_of(export_dir.read_json(ctx.folder / "config.json"), ctx.folder / "config.json")
     if from_config != labels:
         raise ValueError(f"config.json labels {from_config} differ from model.onnx labels {labels}")
     return f"{len(labels)} labels agree between config.json and model.onnx"
 
 
+def _file_hashes(ctx: _Context) -> str:
+    """Every model file against the sha256 recorded at export, and every recorded file present."""
+    records = export_dir.recorded_files(ctx.folder)
+    files = [ctx.folder / "model.onnx", *export_dir.lowered_files(ctx.folder)]
+    for path in files:
+        export_dir.verify_file(ctx.folder, path)
+    gone = sorted(set(records) - {p.name for p in files})
+    if gone:
+        raise ValueError(f"qbert_recipe.json records {', '.join(gone)}, which the directory lacks")
+    return f"sha256 of {', '.join(p.name for p in files)} match qbert_recipe.json"
+
+
+def _ort_load(path: Path) -> Any:
+    """An onnxruntime session on a model file (optimizations off: this checks the file, not ORT's rewrites)."""
+    from qbert_deploy.runtimes.session import load_error
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as err:  # onnxruntime raises its own untyped exceptions
+        raise ValueError(load_error(err)) from None
+
+
+def _servable(ctx: _Context) -> str:
+    """What qbert-serve checks at start, by the same code: config.json, the tokenizer, model.onnx's signature."""
+    ctx.config = export_dir.read_config(ctx.folder)
+    export_dir.load_tokenizer(ctx.folder, ctx.config)
+    if ctx.session is None:
+        raise ValueError("model.onnx does not load in onnxruntime (see the opset check)")
+    export_dir.check_signature(ctx.config, ctx.session.get_inputs(), ctx.session.get_outputs(),
+                               ctx.folder / "model.onnx")
+    c = ctx.config
+    return (f"config.json, tokenizer.json and model.onnx's inputs and outputs fit qbert-serve ({c.family.model_type}, "
+            f"{c.task}, {len(c.labels)} labels, up to {c.max_length} tokens)")
+
+
+def _lowered(path: Path) -> Callable[[_Context], str]:
+    def check(ctx: _Context) -> str:
+        """A lowered file: the onnx checker, the export it came from, its profile, the onnxruntime load and the
+        signature qbert-serve needs (its sha256 is the file hashes check)."""
+        onnx.checker.check_model(str(path), full_check=True)
+        proto = onnx.load(str(path), load_external_data=False)
+        props = {p.key: p.value for p in proto.metadata_props}
+        for key in ("qbert.recipe_sha256", "qbert.checkpoint_sha256"):
+            if props.get(key) != ctx.metadata.get(key):
+                raise ValueError(f"its {key} differs from model.onnx's: lowered from another export")
+        profile = path.name[len("model."):-len(".onnx")]
+        lowered = json.loads(props.get("qbert.lowering", "{}")).get("profile")
+        if lowered != profile:
+            raise ValueError(f"lowered for profile {lowered!r}, but named for {profile!r}")
+        session = _ort_load(path)
+        if ctx.config is None:
+            raise ValueError("its inputs and outputs are not checked: config.json is not valid (see servable)")
+        export_dir.check_signature(ctx.config, session.get_inputs(), session.get_outputs(), path)
+        return f"onnx checker, onnxruntime load and qbert-serve's signature pass (profile {profile})"
+    return check
+
+
 def _ort_opset(ctx: _Context) -> str:
     """Probe the installed onnxruntime with a one-node model at the same opset, then load the real model."""
-    import onnxruntime as ort
     from onnx import TensorProto, helper
-
-    from qbert_deploy.runtimes.session import load_error
 
     if ctx.model is None:
         raise ValueError("model.onnx could not be read")
@@ -145,12 +201,7 @@ def _ort_opset(ctx: _Context) -> str:
         ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
     except Exception as err:  # ORT's own exception classes derive from Exception only
         raise ValueError(f"opset {opset} is not supported by onnxruntime {ort.__version__}") from err
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    try:
-        ort.InferenceSession(str(ctx.folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
-    except Exception as err:
-        raise ValueError(load_error(err)) from None
+    ctx.session = _ort_load(ctx.folder / "model.onnx")
     return f"opset {opset} supported; onnxruntime {ort.__version__} loads the model"
 
 
@@ -174,12 +225,14 @@ def check_export(folder: str | os.PathLike[str], checkpoint: str | os.PathLike[s
         return [CheckResult("export directory", False, f"{ctx.folder}: not a directory")]
     checks: list[tuple[str, Callable[[_Context], str]]] = [
         ("files", _files), ("onnx checker", _onnx_checker), ("recipe hash", _recipe_hash),
-        ("weights hash", _weights_hash), ("labels", _labels), ("onnxruntime opset", _ort_opset)]
+        ("weights hash", _weights_hash), ("file hashes", _file_hashes), ("labels", _labels),
+        ("onnxruntime opset", _ort_opset), ("servable", _servable)]
+    checks += [(f"lowered {path.name}", _lowered(path)) for path in export_dir.lowered_files(ctx.folder)]
     if checkpoint is not None:
         checks.append(("checkpoint digest", _checkpoint(Path(checkpoint))))
     results = []
     for name, check in checks:
-        if name != "files" and ctx.model is None and name != "onnx checker":
+        if name not in ("files", "onnx checker") and ctx.model is None:
             results.append(CheckResult(name, False, "skipped: model.onnx could not be read"))
             continue
         try:

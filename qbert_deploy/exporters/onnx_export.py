@@ -8,8 +8,8 @@ import json
 import logging
 import os
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ from torch import nn
 from qbert_deploy.atomic import atomic_dir
 from qbert_deploy.checkpoint import Checkpoint
 from qbert_deploy.exporters import torch_ops
-from qbert_deploy.exporters.check import weights_sha256
+from qbert_deploy.exporters.check import check_export, weights_sha256
 from qbert_deploy.exporters.export_modules import to_export_modules
 from qbert_deploy.exporters.passes import (
     dedicate_input_quant,
@@ -37,6 +37,9 @@ from qbert_deploy.families import TEXT_INPUTS, family, family_of
 from qbert_deploy.models.build import build_model, estimated_parameters
 from qbert_deploy.models.hf_compat import export_attention
 from qbert_deploy.models.prune import order_by_bits
+from qbert_deploy.runtimes.export_dir import record_files
+from qbert_deploy.runtimes.lowering import lower as lower_file
+from qbert_deploy.runtimes.lowering import lowered_path, profile_info
 from qbert_deploy.tasks import architecture, task_kind
 
 SUPPORTED_OPSETS = (21, 25)
@@ -53,6 +56,7 @@ class ExportResult:
     out_dir: Path
     model_path: Path
     size: dict[str, Any]
+    lowered: dict[str, Path] = field(default_factory=dict)  # profile -> OUT/model.<profile>.onnx
 
 
 class LogitsOnly(nn.Module):
@@ -121,10 +125,20 @@ def _fp32_bytes(checkpoint: Checkpoint) -> int:
     return sum(t.numel() * 4 for t in checkpoint.state_dict.values() if t.is_floating_point())
 
 
-def export_checkpoint(checkpoint: Checkpoint, out_dir: str | os.PathLike[str], opset: int = 21) -> ExportResult:
-    """Export `checkpoint` into `out_dir` (created or replaced whole; never left half written)."""
+def export_checkpoint(checkpoint: Checkpoint, out_dir: str | os.PathLike[str], opset: int = 21,
+                      lower: Sequence[str] = (), pack_3bit: bool = True,
+                      verify: Callable[[Path], None] | None = None) -> ExportResult:
+    """Export `checkpoint` into `out_dir` (created or replaced whole; never left half written).
+
+    `lower` also writes model.<profile>.onnx for each profile (`pack_3bit=False`: 3-bit weights stay in int4).
+    Everything happens in a temporary directory beside `out_dir`: the files are written, their sha256 recorded in
+    qbert_recipe.json, the directory passes `check_export` (what `qbert-export --check` runs) and then
+    `verify(temporary model.onnx)` (the CLI's parity check); only then does it take the place of `out_dir`. Any
+    failure or interrupt before that leaves `out_dir` as it was.
+    """
     if opset not in SUPPORTED_OPSETS:
         raise ExportError(f"opset {opset} is not supported; choose one of {SUPPORTED_OPSETS}")
+    profiles = list(dict.fromkeys(profile_info(name).name for name in lower))  # an unknown name fails here
     _check_replaceable(Path(out_dir))
     model = build_model(checkpoint)
     order_by_bits(model)  # rows of one width contiguous in each mixed matrix (a no-op when already so)
@@ -162,7 +176,15 @@ def export_checkpoint(checkpoint: Checkpoint, out_dir: str | os.PathLike[str], o
             raise ExportError(f"exported model fails the ONNX checker: {str(err).splitlines()[0]}") from None
         report = size_report(graph, specs, _fp32_bytes(checkpoint), model_path.stat().st_size)
         _write_side_files(tmp, checkpoint, report, weights_digest)
-    return ExportResult(out, out / "model.onnx", report)
+        for profile in profiles:
+            lower_file(model_path, profile, lowered_path(tmp, profile), pack_3bit=pack_3bit)
+        record_files(tmp, ["model.onnx", *(lowered_path(tmp, p).name for p in profiles)])
+        failed = [r for r in check_export(tmp) if not r.ok]
+        if failed:
+            raise ExportError(f"the export fails its own check, {failed[0].name}: {failed[0].detail}")
+        if verify is not None:
+            verify(model_path)
+    return ExportResult(out, out / "model.onnx", report, {p: lowered_path(out, p) for p in profiles})
 
 
 def _check_replaceable(out: Path) -> None:

@@ -59,7 +59,7 @@ from qbert_deploy.runtimes.lowering_passes import (
 )
 
 __all__ = ["MATMULNBITS_ACCURACY_LEVEL", "PROFILES", "LoweringError", "Profile", "default_profile", "lower",
-           "lower_model", "lowered_path", "profile_info"]
+           "lower_in_export", "lower_model", "lowered_path", "profile_info"]
 
 MATMULNBITS_ACCURACY_LEVEL = 1  # fp32 compute: level 4 would quantize activations to int8 inside the kernel
 METADATA_KEY = "qbert.lowering"
@@ -270,3 +270,19 @@ def lower(src: str | os.PathLike[str], profile: str, dst: str | os.PathLike[str]
         os.umask(umask)
         tmp.chmod(0o666 & ~umask)  # a model file, readable like model.onnx (the temporary file is 0600)
     return dst
+
+
+def lower_in_export(export_dir: str | os.PathLike[str], profile: str, pack_3bit: bool = True) -> Path:
+    """Add model.<profile>.onnx to an existing export directory, without torch: its model.onnx (checked against the
+    sha256 recorded at export) lowered, and the new file's sha256 recorded in qbert_recipe.json, so that qbert-serve
+    and `qbert-export --check` verify it like a file written by `qbert-export --lower`.
+
+    A kill between the two writes leaves a lowered file without a record: refused by both, never trusted.
+    """
+    from qbert_deploy.runtimes.export_dir import record_files, verify_file
+
+    folder = Path(export_dir)
+    verify_file(folder, folder / "model.onnx")
+    path = lower(folder / "model.onnx", profile, lowered_path(folder, profile), pack_3bit=pack_3bit)
+    record_files(folder, [path.name])
+    return path

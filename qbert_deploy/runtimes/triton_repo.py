@@ -20,16 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qbert_deploy.atomic import atomic_dir
+from qbert_deploy.runtimes.export_dir import read_config
 from qbert_deploy.runtimes.lowering import lower
-from qbert_deploy.runtimes.serving.model import (
-    INPUT_NAMES,
-    ModelDirError,
-    labels_of,
-    model_family,
-    read_json,
-    served_file,
-)
-from qbert_deploy.tasks import DEFAULT_TASK, SEQUENCE, output_dims, task_kind, task_of_head
+from qbert_deploy.runtimes.serving.model import INPUT_NAMES, ModelDirError, served_file
+from qbert_deploy.tasks import DEFAULT_TASK, SEQUENCE, output_dims, task_kind
 
 DEVICES = {"cpu": ("KIND_CPU", "cpu"), "gpu": ("KIND_GPU", "cuda")}  # instance group kind, execution provider
 ONNX_TO_TRITON = {7: "TYPE_INT64", 6: "TYPE_INT32", 1: "TYPE_FP32", 10: "TYPE_FP16"}  # onnx.TensorProto codes
@@ -131,11 +125,10 @@ def write_triton_repo(export_dir: str | os.PathLike[str], repo_dir: str | os.Pat
     export = Path(export_dir)
     served = served_file(export, profile, DEVICES[device][1])
     source = served.path
-    config = read_json(export / "config.json")
-    model_family(config, export / "config.json")
-    task = task_of_head(config.get("architectures")) or DEFAULT_TASK
+    config = read_config(export)  # the same validation as qbert-serve and qbert-export --check
+    task = config.task
     inputs, outputs, external, opset = _tensor_specs(source, task)
-    labels = labels_of(config)
+    labels = config.labels
     described = f"{export.name}/{source.name}" + (f" lowered to {served.profile}" if served.lowered_in_memory else "")
     with atomic_dir(repo_dir) as tmp:
         folder = tmp / model_name

@@ -7,7 +7,6 @@ model.onnx as exported (the dequantize-then-float graph).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,8 +19,16 @@ from tokenizers import Tokenizer
 
 from qbert_deploy.families import TEXT_INPUTS, Family, family_of
 from qbert_deploy.runtimes.buckets import BucketedSession, ShapeBuckets
+from qbert_deploy.runtimes.export_dir import (
+    ExportDirError,
+    check_label_count,
+    check_signature,
+    load_tokenizer,
+    read_config,
+    verify_file,
+)
 from qbert_deploy.runtimes.session import PROVIDERS, SessionError, first_available, open_session
-from qbert_deploy.tasks import DEFAULT_TASK, best_span, combine, entities, task_kind, task_of_head
+from qbert_deploy.tasks import best_span, combine, entities, task_kind
 
 INPUT_NAMES = TEXT_INPUTS  # a graph takes these or a subset (DistilBERT's and RoBERTa's have no token_type_ids)
 OUTPUT_NAME = "logits"
@@ -29,8 +36,7 @@ CANONICAL = "canonical"  # the profile name that serves model.onnx as exported
 ORT_TYPES = {"tensor(int64)": "INT64", "tensor(int32)": "INT32", "tensor(float)": "FP32", "tensor(float16)": "FP16"}
 
 
-class ModelDirError(ValueError):
-    """An export directory that cannot be served as asked."""
+ModelDirError = ExportDirError  # an export directory that cannot be served as asked (the shared validation's error)
 
 
 def profiles(export_dir: Path) -> list[str]:
@@ -97,37 +103,12 @@ def open_served(served: ServedFile, providers: Sequence[str] = ("cpu",), threads
                         profile=served.profile if served.profile in PROFILES else None, cuda_graph=cuda_graph)
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ModelDirError(f"{path}: cannot read it ({err})") from None
-    if not isinstance(data, dict):
-        raise ModelDirError(f"{path}: expected a JSON object")
-    return data
-
-
-def labels_of(config: dict[str, Any]) -> list[str]:
-    """Label names from an HF config's id2label (LABEL_i where missing)."""
-    id2label = config.get("id2label") or {}
-    count = len(id2label) or int(config.get("num_labels", 2))
-    return [str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(count)]
-
-
 def model_family(config: dict[str, Any], path: Path) -> Family:
     """The export's architecture from its config.json; one of the supported families or a one-line error."""
     try:
         return family_of(config)
     except ValueError as err:
         raise ModelDirError(f"{path}: {err}") from None
-
-
-def _max_length(config: dict[str, Any], tokenizer_config: dict[str, Any], family: Family) -> int:
-    limits = [family.max_tokens(config)]  # RoBERTa's positions start after its padding index
-    declared = tokenizer_config.get("model_max_length")
-    if isinstance(declared, int) and 0 < declared < 1_000_000:  # HF writes a huge sentinel when unset
-        limits.append(declared)
-    return min(limits)
 
 
 @dataclass(frozen=True)
@@ -167,18 +148,21 @@ class ServedModel:
 
     def __init__(self, export_dir: str | os.PathLike[str], profile: str | None = None,
                  providers: Sequence[str] = ("cpu",), threads: int | None = None,
-                 shape_buckets: ShapeBuckets | None = None, cuda_graph: bool = False) -> None:
+                 shape_buckets: ShapeBuckets | None = None, cuda_graph: bool = False, verify: bool = True) -> None:
         """`shape_buckets` runs every batch padded to a fixed shape bucket (invisible to clients; a batch beyond the
-        largest bucket runs unpadded); `cuda_graph` (CUDA only) adds a captured CUDA graph per bucket."""
+        largest bucket runs unpadded); `cuda_graph` (CUDA only) adds a captured CUDA graph per bucket. `verify`
+        checks the served file against the sha256 qbert-export recorded in qbert_recipe.json.
+
+        The directory goes through the same validation as `qbert-export --check` (`runtimes/export_dir.py`), so a
+        directory that cannot be served is refused here, in one line, and not with 500s later."""
         self.export_dir = Path(export_dir)
         if cuda_graph and first_available(providers) != "cuda":
             raise SessionError(f"CUDA graphs need the cuda provider; {first_available(providers)} would run")
         self.served = served_file(self.export_dir, profile, first_available(providers))
         self.path, self.profile = self.served.path, self.served.profile
-        config = read_json(self.export_dir / "config.json")
-        family = model_family(config, self.export_dir / "config.json")
-        tokenizer_config = (read_json(self.export_dir / "tokenizer_config.json")
-                            if (self.export_dir / "tokenizer_config.json").is_file() else {})
+        config = read_config(self.export_dir)
+        self.tokenizer = load_tokenizer(self.export_dir, config)
+        self.sha256 = verify_file(self.export_dir, self.path) if verify else None
         try:
             session = open_served(self.served, providers, threads=threads, allow_fallback=len(providers) > 1,
                                   cuda_graph=cuda_graph)
@@ -186,36 +170,25 @@ class ServedModel:
             if profile is not None:
                 raise
             raise SessionError(f"{err} (--profile {CANONICAL} serves the graph as exported)") from None
-        self.pad_id = int(config.get("pad_token_id") or 0)
+        check_signature(config, session.get_inputs(), session.get_outputs(), self.path)
+        self.config = config
+        self.pad_id = config.pad_id
         self.session: ort.InferenceSession | BucketedSession = session
         if shape_buckets is not None or cuda_graph:
             self.session = BucketedSession(session, shape_buckets, pad_values=self.pad_values, oversize="unbucketed")
         names = [i.name for i in self.session.get_inputs()]
-        if "input_ids" not in names or not set(names) <= set(INPUT_NAMES):
-            raise ModelDirError(f"{self.path}: inputs {names} are not a subset of {list(INPUT_NAMES)}")
         outputs = {o.name: o for o in self.session.get_outputs()}
-        self.task = task_of_head(config.get("architectures")) or DEFAULT_TASK
+        self.task = config.task
         self.output_names = list(task_kind(self.task).outputs)
-        missing = [n for n in self.output_names if n not in outputs]
-        if missing:
-            raise ModelDirError(f"{self.path}: no {missing[0]!r} output (a {self.task} model gives "
-                                f"{self.output_names})")
         self.input_names = [n for n in INPUT_NAMES if n in names]
         self.input_types = {i.name: ORT_TYPES.get(i.type, i.type) for i in self.session.get_inputs()}
         first = outputs[self.output_names[0]]
         self.output_type = ORT_TYPES.get(first.type, first.type)
-        self.labels = labels_of(config)
-        self.max_length = _max_length(config, tokenizer_config, family)
-        self.vocab_size = int(config.get("vocab_size", 0)) or None
-        self.type_vocab_size = int(config.get("type_vocab_size", 2))
+        self.labels = config.labels
+        self.max_length = config.max_length
+        self.vocab_size = config.vocab_size
+        self.type_vocab_size = config.type_vocab_size
         self.providers = self.session.get_providers()
-        tokenizer_path = self.export_dir / "tokenizer.json"
-        if not tokenizer_path.is_file():
-            raise ModelDirError(f"{self.export_dir}: no tokenizer.json")
-        try:
-            self.tokenizer = Tokenizer.from_file(str(tokenizer_path))
-        except Exception as err:  # the tokenizers library raises its own untyped exceptions
-            raise ModelDirError(f"{tokenizer_path}: cannot load it ({str(err)[:200]})") from None
         self.tokenizer.no_padding()  # padding is per batch, in the batcher
         # question answering: contexts longer than the window go in overlapping windows (HF's doc stride)
         self.qa_tokenizer = Tokenizer.from_str(self.tokenizer.to_str())
@@ -225,12 +198,14 @@ class ServedModel:
         self._warm_up()
 
     def _warm_up(self) -> None:
-        """One run before serving: ORT allocates on the first run, and a model that cannot run fails here, once."""
+        """One run before serving: ORT allocates on the first run, and a model that cannot run fails here, once.
+        Two rows of different lengths, so the padding (pad_token_id, the attention mask) runs too."""
         try:
-            self.run(self.encode(["warm up"]).feeds)
+            result = self.run(self.encode(["warm up", "warm up a padded batch of two rows"]).feeds)
         except Exception as err:  # onnxruntime raises its own untyped exceptions
             first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
             raise SessionError(f"{self.path}: the model does not run: {first}") from None
+        check_label_count(self.config, int(result.shape[-1]), self.path)  # a dynamic label axis, now known
 
     @property
     def pad_values(self) -> dict[str, int]:
