@@ -8,6 +8,10 @@ against the baseline committed in ci/baseline.json. Exit code: the first failing
     python ci/accuracy_gate.py --out ci-out --write-baseline      # refresh ci/baseline.json
     python ci/accuracy_gate.py --out ci-out --profiles canonical,cpu-w8a8          # fewer ORT profiles
     python ci/accuracy_gate.py --out ci-out --providers cuda --min-agreement 99.5  # on a GPU (onnxruntime-gpu)
+    python ci/accuracy_gate.py --out ci-out --recipe mp23 --max-drop-vs-fp32 8    # bound 2/3-bit's larger loss
+
+Besides the baseline, the gate bounds the quantization drop against the fine-tuned fp32 model qbert-quantize kept in
+OUT/fp32 (`qbert-validate --max-drop-vs-fp32`): by default 1 point for w4, none for mp23.
 
 With `--providers cuda` the ORT side runs on the GPU under the CUDA profiles (default cuda, cuda-fp16, cuda-fused,
 cuda-fused-w8: the fused ones fold the 8-bit activation quantizers away, a numerics change this checks).
@@ -36,6 +40,9 @@ RECIPES = ("w4", "mp23")  # qbert-quantize's presets (models/qbert-*.json)
 PROVIDERS = ("cpu", "cuda")
 DEFAULT_PROFILES = {"cpu": "canonical,cpu-w8a8,weight-only",
                     "cuda": "cuda,cuda-fp16,cuda-fused,cuda-fused-w8"}
+# Quantization drop allowed below the fine-tuned fp32 model, points: w4 measured 0.1-0.4 (docs/RESULTS.md, issue 5);
+# mp23 loses several points without QAT, so it is reported there, not bounded, unless --max-drop-vs-fp32 says so.
+FP32_DROP = {"w4": "1.0", "mp23": None}
 
 
 def _refuse(message: str) -> int:
@@ -74,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--write-baseline", action="store_true", help="record --baseline from this run instead")
     parser.add_argument("--max-drop", default="0.5", help="accuracy drop allowed, percentage points")
     parser.add_argument("--min-agreement", default="99.0", help="ORT vs PyTorch fake-quant agreement floor, %%")
+    parser.add_argument("--max-drop-vs-fp32", default=None, metavar="POINTS",
+                        help="quantization drop allowed below the fine-tuned fp32 model (default: "
+                             + ", ".join(f"{k} {v or 'none'}" for k, v in FP32_DROP.items()) + ")")
     parser.add_argument("--layerwise", action="store_true")
     return parser
 
@@ -115,6 +125,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                "--data", str(data["dev"]), "--providers", args.providers, "--profile", profiles, "--threads", "2",
                "--report", str(args.out / f"report.{args.recipe}"), "--max-drop", args.max_drop,
                "--min-agreement", args.min_agreement]
+    fp32_drop = args.max_drop_vs_fp32 or FP32_DROP[args.recipe]
+    if fp32_drop is not None:
+        command += ["--max-drop-vs-fp32", fp32_drop]
     if args.layerwise:
         command.append("--layerwise")
     if args.write_baseline:

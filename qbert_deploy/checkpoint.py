@@ -33,10 +33,52 @@ MAX_ABS_VALUE = 1e30
 TOKENIZER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 RESERVED_NAMES = frozenset({"model.onnx", "config.json", "qbert_recipe.json", "size_report.json", "size_report.md",
                             "model.safetensors", "qbert_checkpoint.json"})
+MAX_SEQUENCE_LENGTH = 1_048_576  # the config ceiling on max_position_embeddings (models/build.py)
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+# What makes a Hugging Face model folder the model: its config and weights, not its tokenizer or our cache stamp.
+FP32_MODEL_FILES = re.compile(r"config\.json|.+\.safetensors|.+\.bin|.+\.index\.json")
 
 
 class CheckpointError(ValueError):
     """model.pt is missing, unsafe, corrupt, or does not follow the contract."""
+
+
+def fp32_digest(folder: str | os.PathLike[str]) -> str:
+    """sha256 over a Hugging Face model folder's config.json and weight files (names, sizes, bytes)."""
+    root = Path(folder)
+    h = hashlib.sha256()
+    for path in sorted(p for p in root.iterdir() if p.is_file() and FP32_MODEL_FILES.fullmatch(p.name)):
+        h.update(f"{path.name}\0{path.stat().st_size}\0".encode())
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Fp32Reference:
+    """The fine-tuned fp32 model a checkpoint was quantized from: the real baseline of its quantization loss."""
+
+    path: str  # relative to the folder holding model.pt where it can be, so a moved output folder still finds it
+    sha256: str  # fp32_digest() of the folder when model.pt was written
+
+    @classmethod
+    def of(cls, folder: str | os.PathLike[str], checkpoint_path: str | os.PathLike[str]) -> Fp32Reference:
+        where = Path(os.path.abspath(folder))
+        try:
+            text = os.path.relpath(where, os.path.abspath(Path(checkpoint_path).parent))
+        except ValueError:  # another drive (Windows): no relative path exists
+            text = str(where)
+        return cls(Path(text).as_posix(), fp32_digest(where))
+
+    def resolve(self, checkpoint_path: str | os.PathLike[str]) -> Path:
+        """The folder, with a relative path taken from the folder holding model.pt."""
+        path = Path(self.path)
+        # normpath, as `of` made the relative path from normalized paths: OUT/model.pt's "../fp32" is a sibling
+        return path if path.is_absolute() else Path(os.path.normpath(Path(checkpoint_path).parent / path))
+
+    def to_json(self) -> dict[str, str]:
+        return {"path": self.path, "sha256": self.sha256}
 
 
 @dataclass
@@ -49,6 +91,10 @@ class Checkpoint:
     tokenizer_files: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     task: str = DEFAULT_TASK  # qbert_deploy.tasks; files without it (format 1 as first written) are classifiers
+    # Optional facts for validation (None in files written before they were recorded); not part of digest():
+    # they do not change what an export computes.
+    max_length: int | None = None  # the sequence length the model was trained and calibrated at
+    fp32_reference: Fp32Reference | None = None  # the fine-tuned fp32 model it was quantized from
 
     def digest(self) -> str:
         """Hash of the weights, recipe and activation ranges: what an export must have been made from."""
@@ -72,7 +118,16 @@ class Checkpoint:
             "labels": list(self.labels),
             "tokenizer_files": dict(self.tokenizer_files),
             "metrics": dict(self.metrics),
-        } | ({"task": self.task} if self.task != DEFAULT_TASK else {})
+        } | ({"task": self.task} if self.task != DEFAULT_TASK else {}) | self.optional_payload()
+
+    def optional_payload(self) -> dict[str, Any]:
+        """The optional keys that are set (absent ones are not written, so older files keep their bytes)."""
+        out: dict[str, Any] = {}
+        if self.max_length is not None:
+            out["max_length"] = self.max_length
+        if self.fp32_reference is not None:
+            out["fp32_reference"] = self.fp32_reference.to_json()
+        return out
 
 
 def save_checkpoint(checkpoint: Checkpoint, path: str | os.PathLike[str]) -> None:
@@ -161,9 +216,27 @@ def checkpoint_from_payload(payload: Any, source: str = "model.pt") -> Checkpoin
              f"{source}: 'metrics' must map names to numbers")
     task = payload.get("task", DEFAULT_TASK)
     _require(task in TASKS, f"{source}: 'task' must be one of {', '.join(TASKS)}, got {task!r}")
+    max_length = payload.get("max_length")
+    _require(max_length is None or (isinstance(max_length, int) and not isinstance(max_length, bool)
+                                    and 1 <= max_length <= MAX_SEQUENCE_LENGTH),
+             f"{source}: 'max_length' must be an integer in 1..{MAX_SEQUENCE_LENGTH:,}, got {max_length!r}")
     return Checkpoint(config=config, state_dict=state, recipe=recipe,
                       activation_ranges={k: [float(v[0]), float(v[1])] for k, v in ranges.items()},
-                      labels=list(labels), tokenizer_files=tokenizer_files, metrics=metrics, task=task)
+                      labels=list(labels), tokenizer_files=tokenizer_files, metrics=metrics, task=task,
+                      max_length=max_length, fp32_reference=_fp32_reference(payload.get("fp32_reference"), source))
+
+
+def _fp32_reference(value: Any, source: str) -> Fp32Reference | None:
+    if value is None:
+        return None
+    ref = _check_str_dict(value, "fp32_reference", source)
+    path, digest = ref.get("path"), ref.get("sha256")
+    _require(isinstance(path, str) and 0 < len(path) <= 4096 and "\0" not in path,
+             f"{source}: 'fp32_reference' path must be a non-empty string")
+    _require(isinstance(digest, str) and bool(SHA256_HEX.fullmatch(digest)),
+             f"{source}: 'fp32_reference' sha256 must be 64 lowercase hex digits")
+    assert isinstance(path, str) and isinstance(digest, str)
+    return Fp32Reference(path, digest)
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:

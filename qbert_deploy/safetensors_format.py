@@ -2,7 +2,8 @@
 
     model.safetensors       float weights under Hugging Face names
     config.json             the Hugging Face BertConfig
-    qbert_checkpoint.json   format marker, recipe, activation ranges, labels, metrics, tokenizer file list
+    qbert_checkpoint.json   format marker, recipe, activation ranges, labels, metrics, tokenizer file list (and the
+                            optional task, max_length and fp32_reference)
     tokenizer files         as listed in qbert_checkpoint.json
 
 It loads into the same `Checkpoint` as model.pt (same validation, same digest), so both export the same model.onnx.
@@ -38,8 +39,7 @@ def save_safetensors_checkpoint(checkpoint: Checkpoint, folder: str | os.PathLik
     payload = checkpoint.to_payload()
     meta = {k: payload[k] for k in ("format", "format_version", "recipe", "activation_ranges", "labels", "metrics")}
     meta["tokenizer_files"] = sorted(checkpoint.tokenizer_files)
-    if "task" in payload:
-        meta["task"] = payload["task"]
+    meta |= {k: payload[k] for k in ("task", "max_length", "fp32_reference") if k in payload}
     with atomic_dir(folder) as tmp:
         save_file(payload["state_dict"], str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT_NAME})
         (tmp / CONFIG_FILE).write_text(json.dumps(checkpoint.config, indent=2, sort_keys=True) + "\n")
@@ -105,7 +105,7 @@ def load_safetensors_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         "labels": meta.get("labels"),
         "tokenizer_files": {name: _read_text(folder / name) for name in names},
         "metrics": meta.get("metrics", {}),
-    } | ({"task": meta["task"]} if "task" in meta else {})
+    } | {k: meta[k] for k in ("task", "max_length", "fp32_reference") if k in meta}
     return checkpoint_from_payload(payload, str(folder))
 
 

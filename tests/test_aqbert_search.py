@@ -152,6 +152,7 @@ def test_cli_aqbert_run_writes_a_pruned_model_pt_and_its_plot(tiny_dir: Path, tm
     assert done.returncode == 0, done.stderr[-2000:]
     checkpoint = load_checkpoint(out / "model.pt")
     assert checkpoint.recipe.structure is not None and checkpoint.metrics["macs_kept"] <= 0.6
+    assert checkpoint.fp32_reference is not None and checkpoint.max_length == 64, "for qbert-validate"
     assert (out / "aqbert_choice.png").read_bytes()[:4] == b"\x89PNG"
     summary = json.loads((out / "aqbert.json").read_text())
     assert summary["settings"]["distill"] == {"logits": 1.0, "hidden": 1.0, "attention": 0.0, "temperature": 1.0}

@@ -80,7 +80,9 @@ def test_clean_export_passes_and_baseline_round_trips(fitted: dict[str, Path], b
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     report = fitted["root"] / "report"
     recorded = json.loads(baseline.read_text())["backends"]
-    assert set(recorded) == {"pytorch-fp32", "pytorch-fakequant", "ort-spec", "ort-cpu-canonical"}
+    # a model.pt without an fp32 record: no pytorch-fp32 row; by default the served cpu-w8a8 profile runs too
+    assert set(recorded) == {"pytorch-master-weights", "pytorch-fakequant", "ort-spec", "ort-cpu-canonical",
+                             "ort-cpu-cpu-w8a8"}
     assert recorded["pytorch-fakequant"]["accuracy"] >= 80.0, f"the fitted tiny model did not learn: {recorded}"
     assert main(_args(fitted, "export", "--baseline", str(baseline))) == 0
     data = json.loads((report / "report.json").read_text())
@@ -137,7 +139,7 @@ def test_layerwise_clean_export_has_no_departure(fitted: dict[str, Path], tmp_pa
     assert departures["ort-spec"] is None and departures["ort-cpu-canonical"] is None, departures
     worst = {name: max(e.error.p99_steps for e in errors if e.error is not None)
              for name, errors in report.layers.items()}
-    assert worst["pytorch-fp32"] > 10 * worst["ort-spec"], f"quantization error should dwarf ORT's: {worst}"
+    assert worst["pytorch-master-weights"] > 10 * worst["ort-spec"], f"quantization error should dwarf ORT's: {worst}"
 
 
 def _error_of(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:

@@ -40,6 +40,7 @@ from qbert_deploy.models.prune import order_by_bits
 from qbert_deploy.runtimes.export_dir import record_files
 from qbert_deploy.runtimes.lowering import lower as lower_file
 from qbert_deploy.runtimes.lowering import lowered_path, profile_info
+from qbert_deploy.runtimes.trained_length import MAX_LENGTH_KEY
 from qbert_deploy.tasks import architecture, task_kind
 
 SUPPORTED_OPSETS = (21, 25)
@@ -166,6 +167,8 @@ def export_checkpoint(checkpoint: Checkpoint, out_dir: str | os.PathLike[str], o
         "qbert.task": checkpoint.task,
         "qbert.versions": json.dumps(_versions(), sort_keys=True),
     })
+    if checkpoint.max_length is not None:  # the length it was trained at, for validation and serving to read
+        graph.metadata_props[MAX_LENGTH_KEY] = str(checkpoint.max_length)
     out = Path(out_dir)
     with atomic_dir(out) as tmp:
         model_path = tmp / "model.onnx"

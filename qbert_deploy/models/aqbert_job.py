@@ -18,7 +18,7 @@ from qbert_deploy.data.batches import batches
 from qbert_deploy.models.aqbert import CostModel, SearchSettings, Target, describe, finalize, plot_choices, search
 from qbert_deploy.models.build import make_checkpoint, tokenizer_files
 from qbert_deploy.models.size import paper_size
-from qbert_deploy.models.task import Task, fp32_model, load_teacher
+from qbert_deploy.models.task import Task, fp32_model, fp32_reference, load_teacher
 from qbert_deploy.models.train import accuracy
 
 log = logging.getLogger("qbert_deploy.quantize")
@@ -55,8 +55,8 @@ def _settings_json(settings: SearchSettings) -> dict[str, Any]:
 
 def run_aqbert(args: argparse.Namespace, task: Task, out: Path) -> None:
     target = target_of(args)
-    fp32, fp32_acc = fp32_model(args.model_dir, task, args.finetune_steps, args.lr,
-                                Path(args.fp32_cache) if args.fp32_cache else out / "fp32", args.seed)
+    fp32_dir = Path(args.fp32_cache) if args.fp32_cache else out / "fp32"
+    fp32, fp32_acc = fp32_model(args.model_dir, task, args.finetune_steps, args.lr, fp32_dir, args.seed)
     distill = getattr(args, "distill_weights", None)
     teacher = load_teacher(Path(args.teacher), task) if distill is not None and args.teacher else None
     settings = SearchSettings(steps=args.search_steps, qat_steps=args.qat_steps, weight_lr=args.qat_lr,
@@ -80,7 +80,8 @@ def run_aqbert(args: argparse.Namespace, task: Task, out: Path) -> None:
                "compression": size["compression"], "macs_kept": result.macs_kept}
     with tempfile.TemporaryDirectory() as tmp:
         texts = tokenizer_files(task.tokenizer, Path(tmp))
-    checkpoint = make_checkpoint(model, result.recipe, task.labels, texts, metrics)
+    checkpoint = make_checkpoint(model, result.recipe, task.labels, texts, metrics, max_length=task.max_length,
+                                 fp32_reference=fp32_reference(fp32_dir, out / "model.pt"))
     save_checkpoint(checkpoint, out / "model.pt")
     summary: dict[str, Any] = {"target": dataclasses.asdict(target), "metrics": metrics,
                                "settings": _settings_json(settings),

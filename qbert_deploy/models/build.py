@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerBase
 
-from qbert_deploy.checkpoint import Checkpoint, CheckpointError
+from qbert_deploy.checkpoint import Checkpoint, CheckpointError, Fp32Reference
 from qbert_deploy.families import Family, UnsupportedModelError, family_of
 from qbert_deploy.models.hf_compat import ATTENTION
 from qbert_deploy.models.prune import check_structure, restructure, subgroup_row_bits
@@ -192,8 +192,12 @@ def tokenizer_files(tokenizer: PreTrainedTokenizerBase, workdir: Path) -> dict[s
 
 
 def make_checkpoint(model: nn.Module, recipe: Recipe, labels: list[str], tokenizer_texts: dict[str, str],
-                    metrics: dict[str, float] | None = None, task: str = DEFAULT_TASK) -> Checkpoint:
+                    metrics: dict[str, float] | None = None, task: str = DEFAULT_TASK, max_length: int | None = None,
+                    fp32_reference: Fp32Reference | None = None) -> Checkpoint:
+    """model.pt's contents for a quantized (calibrated) model; `max_length` is the sequence length it was trained
+    and calibrated at, `fp32_reference` the fine-tuned fp32 model it was quantized from (both for qbert-validate)."""
     config = json.loads(model.config.to_json_string(use_diff=False))  # type: ignore[operator,union-attr]
     return Checkpoint(config=config, state_dict=float_state_dict(model), recipe=recipe,
                       activation_ranges=activation_ranges(model) if recipe.activation_bits else {},
-                      labels=labels, tokenizer_files=tokenizer_texts, metrics=dict(metrics or {}), task=task)
+                      labels=labels, tokenizer_files=tokenizer_texts, metrics=dict(metrics or {}), task=task,
+                      max_length=max_length, fp32_reference=fp32_reference)

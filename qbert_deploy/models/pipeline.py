@@ -26,7 +26,7 @@ from qbert_deploy.models.hessian import sensitivity
 from qbert_deploy.models.methods import Method
 from qbert_deploy.models.sensitivity_io import load_sensitivity, save_sensitivity
 from qbert_deploy.models.size import paper_size
-from qbert_deploy.models.task import Task, fp32_model, load_teacher
+from qbert_deploy.models.task import Task, fp32_model, fp32_reference, load_teacher
 from qbert_deploy.models.train import predict_logits
 from qbert_deploy.models.workflow import Settings, apply_method, mixed_recipe
 from qbert_deploy.recipe import Recipe
@@ -95,8 +95,8 @@ def run_job(job: Job, task: Task, method: Method, recipe: Recipe) -> Checkpoint:
     log.info("world size %d, global batch %d (%d per process), device %s", world, task.batch_size,
              task.batch_size // world, distributed.device())
     torch.manual_seed(job.seed)  # the same on every rank: the same initial head, the same Quant-Noise masks
-    fp32, fp32_acc = fp32_model(job.model_dir, task, job.finetune_steps, job.lr, job.fp32_cache or job.out / "fp32",
-                                job.seed)
+    fp32_dir = job.fp32_cache or job.out / "fp32"
+    fp32, fp32_acc = fp32_model(job.model_dir, task, job.finetune_steps, job.lr, fp32_dir, job.seed)
     metric = f"dev_{task.metric}"
     metrics = {f"{metric}_fp32": fp32_acc, "world_size": world, "global_batch": task.batch_size}
     if method.mixed is not None:
@@ -142,7 +142,10 @@ def run_job(job: Job, task: Task, method: Method, recipe: Recipe) -> Checkpoint:
                     "finetune_steps": job.finetune_steps})
     with tempfile.TemporaryDirectory() as tmp:
         texts = tokenizer_files(task.tokenizer, Path(tmp))
-    checkpoint = make_checkpoint(model, recipe, task.labels, texts, metrics, task=task.kind)
+    # qbert-validate compares against the fine-tuned model itself, at the length it was trained at
+    reference = fp32_reference(fp32_dir, job.out / "model.pt") if distributed.is_main() else None
+    checkpoint = make_checkpoint(model, recipe, task.labels, texts, metrics, task=task.kind,
+                                 max_length=task.max_length, fp32_reference=reference)
     if distributed.is_main():
         save_checkpoint(checkpoint, job.out / "model.pt")
         state_path.unlink(missing_ok=True)

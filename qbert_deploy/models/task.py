@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from qbert_deploy.atomic import atomic_dir
+from qbert_deploy.checkpoint import Fp32Reference
 from qbert_deploy.data.batches import batches
 from qbert_deploy.data.tsv import Example
 from qbert_deploy.families import TEXT_INPUTS, family
@@ -139,6 +140,11 @@ def base_fingerprint(model_dir: str | Path) -> str:
         if path.is_file():
             digest.update(f"{path.name}:{path.stat().st_size};".encode())
     return f"{folder.name}:{digest.hexdigest()[:16]}"
+
+
+def fp32_reference(folder: Path, model_pt: Path) -> Fp32Reference | None:
+    """What model.pt records of the fp32 folder `fp32_model` kept (None if it holds no model)."""
+    return Fp32Reference.of(folder, model_pt) if (folder / "config.json").is_file() else None
 
 
 def fp32_model(model_dir: str | Path, task: Task, steps: int, lr: float, cache: Path | None,

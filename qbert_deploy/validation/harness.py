@@ -16,6 +16,7 @@ from qbert_deploy.families import TEXT_INPUTS
 from qbert_deploy.validation.backends import (
     FAKEQUANT,
     FP32,
+    MASTER,
     BackendRun,
     BackendSpec,
     Batch,
@@ -53,7 +54,7 @@ class BackendSummary:
     ci_low: float
     ci_high: float
     agreement_fakequant: float  # percent
-    agreement_fp32: float
+    agreement_fp32: float  # with the fine-tuned fp32 model, or model.pt's master weights in a run without it
     error: ErrorStats  # logits against PyTorch fake-quant
     median_batch_ms: float
     examples_per_second: float
@@ -73,8 +74,13 @@ class BackendSummary:
                 "examples_per_second": self.examples_per_second, "model": self.model}
 
 
+def float_reference(runs: dict[str, BackendRun]) -> str:
+    """The float model agreement is counted against: the fine-tuned fp32 model when the run has it."""
+    return FP32 if FP32 in runs else MASTER
+
+
 def summarize(runs: dict[str, BackendRun], labels: np.ndarray) -> list[BackendSummary]:
-    reference, fp32 = runs[FAKEQUANT].logits, runs[FP32].logits
+    reference, fp32 = runs[FAKEQUANT].logits, runs[float_reference(runs)].logits
     step = error_stats(reference, reference).step
     out = []
     for name, run in runs.items():
@@ -94,7 +100,7 @@ def summarize(runs: dict[str, BackendRun], labels: np.ndarray) -> list[BackendSu
 
 def summarize_task(runs: dict[str, BackendRun], evaluation: Evaluation) -> list[BackendSummary]:
     """Token classification and QA: the task's metrics and agreements (qbert_deploy.validation.task_data)."""
-    reference, fp32 = runs[FAKEQUANT].logits, runs[FP32].logits
+    reference, fp32 = runs[FAKEQUANT].logits, runs[float_reference(runs)].logits
     step = error_stats(evaluation.compared(reference), evaluation.compared(reference)).step
     out = []
     for name, run in runs.items():

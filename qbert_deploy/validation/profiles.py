@@ -7,6 +7,7 @@ The lowering contract (qbert_deploy.runtimes.lowering): `PROFILES` names the pro
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 CANONICAL = "canonical"
@@ -27,6 +28,47 @@ def _lowering() -> tuple[tuple[str, ...], object] | None:
 def known_profiles() -> tuple[str, ...]:
     found = _lowering()
     return (CANONICAL, *(p for p in (found[0] if found else ()) if p != CANONICAL))
+
+
+def lowered_files(export_dir: Path) -> list[str]:
+    """The profiles whose model.<profile>.onnx the export directory holds, sorted."""
+    return sorted(p.name[len("model."):-len(".onnx")] for p in export_dir.glob("model.*.onnx")
+                  if p.is_file() and p.name != "model.onnx" and not p.name.startswith("."))
+
+
+def served_profile(provider: str) -> str | None:
+    """What qbert-serve and qbert-triton-repo ship on `provider` by default (None: no lowering for it)."""
+    try:
+        from qbert_deploy.runtimes.lowering import LoweringError, default_profile
+    except ImportError:
+        return None
+    try:
+        return default_profile(provider)
+    except LoweringError:
+        return None
+
+
+def _meant_for(profile: str, provider: str) -> bool:
+    """A lowered file of a known profile runs on the providers it was made for; other names on any."""
+    try:
+        from qbert_deploy.runtimes.lowering import PROFILES, profile_info
+    except ImportError:
+        return True
+    return profile not in PROFILES or provider in profile_info(profile).providers
+
+
+def default_profiles(export_dir: Path, providers: Sequence[str]) -> dict[str, list[str]]:
+    """Per provider, what is validated unless --profile says otherwise: the canonical model, every lowered file the
+    export holds that is meant for the provider, and the profile served there by default (lowered now if absent)."""
+    present = lowered_files(export_dir)
+    out = {}
+    for provider in providers:
+        chosen = [CANONICAL, *(p for p in present if _meant_for(p, provider))]
+        served = served_profile(provider)
+        if served is not None and served not in chosen:
+            chosen.append(served)
+        out[provider] = chosen
+    return out
 
 
 def profile_model(export_dir: Path, profile: str, workdir: Path) -> Path:

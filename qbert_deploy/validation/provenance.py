@@ -9,6 +9,7 @@ from pathlib import Path
 import onnx
 
 from qbert_deploy.checkpoint import Checkpoint
+from qbert_deploy.runtimes.trained_length import TrainedLengthError, recorded_max_length
 
 
 class MismatchError(ValueError):
@@ -22,6 +23,7 @@ class ExportInfo:
     recipe_sha256: str
     labels: list[str]
     weight_bits: dict[str, int]
+    max_length: int | None = None  # the trained sequence length (qbert.max_length), when the export records it
 
 
 def read_export_info(export_dir: Path) -> ExportInfo:
@@ -44,8 +46,12 @@ def read_export_info(export_dir: Path) -> ExportInfo:
         bits = json.loads(props.get("qbert.weight_bits", "{}"))
     except json.JSONDecodeError:
         raise MismatchError(f"{path}: qbert metadata is not valid JSON") from None
+    try:
+        max_length = recorded_max_length(props, str(path))
+    except TrainedLengthError as err:
+        raise MismatchError(str(err)) from None
     return ExportInfo(path, props["qbert.checkpoint_sha256"], props["qbert.recipe_sha256"], list(labels),
-                      {str(k): int(v) for k, v in bits.items()})
+                      {str(k): int(v) for k, v in bits.items()}, max_length)
 
 
 def check_match(info: ExportInfo, checkpoint: Checkpoint, checkpoint_path: str) -> None:

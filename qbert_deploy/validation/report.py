@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from qbert_deploy.atomic import atomic_dir
-from qbert_deploy.validation.backends import FP32
+from qbert_deploy.validation.backends import FP32, MASTER
 from qbert_deploy.validation.gate import Failure, Tolerance
 from qbert_deploy.validation.harness import BackendSummary
 from qbert_deploy.validation.layerwise import LayerError, first_departure
@@ -35,6 +35,8 @@ class Report:
     tolerance: Tolerance | None = None
     baseline: str | None = None
     failures: list[Failure] = field(default_factory=list)
+    fp32: dict[str, Any] = field(default_factory=dict)  # Fp32Choice.to_json(), plus accuracy and drops when it ran
+    notes: list[str] = field(default_factory=list)  # the run's notes and warnings, as printed
 
     def departures(self) -> dict[str, str | None]:
         return {name: first_departure(errors, self.layer_tolerance) for name, errors in self.layers.items()}
@@ -43,6 +45,7 @@ class Report:
         gate = None
         if self.tolerance is not None:
             gate = {"baseline": self.baseline, "max_drop": self.tolerance.max_drop,
+                    "max_drop_vs_fp32": self.tolerance.max_drop_vs_fp32,
                     "max_error_steps": self.tolerance.max_error_steps,
                     "relative": self.tolerance.relative, "min_agreement": self.tolerance.min_agreement,
                     "passed": not self.failures, "failures": [vars(f) for f in self.failures]}
@@ -53,6 +56,7 @@ class Report:
                          "backends": {k: [e.to_json() for e in v] for k, v in self.layers.items()}}
         return {"format": REPORT_FORMAT, "version": 1, "export_dir": self.export_dir, "checkpoint": self.checkpoint,
                 "checkpoint_sha256": self.checkpoint_sha256, "data": self.data, "settings": self.settings,
+                "fp32": self.fp32 or None, "notes": self.notes,
                 "backends": [s.to_json() for s in self.summaries], "layerwise": layerwise, "gate": gate,
                 "bits_per_layer": {str(k): v for k, v in self.bits.items()},
                 "sensitivity_per_layer": {str(k): v for k, v in self.sensitivity.items()} or None}
@@ -68,8 +72,9 @@ def backend_table(summaries: Sequence[BackendSummary]) -> str:
     """The per-backend table (Markdown), also what docs/RESULTS.md quotes."""
     metric = summaries[0].metric.replace("_", " ") if summaries else "accuracy"
     interval = " (95% CI)" if metric == "accuracy" else ""
-    lines = [f"| backend | {metric} %{interval} | agree fake-quant % | agree fp32 % | max abs err | median abs err "
-             "| p99 abs err | SQNR dB | max err (steps) | ms/batch |",
+    floating = "fp32" if any(s.name == FP32 for s in summaries) else "master weights"
+    lines = [f"| backend | {metric} %{interval} | agree fake-quant % | agree {floating} % | max abs err "
+             "| median abs err | p99 abs err | SQNR dB | max err (steps) | ms/batch |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for s in summaries:
         e = s.error
@@ -77,6 +82,16 @@ def backend_table(summaries: Sequence[BackendSummary]) -> str:
         lines.append(f"| {s.name} | {value} | {s.agreement_fakequant:.2f} | "
                      f"{s.agreement_fp32:.2f} | {_num(e.max_abs)} | {_num(e.median_abs)} | {_num(e.p99_abs)} | "
                      f"{_num(e.sqnr_db)} | {_num(e.max_steps)} | {s.median_batch_ms:.1f} |")
+    return "\n".join(lines)
+
+
+def fp32_table(summaries: Sequence[BackendSummary], drops: Mapping[str, float], unit: str = "pp") -> str:
+    """Each backend's drop below the fine-tuned fp32 model: the quantization loss (empty without an fp32 row)."""
+    if not drops:
+        return ""
+    metric = summaries[0].metric.replace("_", " ")
+    lines = [f"| backend | {metric} % | drop vs fp32 ({unit}) |", "|---|---|---|"]
+    lines += [f"| {s.name} | {s.accuracy:.2f} | {drops[s.name]:.2f} |" for s in summaries if s.name in drops]
     return "\n".join(lines)
 
 
@@ -110,9 +125,19 @@ def markdown(report: Report) -> str:
     out = [f"# qbert-validate report: {report.export_dir}", "",
            f"- checkpoint: `{report.checkpoint}` (sha256 {report.checkpoint_sha256[:12]})",
            f"- data: `{report.data['path']}`, {report.data['examples']} examples",
-           f"- settings: {', '.join(f'{k}={v}' for k, v in report.settings.items())}", "",
-           "Logit errors are against PyTorch fake-quant; steps are 8-bit steps of its logits' range.", "",
+           f"- settings: {', '.join(f'{k}={v}' for k, v in report.settings.items())}",
+           *(f"- {note}" for note in report.notes), "",
+           "Logit errors are against PyTorch fake-quant; steps are 8-bit steps of its logits' range. "
+           "pytorch-fp32 is the fine-tuned fp32 model quantization started from; pytorch-master-weights is "
+           "model.pt's float weights after quantization-aware training.", "",
            backend_table(report.summaries), ""]
+    drops = report.fp32.get("drops") or {}
+    unit = report.tolerance.unit() if report.tolerance is not None else "pp"
+    if drops:
+        out += ["## Quantization drop vs the fine-tuned fp32 model", "", fp32_table(report.summaries, drops, unit), ""]
+    else:
+        out += ["## Quantization drop vs the fine-tuned fp32 model", "",
+                "No pytorch-fp32 row: " + report.fp32.get("message", "no fp32 reference"), ""]
     if task_table(report.summaries):
         out += [f"## {report.data.get('task', 'task')} metrics and agreement with PyTorch fake-quant", "",
                 task_table(report.summaries), ""]
@@ -122,7 +147,7 @@ def markdown(report: Report) -> str:
                 f"{report.layer_examples} examples' real tokens; a module departs when its median exceeds "
                 f"{report.layer_tolerance:g} steps.", ""]
         for name, module in report.departures().items():
-            if name == FP32:
+            if name == MASTER:
                 out.append(f"- {name}: the quantization error itself (float weights against fake-quant)")
             else:
                 out.append(f"- {name}: first departure **{module}**" if module else f"- {name}: within tolerance")
@@ -132,7 +157,8 @@ def markdown(report: Report) -> str:
         t = report.tolerance
         verdict = "PASSED" if not report.failures else f"FAILED ({len(report.failures)} checks)"
         against = f"baseline `{report.baseline}`" if report.baseline else "no baseline"
-        out += ["## Gate", "", f"{verdict}: {against}, max drop {t.max_drop:g} {t.unit()}, min agreement "
+        vs_fp32 = f", max drop vs fp32 {t.max_drop_vs_fp32:g} {t.unit()}" if t.max_drop_vs_fp32 is not None else ""
+        out += ["## Gate", "", f"{verdict}: {against}, max drop {t.max_drop:g} {t.unit()}{vs_fp32}, min agreement "
                 f"{t.min_agreement:g}%, median logit error <= {t.max_error_steps:g} steps (spec and canonical).", ""]
         if report.failures:
             out += ["| backend | check | value | limit |", "|---|---|---|---|"]

@@ -1,0 +1,52 @@
+"""The sequence length an export was trained and calibrated at, read from its ONNX metadata (torch-free).
+
+`qbert-quantize` records it in model.pt (`max_length`) and `qbert-export` copies it into model.onnx's
+`metadata_props` as `qbert.max_length`; lowered files keep the canonical file's metadata, so the served file carries
+it too. Exports written before it was recorded have none (None here). `qbert-validate` uses it as its default
+`--max-length`; a server can use it to warn about, or cut at, the length the model has actually seen.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import onnx
+
+MAX_LENGTH_KEY = "qbert.max_length"
+
+
+class TrainedLengthError(ValueError):
+    """The model file cannot be read, or its recorded length is not a positive integer."""
+
+
+def recorded_max_length(metadata: dict[str, str], source: str = "model.onnx") -> int | None:
+    """`qbert.max_length` of a model's metadata_props (None when absent)."""
+    text = metadata.get(MAX_LENGTH_KEY)
+    if text is None:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise TrainedLengthError(f"{source}: {MAX_LENGTH_KEY} metadata is {text!r}, not a positive integer")
+    return value
+
+
+def trained_max_length(path: str | os.PathLike[str]) -> int | None:
+    """The trained length of an export directory (its model.onnx) or of one ONNX file (e.g. model.cpu-w8a8.onnx);
+    None for a model exported before the length was recorded."""
+    file = Path(path)
+    if file.is_dir():
+        file = file / "model.onnx"
+    if not file.is_file():
+        raise TrainedLengthError(f"{file}: no such ONNX file")
+    try:
+        model = onnx.load(str(file), load_external_data=False)
+    except Exception as err:  # onnx raises DecodeError and others without a common base
+        raise TrainedLengthError(f"{file}: not a readable ONNX model ({type(err).__name__})") from None
+    return recorded_max_length({p.key: p.value for p in model.metadata_props}, str(file))
+
+
+__all__ = ["MAX_LENGTH_KEY", "TrainedLengthError", "recorded_max_length", "trained_max_length"]
