@@ -145,3 +145,17 @@ def test_an_operator_this_onnxruntime_lacks_is_one_line_naming_the_version(node:
     message = str(caught.value)
     assert "\n" not in message and f"onnxruntime {ort.__version__} has no kernel for {named}" in message, message
     assert "pip install -U onnxruntime" in message
+
+
+def test_the_declared_requirements_admit_both_lines_and_force_no_downgrade() -> None:
+    """pyproject's transformers range holds 5.x and 4.45-4.57; only the [optimum] extra ties it to 4.x."""
+    import tomllib
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"]
+    core = {r.name: r for r in map(Requirement, project["dependencies"])}
+    for version in ("4.45.0", "4.57.6", "5.0.0", "5.24.0"):
+        assert core["transformers"].specifier.contains(version), (version, core["transformers"])
+    assert not core["transformers"].specifier.contains("6.0.0")
+    extras = project["optional-dependencies"]
+    assert not any("optimum" in r for r in extras["dev"] + extras["serve"]), "dev/serve must not pull optimum"
