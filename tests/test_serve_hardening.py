@@ -421,7 +421,7 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
-@pytest.mark.parametrize("delay", [0.005, 0.01])
+@pytest.mark.parametrize("delay", [0.01, 0.02])  # into the window where the extension initialises
 def test_ctrl_c_while_onnxruntime_initialises_is_interrupted_130(tiny_export: Path, delay: float) -> None:
     done = subprocess.run([sys.executable, "-c", INTERRUPT_DURING_IMPORT, str(delay), str(tiny_export), "--port", "0"],
                           capture_output=True, text=True, timeout=120)
