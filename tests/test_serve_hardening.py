@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 import json
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -394,9 +395,14 @@ def test_the_listening_line_comes_when_the_socket_accepts(tiny_export: Path) -> 
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
             assert process.stdout is not None
-            line = process.stdout.readline()  # the server prints nothing before it
-            found = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
-            assert found, line
+            found, deadline, seen = None, time.monotonic() + 120, ""
+            while found is None and time.monotonic() < deadline:
+                ready, _, _ = select.select([process.stdout], [], [], 1.0)
+                line = process.stdout.readline() if ready else ""
+                assert not ready or line, f"the server exited before listening:\n{seen}"
+                seen += line
+                found = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
+            assert found, seen
             with socket.create_connection(("127.0.0.1", int(found.group(1))), timeout=5):
                 pass  # refused when the line came before listen()
         finally:

@@ -359,13 +359,13 @@ class Server:
                                           "text") from None
         return values
 
-    def _check_chars(self, texts: list[str], what: str = "text") -> None:
+    def _check_chars(self, texts: list[str]) -> None:
         """Refuse, before tokenising, text this server would not read whole."""
         limit = self.model.max_text_chars
         if self.config.reject_long_text:
             for index, text in enumerate(texts):
                 if len(text) > limit:
-                    raise ServeError(400, f"{what} {index} has {len(text)} characters, more than the {limit} "
+                    raise ServeError(400, f"text {index} has {len(text)} characters, more than the {limit} "
                                           f"({CHARS_PER_TOKEN} per token of the model maximum of "
                                           f"{self.model.max_length} tokens) this server reads (it rejects long "
                                           "text instead of truncating it)")

@@ -285,6 +285,8 @@ class ServedModel:
         if len(text) <= self.max_text_chars:
             return text, False
         cut = text[:self.max_text_chars]
+        if text[self.max_text_chars].isspace():
+            return cut, True
         space = cut.rfind(" ")
         return (cut[:space] if space >= self.max_text_chars * 3 // 4 else cut), True
 
@@ -334,8 +336,10 @@ class ServedModel:
         specials = self.tokenizer.num_special_tokens_to_add(True)
         question_tokens = self.tokenizer.encode_batch(list(questions), add_special_tokens=False)
         context_tokens = self.tokenizer.encode_batch(list(contexts), add_special_tokens=False)
-        return sum(math.ceil(len(c.ids) / max(1, self.max_length - specials - len(q.ids)))
-                   for q, c in zip(question_tokens, context_tokens, strict=True))
+        rooms = [self.max_length - specials - len(q.ids) for q in question_tokens]
+        # a question that fills the window is refused with its own message when the windows are made
+        return sum(math.ceil(len(c.ids) / room) if room > 0 else 1
+                   for room, c in zip(rooms, context_tokens, strict=True))
 
     def encode_questions(self, questions: Sequence[str], contexts: Sequence[str]) -> QAEncoded:
         """Question + context windows; each context is cut into overlapping windows when it is too long."""
