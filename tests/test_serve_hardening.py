@@ -28,6 +28,7 @@ import uvicorn
 from transformers import AutoModelForQuestionAnswering
 
 from benchmarks.serve_load import HEADER_STALLS, STALLS, open_stalled, rss_mb, wait_closed
+from qbert_deploy.cli.serve import build_parser
 from qbert_deploy.exporters.onnx_export import export_checkpoint
 from qbert_deploy.models.build import make_checkpoint
 from qbert_deploy.models.wrap import calibrate, quantize_model
@@ -297,6 +298,15 @@ def test_a_client_hanging_up_mid_body_leaves_no_traceback(server: RunningServer)
 
 
 # ---- item 3: slow clients are dropped, connections are limited, a stall does not hold the shutdown ----
+
+def test_the_limits_have_defaults() -> None:
+    args = build_parser().parse_args(["EXPORT"])
+    assert (args.max_connections, args.header_timeout_s, args.body_timeout_s, args.max_request_tokens) == (
+        1000, 10.0, 30.0, None)
+    for bad in (["--header-timeout-s", "0"], ["--body-timeout-s", "-1"], ["--max-connections", "0"]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["EXPORT", *bad])
+
 
 def test_stalled_clients_are_dropped_and_normal_requests_go_on(tiny_export: Path, tmp_path: Path) -> None:
     with running_server(tiny_export, tmp_path, "--header-timeout-s", "1", "--body-timeout-s", "2") as slow:
