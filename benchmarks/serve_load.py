@@ -17,7 +17,9 @@ import argparse
 import asyncio
 import json
 import re
+import selectors
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -83,6 +85,71 @@ def _wait_ready(process: subprocess.Popen[bytes], log: Path, timeout: float) -> 
                 pass
         time.sleep(0.1)
     raise RuntimeError(f"qbert-serve not ready after {timeout} s:\n{log.read_text(errors='replace')}")
+
+
+def rss_mb(pid: int) -> float:
+    """A process's resident set size now, in MB (Linux)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise ValueError(f"no VmRSS for process {pid}")
+
+
+_CLASSIFY = b"POST /v2/models/qbert/classify HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+# Clients that stop part way; the first three stop before their request headers are complete, the others in the body.
+STALLS: dict[str, bytes] = {
+    "idle": b"",
+    "partial request line": b"POST /v2/models/qbert/cla",
+    "headers without the blank line": _CLASSIFY + b"Content-Type: application/json\r\n",
+    "body 10 of 100 bytes": _CLASSIFY + b"Content-Length: 100\r\n\r\n" + b'{"text": "',
+    "chunked body stalled after a chunk": _CLASSIFY + b"Transfer-Encoding: chunked\r\n\r\n5\r\n{\"tex\r\n",
+    "chunk of 2^64-1 bytes declared": _CLASSIFY + b"Transfer-Encoding: chunked\r\n\r\nffffffffffffffff\r\nabc",
+}
+HEADER_STALLS = ("idle", "partial request line", "headers without the blank line")
+
+
+def open_stalled(port: int, kind: str, count: int = 1) -> list[socket.socket]:
+    """`count` connections to 127.0.0.1:port that send the start of a request of kind `kind` and then nothing."""
+    out = []
+    for _ in range(count):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        sock.sendall(STALLS[kind])
+        out.append(sock)
+    return out
+
+
+@dataclass
+class Closed:
+    after_s: float | None  # when the server closed it, from `since`; None: still open
+    answer: bytes  # what the server sent before closing (the first 300 bytes)
+
+
+def wait_closed(socks: Sequence[socket.socket], timeout_s: float, since: float | None = None) -> list[Closed]:
+    """Wait (at most `timeout_s`) for the server to close each connection; what it sent, and when, counted from
+    `since` (a time.monotonic(); default: now)."""
+    started = time.monotonic() if since is None else since
+    results = [Closed(None, b"") for _ in socks]
+    with selectors.DefaultSelector() as selector:
+        for index, sock in enumerate(socks):
+            sock.setblocking(False)
+            selector.register(sock, selectors.EVENT_READ, index)
+        while selector.get_map() and time.monotonic() - started < timeout_s:
+            for key, _ in selector.select(timeout=0.05):
+                index = key.data
+                try:
+                    data = socks[index].recv(65536)
+                except BlockingIOError:
+                    continue
+                except OSError:  # reset
+                    data = b""
+                if data:
+                    results[index].answer = (results[index].answer + data)[:300]
+                    continue
+                results[index].after_s = time.monotonic() - started
+                selector.unregister(socks[index])
+    for sock in socks:
+        sock.close()
+    return results
 
 
 def metric_value(text: str, name: str) -> float:

@@ -129,6 +129,8 @@ def test_long_text_is_rejected_when_configured(tiny_export: Path, tmp_path: Path
         assert response.status_code == 400, response.text
         assert "text 1 is longer than the model maximum of 128 tokens" in response.json()["error"]
         assert httpx.post(url, json={"text": "fine"}).status_code == 200
+        huge = httpx.post(url, json={"text": ["fine", "x" * 9000]})  # refused before it is tokenised
+        assert huge.status_code == 400 and "text 1 has 9000 characters, more than the 8192" in huge.json()["error"]
 
 
 def _ids_tensor(shape: list[int], data: Any, datatype: str = "INT64", name: str = "input_ids") -> dict[str, Any]:

@@ -24,6 +24,13 @@ def _delay(text: str) -> float:
     return value
 
 
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"must be more than 0 and at most 3600 seconds, got {text}")
+    return value
+
+
 def _port(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
@@ -58,11 +65,23 @@ def build_parser() -> argparse.ArgumentParser:
                              "Retry-After (default 256)")
     parser.add_argument("--max-body-bytes", type=_positive, default=8 << 20,
                         help="largest request body accepted, else 413 (default 8 MiB)")
+    parser.add_argument("--max-request-tokens", type=_positive, default=None,
+                        help="most tokens (rows x sequence length) one request may run, else 400 (default: "
+                             "--max-batch x the model's maximum length); text is also cut to 64 characters per "
+                             "token before it is tokenised")
+    parser.add_argument("--max-connections", type=_positive, default=1000,
+                        help="open connections served at once; past that, requests get 503 (default 1000)")
+    parser.add_argument("--header-timeout-s", type=_seconds, default=10.0,
+                        help="a connection whose request headers are not complete this long after it opened (or "
+                             "after its last answer) is closed (default 10)")
+    parser.add_argument("--body-timeout-s", type=_seconds, default=30.0,
+                        help="a request body not received this long after its headers gets 408 (default 30)")
     parser.add_argument("--model-name", default="qbert", help="the model's name in URLs (default qbert)")
     parser.add_argument("--reject-long-text", action="store_true",
                         help="answer 400 to text longer than the model maximum instead of truncating it")
     parser.add_argument("--graceful-timeout-s", type=_positive, default=30,
-                        help="on shutdown, how long in-flight requests may take to finish (default 30)")
+                        help="on SIGTERM or Ctrl-C, how long in-flight requests may take to finish; those still "
+                             "unfinished then get 503 (default 30)")
     parser.add_argument("--no-verify", action="store_true",
                         help="serve the model file without checking it against the sha256 qbert-export recorded in "
                              "qbert_recipe.json (for a file placed by hand; a warning says so)")
@@ -76,6 +95,7 @@ def _serve(args: argparse.Namespace) -> int:
     from qbert_deploy.runtimes.buckets import ShapeBuckets
     from qbert_deploy.runtimes.export_dir import UnverifiedFileError
     from qbert_deploy.runtimes.serving import ServeConfig, ServedModel, create_app
+    from qbert_deploy.runtimes.serving.http_server import GracefulServer, with_header_deadline
 
     providers = [p.strip() for p in args.providers.split(",") if p.strip()]
     buckets = ShapeBuckets.parse(args.shape_buckets) if args.shape_buckets else None
@@ -89,7 +109,8 @@ def _serve(args: argparse.Namespace) -> int:
               "qbert_recipe.json", file=sys.stderr, flush=True)
     config = ServeConfig(model_name=args.model_name, max_batch=args.max_batch, max_delay_ms=args.max_delay_ms,
                          max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
-                         reject_long_text=args.reject_long_text)
+                         reject_long_text=args.reject_long_text, body_timeout_s=args.body_timeout_s,
+                         max_request_tokens=args.max_request_tokens)
     app = create_app(model, config)
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -100,14 +121,25 @@ def _serve(args: argparse.Namespace) -> int:
         sock.close()
         raise OSError(f"cannot listen on {args.host}:{args.port}: {err.strerror}") from None
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, access_log=False,
-                                           timeout_graceful_shutdown=args.graceful_timeout_s))
-    print(f"qbert-serve: serving {model.served.describe()} as {config.model_name!r} on {', '.join(model.providers)}; "
-          f"listening on http://{args.host}:{port}", flush=True)
+    where = f"http://[{args.host}]:{port}" if family == socket.AF_INET6 else f"http://{args.host}:{port}"
+
+    def ready() -> None:  # printed once the socket accepts: a script may connect as soon as it reads the line
+        print(f"qbert-serve: serving {model.served.describe()} as {config.model_name!r} on "
+              f"{', '.join(model.providers)}; listening on {where}", flush=True)
+
+    # limit_concurrency counts the connection asking too, so N + 1 lets N connections be served at once;
+    # uvicorn's own graceful timeout is a backstop a second after ours (GracefulServer answers 503 at ours)
+    uvicorn_config = uvicorn.Config(app, log_level=args.log_level, access_log=False,
+                                    http=with_header_deadline(args.header_timeout_s),
+                                    limit_concurrency=args.max_connections + 1,
+                                    timeout_graceful_shutdown=args.graceful_timeout_s + 1)
+    server = GracefulServer(uvicorn_config, app.state.server, args.graceful_timeout_s, on_ready=ready)
     server.run(sockets=[sock])
     if not server.started:
         raise RuntimeError("the server did not start (see the log above)")
-    print("qbert-serve: stopped", flush=True)
+    abandoned = app.state.server.abandoned
+    print("qbert-serve: stopped" + (f" ({abandoned} requests unfinished at the {args.graceful_timeout_s} s graceful "
+                                    "timeout got 503)" if abandoned else ""), flush=True)
     return 0
 
 

@@ -1,25 +1,37 @@
-"""The ASGI app: KServe v2 / Triton HTTP endpoints, a text endpoint, Prometheus metrics, all on one batcher."""
+"""The ASGI app: KServe v2 / Triton HTTP endpoints, a text endpoint, Prometheus metrics, all on one batcher.
+
+The work one request may cost is bounded before it is done: the body by size and by a deadline, the queue place
+before the body is parsed or tokenised, each text by characters before it is tokenised (`CHARS_PER_TOKEN` per token
+of the model maximum), the texts by count (`max_batch`) and the tokens the model runs by `max_request_tokens`.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
+import logging
 import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import cache
 from importlib import metadata
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
-from qbert_deploy.runtimes.serving.batcher import Batcher, BatcherClosed, QueueFull
+from qbert_deploy.runtimes.serving.batcher import Admission, Batcher, BatcherClosed, QueueFull
 from qbert_deploy.runtimes.serving.metrics import ServeMetrics
-from qbert_deploy.runtimes.serving.model import ServedModel, softmax
+from qbert_deploy.runtimes.serving.model import CHARS_PER_TOKEN, ServedModel, softmax
 from qbert_deploy.runtimes.serving.protocol import (
     HEADER_LENGTH,
     ServeError,
@@ -31,6 +43,10 @@ from qbert_deploy.runtimes.serving.protocol import (
 from qbert_deploy.tasks import QA, SEQUENCE, TOKEN, output_dims, split
 
 VERSION = "1"
+CLIENT_GONE = 499  # nginx's code for a client that closed the connection before the answer: counted, not logged
+TRIM_AFTER_BYTES = 1 << 20  # after a request body this large, freed memory is handed back to the system
+T = TypeVar("T")
+log = logging.getLogger("qbert_deploy.serve")
 
 
 @dataclass(frozen=True)
@@ -42,41 +58,60 @@ class ServeConfig:
     max_body_bytes: int = 8 << 20
     reject_long_text: bool = False  # default: truncate text longer than the model maximum
     retry_after_s: int = 1
+    body_timeout_s: float = 30.0  # from the end of the headers to the end of the body
+    max_request_tokens: int | None = None  # rows x tokens one request may run; None: max_batch x the model maximum
 
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.max_queue < 1 or self.max_body_bytes < 1 or self.max_delay_ms < 0:
             raise ValueError("max batch, queue and body size must be positive and the delay not negative")
+        if self.body_timeout_s <= 0 or (self.max_request_tokens is not None and self.max_request_tokens < 1):
+            raise ValueError("the body timeout and the tokens per request must be positive")
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused past `limit` bytes (before or after gzip/deflate decoding)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ServeError(413, f"request body of {declared} bytes is over the {limit}-byte limit")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
+def _decode(body: bytes, encoding: str, limit: int) -> bytes:
+    """A gzip or deflate body decoded, refused past `limit` bytes, when cut short, or with bytes after its end."""
+    wbits = 16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS
+    parts, size, rest = [], 0, body
+    while True:  # gzip allows several members one after another (RFC 1952); deflate is one stream
+        decoder = zlib.decompressobj(wbits)
+        try:
+            part = decoder.decompress(rest, limit + 1 - size)
+        except zlib.error as err:
+            raise ServeError(400, f"request body is not valid {encoding} data ({err})") from None
+        size += len(part)
         if size > limit:
-            raise ServeError(413, f"request body is over the {limit}-byte limit")
-        chunks.append(chunk)
-    body = b"".join(chunks)
-    encoding = request.headers.get("content-encoding", "identity").lower()
-    if encoding == "identity":
-        return body
-    if encoding not in ("gzip", "deflate"):
-        raise ServeError(415, f"unsupported Content-Encoding {encoding!r}; use gzip, deflate or none")
-    decoder = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
+            raise ServeError(413, f"decompressed request body is over the {limit}-byte limit")
+        if not decoder.eof:  # the stream stops early: for gzip, its CRC and length trailer went missing
+            raise ServeError(400, f"request body is not valid {encoding} data (it is cut short)")
+        parts.append(part)
+        rest = decoder.unused_data
+        if not rest:
+            return b"".join(parts)
+        if encoding != "gzip":
+            raise ServeError(400, f"request body is not valid {encoding} data ({len(rest)} bytes after its end)")
+
+
+@cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, or None elsewhere."""
+    name = ctypes.util.find_library("c")
     try:
-        plain = decoder.decompress(body, limit + 1)
-    except zlib.error as err:
-        raise ServeError(400, f"request body is not valid {encoding} data ({err})") from None
-    if len(plain) > limit:
-        raise ServeError(413, f"decompressed request body is over the {limit}-byte limit")
-    return plain
+        trim: Callable[[int], int] = ctypes.CDLL(name or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+    return trim
+
+
+def give_memory_back() -> None:
+    """Return freed heap memory to the system. glibc keeps what large requests freed, in every thread's arena, for
+    reuse (the probe saw ~650 MB kept per 8 MB text); malloc_trim(0) releases the free pages of all arenas."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 class Server:
@@ -88,32 +123,130 @@ class Server:
         self.metrics = ServeMetrics()
         self.batcher: Batcher | None = None
         self.ready = False
+        self.stopping = False  # a shutdown began: body reads still waiting are cut, readiness answers 503
+        self.abandoned = 0  # requests answered 503 because the graceful timeout ran out
+        self.max_request_tokens = config.max_request_tokens or config.max_batch * model.max_length
+        self._body_reads: set[asyncio.Timeout] = set()
+        # One thread tokenises: a request's tokenising is bounded (a few ms), and one thread keeps one malloc arena
+        # instead of one per worker thread holding its freed memory.
+        self._tokenizer: ThreadPoolExecutor | None = None
 
     async def start(self) -> None:
+        self._tokenizer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qbert-tokenize")
         self.batcher = Batcher(self.model.run, max_batch=self.config.max_batch,
                                max_delay=self.config.max_delay_ms / 1000, max_queue=self.config.max_queue,
-                               pad_values=self.model.pad_values, metrics=self.metrics)
+                               pad_values=self.model.pad_values, metrics=self.metrics, stop_run=self.model.stop_run)
         await self.batcher.start()
         self.ready = True
+
+    def begin_stop(self) -> None:
+        """A shutdown began: readiness says 503, and a body still on its way is not waited for (a stalled client
+        would hold the shutdown to its timeout); its request gets a 503. Requests already read are finished."""
+        self.ready = False
+        self.stopping = True
+        now = asyncio.get_running_loop().time()
+        for read in self._body_reads:
+            read.reschedule(now)
+
+    def abandon(self) -> None:
+        """The graceful timeout ran out: every request not yet answered gets a 503 now, and nothing is computed
+        for them."""
+        self.begin_stop()
+        if self.batcher is not None:
+            self.abandoned += self.batcher.pending
+            self.batcher.abandon()
 
     async def stop(self) -> None:
         self.ready = False
         if self.batcher is not None:
             await self.batcher.close()
+        if self._tokenizer is not None:
+            self._tokenizer.shutdown(wait=False, cancel_futures=True)
 
-    async def infer_rows(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        if self.batcher is None or not self.ready:
-            raise ServeError(503, "the model is not ready", {"Retry-After": str(self.config.retry_after_s)})
+    def _retry(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        return {"Retry-After": str(self.config.retry_after_s), **(extra or {})}
+
+    async def read_body(self, request: Request) -> bytes:
+        """The request body, refused past the size limit (before or after gzip/deflate decoding) and when it does
+        not arrive within the body timeout."""
+        limit = self.config.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise ServeError(413, f"request body of {declared} bytes is over the {limit}-byte limit",
+                             {"Connection": "close"})  # rather than read and drop what follows
+        chunks, size = [], 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (0.0 if self.stopping else self.config.body_timeout_s)
         try:
-            future = self.batcher.submit(feeds)
+            async with asyncio.timeout_at(deadline) as read:
+                self._body_reads.add(read)
+                try:
+                    async for chunk in request.stream():
+                        size += len(chunk)
+                        if size > limit:
+                            raise ServeError(413, f"request body is over the {limit}-byte limit",
+                                             {"Connection": "close"})
+                        chunks.append(chunk)
+                finally:
+                    self._body_reads.discard(read)
+        except TimeoutError:
+            if self.stopping:
+                raise ServeError(503, "the server is shutting down", self._retry({"Connection": "close"})) from None
+            raise ServeError(408, f"the request body did not arrive within {self.config.body_timeout_s:g} s",
+                             {"Connection": "close"}) from None
+        except ClientDisconnect:
+            raise ServeError(CLIENT_GONE, "the client closed the connection before sending the whole body") from None
+        if size >= TRIM_AFTER_BYTES:
+            request.state.large = True
+        body = b"".join(chunks)
+        encoding = request.headers.get("content-encoding", "identity").lower()
+        if encoding == "identity":
+            return body
+        if encoding not in ("gzip", "deflate"):
+            raise ServeError(415, f"unsupported Content-Encoding {encoding!r}; use gzip, deflate or none")
+        plain = _decode(body, encoding, limit)
+        if len(plain) >= TRIM_AFTER_BYTES:
+            request.state.large = True
+        return plain
+
+    @asynccontextmanager
+    async def admitted(self) -> AsyncIterator[Admission]:
+        """A place in the batcher's queue for the request being prepared, or 503 at once when there is none."""
+        if self.batcher is None:
+            raise ServeError(503, "the model is not ready", self._retry())
+        try:
+            admission = self.batcher.admit()
         except QueueFull as err:
-            raise ServeError(503, str(err), {"Retry-After": str(self.config.retry_after_s)}) from None
+            raise ServeError(503, str(err), self._retry()) from None
         except BatcherClosed as err:
-            raise ServeError(503, str(err)) from None
+            raise ServeError(503, str(err), self._retry()) from None
+        try:
+            yield admission
+        finally:
+            admission.release()  # unless the batcher took it; then it is released when the request is answered
+
+    async def tokenized(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` in the tokenizer thread: long text must not stall the event loop."""
+        assert self._tokenizer is not None, "the server has not started"
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizer, fn, *args)
+
+    async def infer_rows(self, feeds: dict[str, np.ndarray], admission: Admission) -> np.ndarray:
+        if self.batcher is None:
+            raise ServeError(503, "the model is not ready", self._retry())
+        rows, tokens = feeds["input_ids"].shape
+        if rows * tokens > self.max_request_tokens:
+            raise ServeError(400, f"the request needs {rows} x {tokens} tokens, more than the "
+                                  f"{self.max_request_tokens} one request may run")
+        try:
+            future = self.batcher.submit(feeds, admission)
+        except BatcherClosed as err:
+            raise ServeError(503, str(err), self._retry()) from None
         except ValueError as err:
             raise ServeError(400, str(err)) from None
         try:
             return await asyncio.shield(future)  # a client that hangs up does not cancel the batch
+        except BatcherClosed as err:  # the graceful timeout ran out before it was computed
+            raise ServeError(503, str(err), self._retry()) from None
         except Exception as err:  # the model run failed; report it as the server's fault
             first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
             raise ServeError(500, f"inference failed: {first}") from None
@@ -150,30 +283,47 @@ class Server:
                            for n in self.model.output_names],
                 "dynamic_batching": {"max_queue_delay_microseconds": round(self.config.max_delay_ms * 1000)}}
 
-    async def observed(self, endpoint: str, handler: Callable[[], Awaitable[Response]]) -> Response:
-        """Run a handler, turn ServeError into a JSON error, and count and time the request."""
+    async def observed(self, endpoint: str, handler: Callable[[], Awaitable[Response]],
+                       request: Request | None = None) -> Response:
+        """Run a handler, turn ServeError into a JSON error, and count and time the request. Any other error is
+        a 500 with a JSON body and one log line (counted: alerting on 5xx must see it), never a traceback."""
         started = time.perf_counter()
         try:
             response = await handler()
         except ServeError as err:
             response = _error(err.status, err.message, err.headers)
+        except asyncio.CancelledError:
+            if not self.stopping:
+                raise
+            # uvicorn cancels what outlasts its own (longer) graceful timeout: still a JSON 503
+            self.abandoned += 1
+            response = _error(503, "the server stopped before this request was answered", self._retry())
+        except Exception as err:
+            detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else "(no message)"
+            log.error("qbert-serve: a %s request failed: %s: %s", endpoint, type(err).__name__, detail)
+            response = _error(500, f"internal error ({type(err).__name__}); the server log has the details")
         self.metrics.requests.labels(endpoint, str(response.status_code)).inc()
         self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+        if request is not None and getattr(request.state, "large", False):
+            response.background = BackgroundTask(give_memory_back)  # after the answer is sent
         return response
 
     async def infer(self, request: Request, name: str, version: str | None) -> Response:
         self.check_model(name, version)
-        body = await read_body(request, self.config.max_body_bytes)
-        parsed = parse_infer(body, request.headers.get(HEADER_LENGTH), self.model.input_types)
-        names = self.model.output_names
-        unknown = [o for o in parsed.outputs or [] if o not in names]
-        if unknown:
-            raise ServeError(400, f"unknown output {unknown[0]!r}; the model gives {', '.join(map(repr, names))}")
-        try:
-            feeds = self.model.check_inputs(parsed.inputs)
-        except ValueError as err:
-            raise ServeError(400, str(err)) from None
-        outputs = split(self.model.task, await self.infer_rows(feeds))
+        body = await self.read_body(request)
+        async with self.admitted() as admission:
+            parsed = parse_infer(body, request.headers.get(HEADER_LENGTH), self.model.input_types)
+            del body
+            names = self.model.output_names
+            unknown = [o for o in parsed.outputs or [] if o not in names]
+            if unknown:
+                raise ServeError(400, f"unknown output {unknown[0]!r}; the model gives "
+                                      f"{', '.join(map(repr, names))}")
+            try:
+                feeds = self.model.check_inputs(parsed.inputs)
+            except ValueError as err:
+                raise ServeError(400, str(err)) from None
+            outputs = split(self.model.task, await self.infer_rows(feeds, admission))
         if parsed.outputs:
             outputs = {n: outputs[n] for n in names if n in parsed.outputs}
         for name, count in parsed.class_counts.items():
@@ -199,16 +349,44 @@ class Server:
             raise ServeError(400, f"empty input: '{key}' is an empty list")
         if len(values) > self.config.max_batch:
             raise ServeError(400, f"{len(values)} texts is more than the maximum batch of {self.config.max_batch}")
+        for index, value in enumerate(values):
+            if not value.isascii():
+                try:  # JSON's \ud800 escapes decode to lone surrogates, which are not text and not UTF-8
+                    value.encode("utf-8")
+                except UnicodeEncodeError as err:
+                    raise ServeError(400, f"{key} {index} holds a lone UTF-16 surrogate "
+                                          f"(U+{ord(value[err.start]):04X} at character {err.start}), which is not "
+                                          "text") from None
         return values
+
+    def _check_chars(self, texts: list[str]) -> None:
+        """Refuse, before tokenising, text this server would not read whole."""
+        limit = self.model.max_text_chars
+        if self.config.reject_long_text:
+            for index, text in enumerate(texts):
+                if len(text) > limit:
+                    raise ServeError(400, f"text {index} has {len(text)} characters, more than the {limit} "
+                                          f"({CHARS_PER_TOKEN} per token of the model maximum of "
+                                          f"{self.model.max_length} tokens) this server reads (it rejects long "
+                                          "text instead of truncating it)")
+        total, budget = sum(min(len(t), limit) for t in texts), CHARS_PER_TOKEN * self.max_request_tokens
+        if total > budget:
+            raise ServeError(400, f"the request holds {total} characters of text to tokenise, more than the {budget} "
+                                  f"({CHARS_PER_TOKEN} per token of the {self.max_request_tokens} tokens one "
+                                  "request may run)")
 
     async def tag(self, request: Request, name: str) -> Response:
         """Token classification: the entities of each text, with character offsets into it."""
         self.check_model(name)
         self.check_task(TOKEN, "tag")
-        texts = self._strings(parse_json(await read_body(request, self.config.max_body_bytes)), "text", "a sentence")
-        encoded = await asyncio.to_thread(self.model.encode, texts)
-        self._check_length(encoded.truncated)
-        logits = await self.infer_rows(encoded.feeds)
+        body = await self.read_body(request)
+        async with self.admitted() as admission:
+            texts = self._strings(parse_json(body), "text", "a sentence")
+            del body
+            self._check_chars(texts)
+            encoded = await self.tokenized(self.model.encode, texts)
+            self._check_length(encoded.truncated)
+            logits = await self.infer_rows(encoded.feeds, admission)
         predictions = [{"entities": self.model.tag(row, encoding, text, self.model.labels), "truncated": cut}
                        for row, encoding, text, cut in zip(logits, encoded.encodings, texts, encoded.truncated,
                                                            strict=True)]
@@ -216,23 +394,44 @@ class Server:
                              "predictions": predictions})
 
     async def answer(self, request: Request, name: str) -> Response:
-        """Extractive QA: for each question + context, the answer text, its character span and its score."""
+        """Extractive QA: for each question + context, the answer text, its character span and its score.
+
+        A long context is read in overlapping windows (the doc stride), all of one request in one batch: the
+        windows are counted on the tokens before any is made, and a request needing more than `max_batch` is
+        refused, so the windows made are bounded by the batch, not by the text."""
         self.check_model(name)
         self.check_task(QA, "answer")
-        body = parse_json(await read_body(request, self.config.max_body_bytes))
-        questions = self._strings(body, "question", "a question")
-        contexts = self._strings(body, "context", "a passage")
-        if len(questions) != len(contexts):
-            raise ServeError(400, f"{len(questions)} questions but {len(contexts)} contexts")
-        try:
-            encoded = await asyncio.to_thread(self.model.encode_questions, questions, contexts)
-        except ValueError as err:
-            raise ServeError(400, str(err)) from None
-        if len(encoded.question_of) > self.config.max_batch:
-            raise ServeError(400, f"the contexts need {len(encoded.question_of)} windows of "
-                                  f"{self.model.max_length} tokens, more than the maximum batch of "
-                                  f"{self.config.max_batch}")
-        combined = await self.infer_rows(encoded.feeds)
+        body = await self.read_body(request)
+        async with self.admitted() as admission:
+            parsed = parse_json(body)
+            del body
+            questions = self._strings(parsed, "question", "a question")
+            contexts = self._strings(parsed, "context", "a passage")
+            if len(questions) != len(contexts):
+                raise ServeError(400, f"{len(questions)} questions but {len(contexts)} contexts")
+            limit = self.model.max_text_chars
+            long = next((i for i, q in enumerate(questions) if len(q) > limit), None)
+            if long is not None:
+                raise ServeError(400, f"question {long} has {len(questions[long])} characters; a question must fit "
+                                      f"in one window of {self.model.max_length} tokens")
+            total, budget = sum(map(len, contexts)), CHARS_PER_TOKEN * self.max_request_tokens
+            if total > budget:
+                raise ServeError(400, f"the contexts hold {total} characters, more than the {budget} "
+                                      f"({CHARS_PER_TOKEN} per token of the {self.max_request_tokens} tokens one "
+                                      "request may run)")
+            needed = await self.tokenized(self.model.question_windows, questions, contexts)
+            if needed > self.config.max_batch:
+                raise ServeError(400, f"the contexts need at least {needed} windows of {self.model.max_length} "
+                                      f"tokens, more than the maximum batch of {self.config.max_batch}")
+            try:
+                encoded = await self.tokenized(self.model.encode_questions, questions, contexts)
+            except ValueError as err:
+                raise ServeError(400, str(err)) from None
+            if len(encoded.question_of) > self.config.max_batch:
+                raise ServeError(400, f"the contexts need {len(encoded.question_of)} windows of "
+                                      f"{self.model.max_length} tokens, more than the maximum batch of "
+                                      f"{self.config.max_batch}")
+            combined = await self.infer_rows(encoded.feeds, admission)
         answers = self.model.answers(combined, encoded, contexts)
         return JSONResponse({"model_name": self.config.model_name, "model_version": VERSION,
                              "predictions": [{"answer": a.text, "start": a.start, "end": a.end, "score": a.score}
@@ -247,10 +446,14 @@ class Server:
     async def classify(self, request: Request, name: str) -> Response:
         self.check_model(name)
         self.check_task(SEQUENCE, "classify")
-        texts = self._strings(parse_json(await read_body(request, self.config.max_body_bytes)), "text", "a sentence")
-        encoded = await asyncio.to_thread(self.model.encode, texts)  # long text must not stall the event loop
-        self._check_length(encoded.truncated)
-        logits = await self.infer_rows(encoded.feeds)
+        body = await self.read_body(request)
+        async with self.admitted() as admission:  # a full queue refuses before any parsing or tokenising
+            texts = self._strings(parse_json(body), "text", "a sentence")
+            del body
+            self._check_chars(texts)
+            encoded = await self.tokenized(self.model.encode, texts)
+            self._check_length(encoded.truncated)
+            logits = await self.infer_rows(encoded.feeds, admission)
         probabilities = softmax(logits)
         labels = self.model.labels
         predictions = [{"label": labels[int(p.argmax())], "score": float(p.max()),
@@ -270,7 +473,7 @@ def create_app(model: ServedModel, config: ServeConfig | None = None) -> FastAPI
         try:
             yield
         finally:
-            await server.stop()  # uvicorn has finished the in-flight requests by now; drain what is queued
+            await server.stop()  # uvicorn has finished (or abandoned) the in-flight requests by now
 
     app = FastAPI(title="qbert-serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
@@ -326,23 +529,23 @@ def create_app(model: ServedModel, config: ServeConfig | None = None) -> FastAPI
 
     @app.post("/v2/models/{name}/infer")
     async def infer(name: str, request: Request) -> Response:
-        return await server.observed("infer", lambda: server.infer(request, name, None))
+        return await server.observed("infer", lambda: server.infer(request, name, None), request)
 
     @app.post("/v2/models/{name}/versions/{version}/infer")
     async def version_infer(name: str, version: str, request: Request) -> Response:
-        return await server.observed("infer", lambda: server.infer(request, name, version))
+        return await server.observed("infer", lambda: server.infer(request, name, version), request)
 
     @app.post("/v2/models/{name}/classify")
     async def classify(name: str, request: Request) -> Response:
-        return await server.observed("classify", lambda: server.classify(request, name))
+        return await server.observed("classify", lambda: server.classify(request, name), request)
 
     @app.post("/v2/models/{name}/tag")
     async def tag(name: str, request: Request) -> Response:
-        return await server.observed("tag", lambda: server.tag(request, name))
+        return await server.observed("tag", lambda: server.tag(request, name), request)
 
     @app.post("/v2/models/{name}/answer")
     async def answer(name: str, request: Request) -> Response:
-        return await server.observed("answer", lambda: server.answer(request, name))
+        return await server.observed("answer", lambda: server.answer(request, name), request)
 
     @app.get("/metrics")
     async def prometheus() -> Response:

@@ -7,7 +7,9 @@ model.onnx as exported (the dequantize-then-float graph).
 
 from __future__ import annotations
 
+import math
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,10 @@ INPUT_NAMES = TEXT_INPUTS  # a graph takes these or a subset (DistilBERT's and R
 OUTPUT_NAME = "logits"
 CANONICAL = "canonical"  # the profile name that serves model.onnx as exported
 ORT_TYPES = {"tensor(int64)": "INT64", "tensor(int32)": "INT32", "tensor(float)": "FP32", "tensor(float16)": "FP16"}
+# Text is cut to this many characters per token of the model maximum before it is tokenised: tokenising costs time
+# and memory in proportion to the whole text (8 MB: ~10 s and 1.2 GB), while only the first max_length tokens are
+# used. Ordinary text has 3-6 characters per token; only whitespace-padded text could lose a token in the window.
+CHARS_PER_TOKEN = 64
 
 
 ModelDirError = ExportDirError  # an export directory that cannot be served as asked (the shared validation's error)
@@ -112,10 +118,20 @@ def model_family(config: dict[str, Any], path: Path) -> Family:
 
 
 @dataclass(frozen=True)
+class Window:
+    """The tokens of one text as fed to the model (at most max_length), with what /tag reads: word ids, offsets."""
+    ids: list[int]
+    type_ids: list[int]
+    attention_mask: list[int]
+    word_ids: list[int | None]
+    offsets: list[tuple[int, int]]
+
+
+@dataclass(frozen=True)
 class Encoded:
     feeds: dict[str, np.ndarray]  # int64 [texts, longest]
     truncated: list[bool]  # per text: cut to the model maximum
-    encodings: Sequence[Any] = ()  # the tokenizers Encoding of each row (offsets, word ids)
+    encodings: Sequence[Any] = ()  # per row: its Window (or tokenizers Encoding): ids, word ids, offsets
 
 
 @dataclass(frozen=True)
@@ -190,11 +206,19 @@ class ServedModel:
         self.type_vocab_size = config.type_vocab_size
         self.providers = self.session.get_providers()
         self.tokenizer.no_padding()  # padding is per batch, in the batcher
+        self.max_text_chars = CHARS_PER_TOKEN * self.max_length
         # question answering: contexts longer than the window go in overlapping windows (HF's doc stride)
         self.qa_tokenizer = Tokenizer.from_str(self.tokenizer.to_str())
         self.qa_tokenizer.enable_truncation(max_length=self.max_length, stride=min(128, self.max_length // 4),
                                             strategy="only_second")
-        self.tokenizer.enable_truncation(max_length=self.max_length)
+        # Text is truncated here, not by tokenizers: its truncation builds every overflow window of the rest of the
+        # text, which nothing here uses. The template's closing special tokens are kept after the cut.
+        self.tokenizer.no_truncation()
+        self._closing_specials = _closing_specials(self.tokenizer)
+        if self._closing_specials is None:  # a template this cannot see through: tokenizers truncates
+            self.tokenizer.enable_truncation(max_length=self.max_length)
+        self._run_lock = threading.Lock()
+        self._run_options: ort.RunOptions | None = None  # of the run in progress, so that it can be stopped
         self._warm_up()
 
     def _warm_up(self) -> None:
@@ -213,7 +237,33 @@ class ServedModel:
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         """The model's outputs as one array: logits, or QA's start/end logits stacked on a last axis of 2."""
-        return combine(self.task, self.session.run(self.output_names, {n: feeds[n] for n in self.input_names}))
+        options = ort.RunOptions()
+        with self._run_lock:
+            self._run_options = options
+        try:
+            outputs = self.session.run(self.output_names, {n: feeds[n] for n in self.input_names}, options)
+        finally:
+            with self._run_lock:
+                self._run_options = None
+        return combine(self.task, outputs)
+
+    def stop_run(self) -> None:
+        """Ask the run in progress (in another thread) to stop: ORT checks the flag between kernels and fails it.
+        (A shape-bucketed session runs with its own options and finishes its batch.)"""
+        with self._run_lock:
+            if self._run_options is not None:
+                self._run_options.terminate = True
+
+    def cut(self, text: str) -> tuple[str, bool]:
+        """`text` cut to `max_text_chars` characters (at a space when there is one in the last quarter, so that
+        no word is split), and whether it was cut."""
+        if len(text) <= self.max_text_chars:
+            return text, False
+        cut = text[:self.max_text_chars]
+        if text[self.max_text_chars].isspace():
+            return cut, True
+        space = cut.rfind(" ")
+        return (cut[:space] if space >= self.max_text_chars * 3 // 4 else cut), True
 
     def check_inputs(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Validate a [rows, tokens] batch of ids and fill the optional inputs; ValueError says what is wrong."""
@@ -240,9 +290,31 @@ class ServedModel:
         return {n: np.ascontiguousarray(feeds[n], dtype=np.int64) for n in self.input_names}
 
     def encode(self, texts: Sequence[str]) -> Encoded:
-        encodings = self.tokenizer.encode_batch(list(texts))
-        truncated = [bool(e.overflowing) for e in encodings]
-        return Encoded(_feeds(encodings, self.pad_values, self.input_names), truncated, encodings)
+        """Each text's first max_length tokens (special tokens included); `truncated` says which lost any."""
+        cuts = [self.cut(t) for t in texts]
+        encodings = self.tokenizer.encode_batch([c for c, _ in cuts])
+        windows: list[Any] = []
+        truncated = []
+        for (_, cut), e in zip(cuts, encodings, strict=True):
+            if self._closing_specials is None:
+                windows.append(e)
+                truncated.append(cut or bool(e.overflowing))
+                continue
+            window = _window(e, self.max_length, self._closing_specials)
+            windows.append(window)
+            truncated.append(cut or len(window.ids) < len(e.ids))
+        return Encoded(_feeds(windows, self.pad_values, self.input_names), truncated, windows)
+
+    def question_windows(self, questions: Sequence[str], contexts: Sequence[str]) -> int:
+        """The fewest windows the question + context pairs can fill: each window holds at most max_length less the
+        question and the special tokens of the context. Counted on the tokens alone, before any window is made."""
+        specials = self.tokenizer.num_special_tokens_to_add(True)
+        question_tokens = self.tokenizer.encode_batch(list(questions), add_special_tokens=False)
+        context_tokens = self.tokenizer.encode_batch(list(contexts), add_special_tokens=False)
+        rooms = [self.max_length - specials - len(q.ids) for q in question_tokens]
+        # a question that fills the window is refused with its own message when the windows are made
+        return sum(math.ceil(len(c.ids) / room) if room > 0 else 1
+                   for room, c in zip(rooms, context_tokens, strict=True))
 
     def encode_questions(self, questions: Sequence[str], contexts: Sequence[str]) -> QAEncoded:
         """Question + context windows; each context is cut into overlapping windows when it is too long."""
@@ -297,6 +369,35 @@ class ServedModel:
         return [best[i] for i in range(len(contexts))]
 
 
+def _closing_specials(tokenizer: Tokenizer) -> int | None:
+    """How many special tokens the tokenizer's single-sequence template puts after the text ([SEP], </s>: 1), or
+    None when the text's tokens do not appear as one run inside the template's output."""
+    probe = "a b"
+    content = tokenizer.encode(probe, add_special_tokens=False).ids
+    full = tokenizer.encode(probe).ids
+    if not content:
+        return None
+    starts = [i for i in range(len(full) - len(content) + 1) if full[i:i + len(content)] == content]
+    if len(starts) != 1:
+        return None
+    return len(full) - starts[0] - len(content)
+
+
+def _window(encoding: Any, max_length: int, closing: int) -> Window:
+    """The first max_length tokens of an encoding, its closing special tokens kept at the end: what tokenizers'
+    own truncation gives for one sequence, without building the overflow windows."""
+    ids, types, mask = encoding.ids, encoding.type_ids, encoding.attention_mask
+    words, offsets = encoding.word_ids, encoding.offsets
+    if len(ids) <= max_length:
+        return Window(ids, types, mask, words, offsets)
+    keep = max_length - closing
+
+    def cut(values: list[Any]) -> list[Any]:
+        return values[:keep] + values[len(values) - closing:]
+
+    return Window(cut(ids), cut(types), cut(mask), cut(words), cut(offsets))
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
     exp = np.exp(shifted)
@@ -304,5 +405,5 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return result
 
 
-__all__ = ["CANONICAL", "INPUT_NAMES", "OUTPUT_NAME", "PROVIDERS", "Encoded", "ModelDirError", "ServedFile",
-           "ServedModel", "model_file", "open_served", "profiles", "served_file", "softmax"]
+__all__ = ["CANONICAL", "CHARS_PER_TOKEN", "INPUT_NAMES", "OUTPUT_NAME", "PROVIDERS", "Encoded", "ModelDirError",
+           "ServedFile", "ServedModel", "Window", "model_file", "open_served", "profiles", "served_file", "softmax"]

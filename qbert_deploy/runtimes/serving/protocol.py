@@ -7,12 +7,15 @@ as raw little-endian bytes after a JSON header whose length is in the `Inference
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+MAX_DIMENSION = 2**31 - 1  # far beyond any real batch or sequence, and within numpy's index type everywhere
+MAX_RANK = 8  # numpy refuses more than 64 dimensions; the model takes 2
 DTYPES: dict[str, np.dtype[Any]] = {
     "BOOL": np.dtype(np.bool_), "UINT8": np.dtype(np.uint8), "INT8": np.dtype(np.int8),
     "INT16": np.dtype(np.int16), "INT32": np.dtype(np.int32), "INT64": np.dtype(np.int64),
@@ -48,14 +51,20 @@ def parse_json(body: bytes) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as err:
         raise ServeError(400, f"malformed JSON: {err.msg} at line {err.lineno} column {err.colno}") from None
+    except RecursionError:  # the C decoder recurses once per nesting level
+        raise ServeError(400, "malformed JSON: nested too deeply") from None
 
 
 def _shape(spec: dict[str, Any], name: str) -> tuple[int, ...]:
     shape = spec.get("shape")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
         raise ServeError(400, f"input {name!r}: 'shape' must be a list of integers")
+    if len(shape) > MAX_RANK:
+        raise ServeError(400, f"input {name!r}: shape has {len(shape)} dimensions, more than {MAX_RANK}")
     if any(d < 0 for d in shape):
         raise ServeError(400, f"input {name!r}: negative dimension in shape {shape}")
+    if any(d > MAX_DIMENSION for d in shape):
+        raise ServeError(400, f"input {name!r}: a dimension of shape {shape} is over {MAX_DIMENSION}")
     return tuple(shape)
 
 
@@ -63,7 +72,7 @@ def _json_tensor(data: Any, dtype: np.dtype[Any], name: str) -> np.ndarray:
     try:
         array = np.asarray(data)
     except ValueError:
-        raise ServeError(400, f"input {name!r}: 'data' is a ragged nested list") from None
+        raise ServeError(400, f"input {name!r}: 'data' is a ragged or too deeply nested list") from None
     if array.size and dtype.kind in "iu" and array.dtype.kind not in "iu":
         raise ServeError(400, f"input {name!r}: 'data' must hold integers, got {array.dtype.name} values")
     if array.size and array.dtype.kind not in "biuf":
@@ -121,7 +130,7 @@ def parse_infer(body: bytes, header_length: str | None, expected: dict[str, str]
             flat = _json_tensor(spec["data"], dtype, name)
         else:
             raise ServeError(400, f"input {name!r} has neither 'data' nor binary data")
-        count = int(np.prod(shape)) if shape else 1
+        count = math.prod(shape)  # Python ints: np.prod wraps around in int64, so [2**32, 2**32] would count 0
         if flat.size != count:
             raise ServeError(400, f"input {name!r}: shape {list(shape)} needs {count} values, got {flat.size}")
         inputs[name] = flat.reshape(shape)
