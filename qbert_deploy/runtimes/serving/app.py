@@ -31,7 +31,7 @@ from starlette.requests import ClientDisconnect
 
 from qbert_deploy.runtimes.serving.batcher import Admission, Batcher, BatcherClosed, QueueFull
 from qbert_deploy.runtimes.serving.metrics import ServeMetrics
-from qbert_deploy.runtimes.serving.model import CHARS_PER_TOKEN, ServedModel, softmax
+from qbert_deploy.runtimes.serving.model import CHARS_PER_TOKEN, Encoded, ServedModel, softmax
 from qbert_deploy.runtimes.serving.protocol import (
     HEADER_LENGTH,
     ServeError,
@@ -375,18 +375,24 @@ class Server:
                                   f"({CHARS_PER_TOKEN} per token of the {self.max_request_tokens} tokens one "
                                   "request may run)")
 
-    async def tag(self, request: Request, name: str) -> Response:
-        """Token classification: the entities of each text, with character offsets into it."""
+    async def _text_logits(self, request: Request, name: str, task: str, endpoint: str
+                           ) -> tuple[list[str], Encoded, np.ndarray]:
+        """The texts of a {"text": ...} request, their encoding and the model's logits (classify and tag)."""
         self.check_model(name)
-        self.check_task(TOKEN, "tag")
+        self.check_task(task, endpoint)
         body = await self.read_body(request)
-        async with self.admitted() as admission:
+        async with self.admitted() as admission:  # a full queue refuses before any parsing or tokenising
             texts = self._strings(parse_json(body), "text", "a sentence")
             del body
             self._check_chars(texts)
             encoded = await self.tokenized(self.model.encode, texts)
             self._check_length(encoded.truncated)
             logits = await self.infer_rows(encoded.feeds, admission)
+        return texts, encoded, logits
+
+    async def tag(self, request: Request, name: str) -> Response:
+        """Token classification: the entities of each text, with character offsets into it."""
+        texts, encoded, logits = await self._text_logits(request, name, TOKEN, "tag")
         predictions = [{"entities": self.model.tag(row, encoding, text, self.model.labels), "truncated": cut}
                        for row, encoding, text, cut in zip(logits, encoded.encodings, texts, encoded.truncated,
                                                            strict=True)]
@@ -444,16 +450,7 @@ class Server:
                                   "(this server rejects long text instead of truncating it)")
 
     async def classify(self, request: Request, name: str) -> Response:
-        self.check_model(name)
-        self.check_task(SEQUENCE, "classify")
-        body = await self.read_body(request)
-        async with self.admitted() as admission:  # a full queue refuses before any parsing or tokenising
-            texts = self._strings(parse_json(body), "text", "a sentence")
-            del body
-            self._check_chars(texts)
-            encoded = await self.tokenized(self.model.encode, texts)
-            self._check_length(encoded.truncated)
-            logits = await self.infer_rows(encoded.feeds, admission)
+        _, encoded, logits = await self._text_logits(request, name, SEQUENCE, "classify")
         probabilities = softmax(logits)
         labels = self.model.labels
         predictions = [{"label": labels[int(p.argmax())], "score": float(p.max()),
