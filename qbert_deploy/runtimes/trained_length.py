@@ -43,10 +43,19 @@ def trained_max_length(path: str | os.PathLike[str]) -> int | None:
     if not file.is_file():
         raise TrainedLengthError(f"{file}: no such ONNX file")
     try:
+        metadata = read_metadata(file)
+    except ValueError as err:
+        raise TrainedLengthError(str(err)) from None
+    return recorded_max_length(metadata, str(file))
+
+
+def read_metadata(file: Path) -> dict[str, str]:
+    """The metadata_props of an ONNX file, its weights not loaded; a one-line ValueError for a file that is none."""
+    try:
         model = onnx.load(str(file), load_external_data=False)
     except Exception as err:  # onnx raises DecodeError and others without a common base
-        raise TrainedLengthError(f"{file}: not a readable ONNX model ({type(err).__name__})") from None
-    return recorded_max_length({p.key: p.value for p in model.metadata_props}, str(file))
+        raise ValueError(f"{file}: not a readable ONNX model ({type(err).__name__})") from None
+    return {p.key: p.value for p in model.metadata_props}
 
 
-__all__ = ["MAX_LENGTH_KEY", "TrainedLengthError", "recorded_max_length", "trained_max_length"]
+__all__ = ["MAX_LENGTH_KEY", "TrainedLengthError", "read_metadata", "recorded_max_length", "trained_max_length"]

@@ -6,10 +6,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import onnx
-
 from qbert_deploy.checkpoint import Checkpoint
-from qbert_deploy.runtimes.trained_length import TrainedLengthError, recorded_max_length
+from qbert_deploy.runtimes.trained_length import TrainedLengthError, read_metadata, recorded_max_length
 
 
 class MismatchError(ValueError):
@@ -34,10 +32,9 @@ def read_export_info(export_dir: Path) -> ExportInfo:
     if not path.is_file():
         raise MismatchError(f"{export_dir}: no model.onnx (is it a qbert-export directory?)")
     try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as err:  # onnx raises DecodeError and others without a common base
-        raise MismatchError(f"{path}: not a readable ONNX model ({type(err).__name__})") from None
-    props = {p.key: p.value for p in model.metadata_props}
+        props = read_metadata(path)
+    except ValueError as err:
+        raise MismatchError(str(err)) from None
     missing = [k for k in ("qbert.checkpoint_sha256", "qbert.recipe_sha256") if k not in props]
     if missing:
         raise MismatchError(f"{path}: no {missing[0]} metadata; it was not written by qbert-export")
