@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
+from qbert_deploy.cli.quantize import main as quantize_main
 from qbert_deploy.data.conll import TaggedSentence, write_conll
 from qbert_deploy.data.squad import Answer, Question, write_squad
 
@@ -53,3 +56,13 @@ def write_squad_pair(folder: Path) -> tuple[Path, Path]:
     write_squad(train, questions() * 3)
     write_squad(dev, questions())
     return train, dev
+
+
+def quantize_refused(capsys: pytest.CaptureFixture[str], argv: list[str], out: Path, message: str) -> None:
+    """qbert-quantize refuses `argv` in one line naming `message`, exit 2, and writes nothing to `out`."""
+    capsys.readouterr()
+    assert quantize_main([*argv, "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("qbert-quantize: error: ") and "\n" not in err and "Traceback" not in err, err
+    assert message in err, err
+    assert not out.exists(), "nothing may be written on bad input"

@@ -18,6 +18,7 @@ from qbert_deploy.checkpoint import load_checkpoint
 from qbert_deploy.cli.quantize import main as quantize_main
 from qbert_deploy.data.conll import TaggedSentence, write_conll
 from qbert_deploy.data.tsv import Example, write_tsv
+from tests.task_files import quantize_refused as _refused
 from tests.tiny import SENTENCES, save_hf_dir, tiny_config
 
 TAGS = ["O", "B-LOC", "I-LOC", "B-PER"]  # the tagger's head; the data below never use B-PER
@@ -49,15 +50,6 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "dev.tsv").write_text("sentence\tlabel\n" + rows, encoding="utf-8")
     (root / "meh.tsv").write_text("sentence\tlabel\nso so\tmeh\nfine\tgood\n", encoding="utf-8")
     return root
-
-
-def _refused(capsys: pytest.CaptureFixture[str], argv: list[str], out: Path, message: str) -> None:
-    capsys.readouterr()
-    assert quantize_main([*argv, "-o", str(out)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("qbert-quantize: error: ") and "\n" not in err and "Traceback" not in err, err
-    assert message in err, err
-    assert not out.exists(), "nothing may be written on bad input"
 
 
 def test_a_trained_tagger_keeps_its_tags_when_the_data_lack_one(root: Path, tmp_path: Path) -> None:

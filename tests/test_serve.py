@@ -6,7 +6,6 @@ import gzip
 import json
 import shutil
 import signal
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +18,7 @@ import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
 from qbert_deploy.runtimes.lowering import lower_in_export
-from tests.served import Reference, RunningServer, feeds_for, metric_value, running_server
+from tests.served import Reference, RunningServer, feeds_for, metric_value, post_later, running_server
 from tests.tiny import LABELS, SENTENCES, text_batch, tokenizer
 
 ATOL = 0.0  # the default profile (cpu-w8a8) is batch-invariant: padding per batch changes no bit of the logits
@@ -210,18 +209,6 @@ def test_metrics_are_exposed(server: RunningServer) -> None:
     assert metric_value(text, "qbert_queue_depth") == 0
 
 
-def _post_later(url: str, body: dict[str, Any], results: list[httpx.Response | Exception]) -> threading.Thread:
-    def send() -> None:
-        try:
-            results.append(httpx.post(url, json=body, timeout=30))
-        except httpx.HTTPError as err:
-            results.append(err)
-
-    thread = threading.Thread(target=send)
-    thread.start()
-    return thread
-
-
 def test_full_queue_answers_503_with_retry_after(tiny_export: Path, tmp_path: Path, reference: Reference) -> None:
     # Each request waits up to 1.5 s for a batch to fill, so two requests hold the queue of two while a third comes.
     args = ("--max-queue", "2", "--max-batch", "32", "--max-delay-ms", "1500")
@@ -229,7 +216,7 @@ def test_full_queue_answers_503_with_retry_after(tiny_export: Path, tmp_path: Pa
         url = f"{slow.url}/v2/models/qbert/infer"
         ids = [np.array([[101, 2000 + i, 102]]) for i in range(2)]
         results: list[httpx.Response | Exception] = []
-        threads = [_post_later(url, {"inputs": [_ids_tensor([1, 3], a.reshape(-1).tolist())]}, results) for a in ids]
+        threads = [post_later(url, {"inputs": [_ids_tensor([1, 3], a.reshape(-1).tolist())]}, results) for a in ids]
         deadline = time.monotonic() + 5
         while metric_value(httpx.get(f"{slow.url}/metrics").text, "qbert_queue_depth") < 2:
             assert time.monotonic() < deadline, "the two requests never reached the queue"
@@ -250,8 +237,8 @@ def test_graceful_shutdown_finishes_in_flight_requests(tiny_export: Path, tmp_pa
                                                        reference: Reference) -> None:
     with running_server(tiny_export, tmp_path, "--max-delay-ms", "1500") as slow:
         results: list[httpx.Response | Exception] = []
-        thread = _post_later(f"{slow.url}/v2/models/qbert/infer",
-                             {"inputs": [_ids_tensor([1, 3], [101, 2054, 102])]}, results)
+        thread = post_later(f"{slow.url}/v2/models/qbert/infer",
+                            {"inputs": [_ids_tensor([1, 3], [101, 2054, 102])]}, results)
         deadline = time.monotonic() + 5
         while metric_value(httpx.get(f"{slow.url}/metrics").text, "qbert_queue_depth") < 1:
             assert time.monotonic() < deadline, "the request never reached the queue"

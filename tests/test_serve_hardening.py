@@ -36,7 +36,7 @@ from qbert_deploy.recipe import Recipe, WeightQuant
 from qbert_deploy.runtimes.serving import ServedModel, create_app
 from qbert_deploy.runtimes.serving.model import CHARS_PER_TOKEN
 from qbert_deploy.tasks import QA, QA_LABELS
-from tests.served import Reference, RunningServer, metric_value, running_server
+from tests.served import Reference, RunningServer, metric_value, post_later, running_server
 from tests.tiny import LABELS, _tokenizer_texts, calibration_batches, tiny_config, tokenizer
 
 BIG_TEXT = "good film " * 838_000  # 8.38 MB as a JSON body, just under the 8 MiB limit (the probe's was 8.0 MB)
@@ -62,18 +62,6 @@ def _count(running: RunningServer, endpoint: str, code: str) -> float:
     found = re.search(rf'^qbert_requests_total{{code="{code}",endpoint="{endpoint}"}} ([0-9.e+]+)$',
                       httpx.get(f"{running.url}/metrics").text, re.MULTILINE)
     return float(found.group(1)) if found else 0.0
-
-
-def _post_later(url: str, body: dict[str, Any], results: list[httpx.Response | Exception]) -> threading.Thread:
-    def send() -> None:
-        try:
-            results.append(httpx.post(url, json=body, timeout=60))
-        except httpx.HTTPError as err:
-            results.append(err)
-
-    thread = threading.Thread(target=send)
-    thread.start()
-    return thread
 
 
 def _wait_queue(running: RunningServer, depth: int) -> None:
@@ -129,7 +117,7 @@ def test_a_full_queue_refuses_text_before_parsing_or_tokenising_it(tiny_export: 
     # one request waits 6 s for its batch to fill and holds the queue of one
     with running_server(tiny_export, tmp_path, "--max-queue", "1", "--max-delay-ms", "6000") as slow:
         results: list[httpx.Response | Exception] = []
-        thread = _post_later(slow.url + INFER, _ids([1, 3], [101, 2054, 102]), results)
+        thread = post_later(slow.url + INFER, _ids([1, 3], [101, 2054, 102]), results, timeout=60)
         _wait_queue(slow, 1)
         started = time.monotonic()
         big = httpx.post(slow.url + CLASSIFY, content=json.dumps({"text": BIG_TEXT}), timeout=60)
@@ -358,7 +346,8 @@ def test_requests_past_the_graceful_timeout_get_a_json_503_and_nothing_waits_for
     # each request waits 10 s for its batch to fill: past the 2 s graceful timeout
     with running_server(tiny_export, tmp_path, "--graceful-timeout-s", "2", "--max-delay-ms", "10000") as slow:
         results: list[httpx.Response | Exception] = []
-        threads = [_post_later(slow.url + INFER, _ids([1, 3], [101, 2000 + i, 102]), results) for i in range(3)]
+        threads = [post_later(slow.url + INFER, _ids([1, 3], [101, 2000 + i, 102]), results, timeout=60)
+                   for i in range(3)]
         _wait_queue(slow, 3)
         started = time.monotonic()
         slow.process.send_signal(signal.SIGTERM)

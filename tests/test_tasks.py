@@ -28,6 +28,7 @@ from qbert_deploy.tasks import QA, TOKEN, entities
 from tests.served import RunningServer, running_server
 from tests.stack import needs_optimum
 from tests.task_files import TAGS, questions, write_conll_pair, write_squad_pair
+from tests.task_files import quantize_refused as _refused
 from tests.tiny import save_hf_dir, tiny_config, tokenizer
 
 FAST = ["--finetune-steps", "3", "--qat-steps", "2", "--hessian-subsets", "2", "--hessian-batch", "4",
@@ -152,15 +153,6 @@ def test_gate_works_on_the_task_metric(workdir: Path, exported: dict[str, Path],
 
 
 # ---- bad inputs: one line, exit 2, nothing written ----
-
-def _refused(capsys: pytest.CaptureFixture[str], argv: list[str], out: Path, message: str) -> None:
-    capsys.readouterr()
-    assert quantize_main([*argv, "-o", str(out)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("qbert-quantize: error: ") and "\n" not in err and "Traceback" not in err, err
-    assert message in err, err
-    assert not out.exists(), "nothing may be written on bad input"
-
 
 def test_bad_conll_squad_and_task_are_refused(workdir: Path, tmp_path: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
