@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "after its last answer) is closed (default 10)")
     parser.add_argument("--body-timeout-s", type=_seconds, default=30.0,
                         help="a request body not received this long after its headers gets 408 (default 30)")
+    parser.add_argument("--max-length", type=_positive, default=None,
+                        help="most tokens per sequence; longer text is cut (or refused with --reject-long-text). "
+                             "Default: the length the model was trained and calibrated at, as qbert-export recorded it")
     parser.add_argument("--model-name", default="qbert", help="the model's name in URLs (default qbert)")
     parser.add_argument("--reject-long-text", action="store_true",
                         help="answer 400 to text longer than the model maximum instead of truncating it")
@@ -101,12 +104,15 @@ def _serve(args: argparse.Namespace) -> int:
     buckets = ShapeBuckets.parse(args.shape_buckets) if args.shape_buckets else None
     try:
         model = ServedModel(args.export_dir, profile=args.profile, providers=providers, threads=args.threads,
-                            shape_buckets=buckets, cuda_graph=args.cuda_graph, verify=not args.no_verify)
+                            shape_buckets=buckets, cuda_graph=args.cuda_graph, verify=not args.no_verify,
+                            max_length=args.max_length)
     except UnverifiedFileError as err:
         raise UnverifiedFileError(f"{err} (--no-verify serves it unverified)") from None
     if args.no_verify:
         print(f"qbert-serve: warning: --no-verify: {model.path} is served without checking its sha256 against "
               "qbert_recipe.json", file=sys.stderr, flush=True)
+    print(f"qbert-serve: {_length_note(model.max_length, model.trained_length, args.max_length is not None)}",
+          file=sys.stderr, flush=True)
     config = ServeConfig(model_name=args.model_name, max_batch=args.max_batch, max_delay_ms=args.max_delay_ms,
                          max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
                          reject_long_text=args.reject_long_text, body_timeout_s=args.body_timeout_s,
@@ -141,6 +147,19 @@ def _serve(args: argparse.Namespace) -> int:
     print("qbert-serve: stopped" + (f" ({abandoned} requests unfinished at the {args.graceful_timeout_s} s graceful "
                                     "timeout got 503)" if abandoned else ""), flush=True)
     return 0
+
+
+def _length_note(served: int, trained: int | None, asked: bool) -> str:
+    """One line on the sequence length served, and where it differs from the trained one."""
+    if trained is None:
+        return (f"at most {served} tokens per sequence (the export records no trained length: exported before it "
+                "was recorded)")
+    if not asked:
+        return f"at most {served} tokens per sequence, the length the model was trained at (--max-length overrides)"
+    if served == trained:
+        return f"at most {served} tokens per sequence, the length the model was trained at"
+    effect = f"accuracy beyond {trained} tokens was not validated" if served > trained else "longer text is cut"
+    return f"note: --max-length {served} overrides the trained length {trained}: {effect}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -22,6 +22,7 @@ from tokenizers import Tokenizer
 from qbert_deploy.families import TEXT_INPUTS, Family, family_of
 from qbert_deploy.runtimes.buckets import BucketedSession, ShapeBuckets
 from qbert_deploy.runtimes.export_dir import (
+    ExportConfig,
     ExportDirError,
     check_label_count,
     check_signature,
@@ -30,6 +31,7 @@ from qbert_deploy.runtimes.export_dir import (
     verify_file,
 )
 from qbert_deploy.runtimes.session import PROVIDERS, SessionError, first_available, open_session
+from qbert_deploy.runtimes.trained_length import trained_max_length
 from qbert_deploy.tasks import best_span, combine, entities, task_kind
 
 INPUT_NAMES = TEXT_INPUTS  # a graph takes these or a subset (DistilBERT's and RoBERTa's have no token_type_ids)
@@ -164,9 +166,12 @@ class ServedModel:
 
     def __init__(self, export_dir: str | os.PathLike[str], profile: str | None = None,
                  providers: Sequence[str] = ("cpu",), threads: int | None = None,
-                 shape_buckets: ShapeBuckets | None = None, cuda_graph: bool = False, verify: bool = True) -> None:
-        """`shape_buckets` runs every batch padded to a fixed shape bucket (invisible to clients; a batch beyond the
-        largest bucket runs unpadded); `cuda_graph` (CUDA only) adds a captured CUDA graph per bucket. `verify`
+                 shape_buckets: ShapeBuckets | None = None, cuda_graph: bool = False, verify: bool = True,
+                 max_length: int | None = None) -> None:
+        """`max_length` is the most tokens per sequence: by default the length the model was trained and calibrated
+        at (`qbert.max_length`, recorded by qbert-export), else the model's position table. `shape_buckets` runs
+        every batch padded to a fixed shape bucket (invisible to clients; a batch beyond the largest bucket runs
+        unpadded); `cuda_graph` (CUDA only) adds a captured CUDA graph per bucket. `verify`
         checks the served file against the sha256 qbert-export recorded in qbert_recipe.json.
 
         The directory goes through the same validation as `qbert-export --check` (`runtimes/export_dir.py`), so a
@@ -201,7 +206,8 @@ class ServedModel:
         first = outputs[self.output_names[0]]
         self.output_type = ORT_TYPES.get(first.type, first.type)
         self.labels = config.labels
-        self.max_length = config.max_length
+        self.trained_length = trained_max_length(self.path)
+        self.max_length = _sequence_limit(config, max_length, self.trained_length, self.path)
         self.vocab_size = config.vocab_size
         self.type_vocab_size = config.type_vocab_size
         self.providers = self.session.get_providers()
@@ -381,6 +387,15 @@ def _closing_specials(tokenizer: Tokenizer) -> int | None:
     if len(starts) != 1:
         return None
     return len(full) - starts[0] - len(content)
+
+
+def _sequence_limit(config: ExportConfig, asked: int | None, trained: int | None, path: Path) -> int:
+    """The tokens per sequence to serve: the asked length, else the trained one; never beyond the position table."""
+    if asked is None:
+        return min(trained, config.max_length) if trained is not None else config.max_length
+    if asked > config.max_length:
+        raise ModelDirError(f"{path}: --max-length {asked} is beyond the model's {config.max_length} positions")
+    return asked
 
 
 def _window(encoding: Any, max_length: int, closing: int) -> Window:
