@@ -31,8 +31,8 @@ MAX_TENSOR_ELEMENTS = 2**31  # no single tensor of a BERT comes near; bounds wha
 MAX_ABS_VALUE = 1e30
 # Tokenizer files land in the export directory: plain names only, never one of the export's own files.
 TOKENIZER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
-RESERVED_NAMES = frozenset({"model.onnx", "config.json", "qbert_recipe.json", "size_report.json", "size_report.md",
-                            "model.safetensors", "qbert_checkpoint.json"})
+RESERVED_NAMES = frozenset({"model.onnx", "model.canonical.onnx", "config.json", "qbert_recipe.json",
+                            "size_report.json", "size_report.md", "model.safetensors", "qbert_checkpoint.json"})
 MAX_SEQUENCE_LENGTH = 1_048_576  # the config ceiling on max_position_embeddings (models/build.py)
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 # What makes a Hugging Face model folder the model: its config and weights, not its tokenizer or our cache stamp.

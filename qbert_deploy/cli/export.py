@@ -21,6 +21,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lower", action="append", type=_profiles, default=[], metavar="PROFILE[,PROFILE]",
                         help="also write OUT/model.PROFILE.onnx lowered for a runtime: cpu-w8a8, weight-only, "
                              "cuda, cuda-fp16, tensorrt (repeatable or a comma list)")
+    parser.add_argument("--deploy", default=None, type=_profile, metavar="PROFILE",
+                        help="write a deployment folder: PROFILE's lowered graph (e.g. cpu-w8a8) as OUT/model.onnx, "
+                             "the file Optimum's ORTModel and other tools load by default, and the canonical graph "
+                             "as OUT/model.canonical.onnx; qbert-serve, qbert-validate and --check read both")
     parser.add_argument("--no-3bit-packing", action="store_true",
                         help="lowered files keep 3-bit weights in int4 containers: a bigger file, but no unpacking "
                              "(and ~200 MiB less peak memory on BERT-base) when ONNX Runtime opens it")
@@ -33,6 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", dest="check_checkpoint", metavar="MODEL_PT",
                         help="with --check: also require the export to come from this checkpoint")
     return parser
+
+
+def _profile(text: str) -> str:
+    names = _profiles(text)
+    if len(names) != 1:
+        raise argparse.ArgumentTypeError(f"--deploy takes one profile, got {text!r}")
+    return names[0]
 
 
 def _profiles(text: str) -> list[str]:
@@ -93,14 +104,15 @@ def _export(args: argparse.Namespace) -> int:
         # Lowering, the self-check and parity all run before the export takes the place of OUT.
         result = export_checkpoint(checkpoint, args.out, opset=args.opset, lower=profiles,
                                    pack_3bit=not args.no_3bit_packing,
-                                   verify=None if args.no_parity else _parity(checkpoint))
+                                   verify=None if args.no_parity else _parity(checkpoint), deploy=args.deploy)
     except ParityFailure as err:
         return fail(str(err), code=1, prog="qbert-export")
     size = result.size
     print(f"wrote {result.model_path} ({size['file_bytes'] / 2**20:.2f} MB; fp32 weights "
           f"{size['fp32_bytes'] / 2**20:.2f} MB; {size['compression_on_disk']:.2f}x smaller on disk)")
     for profile, path in result.lowered.items():
-        print(f"wrote {path} (lowered for {profile}, {path.stat().st_size / 2**20:.2f} MB)")
+        role = ", the folder's default model.onnx" if profile == args.deploy else ""
+        print(f"wrote {path} (lowered for {profile}{role}, {path.stat().st_size / 2**20:.2f} MB)")
     if args.triton_repo:
         from qbert_deploy.runtimes.triton_repo import write_triton_repo
 

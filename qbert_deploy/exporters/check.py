@@ -2,7 +2,7 @@
 
 Each check is one small function returning a `CheckResult`; `check_export` runs them all and never raises on a
 bad directory: a corrupt or tampered file is a failed check with a one-line reason. Every model file is checked,
-model.onnx and each lowered model.<profile>.onnx (the one qbert-serve runs by default): the onnx checker, the
+the canonical graph and each lowered file (the one qbert-serve runs by default): the onnx checker, the
 onnxruntime load and the sha256 recorded at export. What qbert-serve needs of the directory (config.json's types,
 the tokenizer, the graph's inputs and outputs) is checked by the same code qbert-serve runs at start
 (`qbert_deploy.runtimes.export_dir`), so a directory that passes here is one qbert-serve starts on.
@@ -28,8 +28,9 @@ from qbert_deploy.runtimes.export_dir import ExportConfig
 
 REQUIRED_METADATA = ("qbert.format_version", "qbert.recipe", "qbert.recipe_sha256", "qbert.checkpoint_sha256",
                      "qbert.weights_sha256", "qbert.labels", "qbert.versions")
-# qbert_recipe.json holds the recipe plus the digests that tie it to the checkpoint, the weights and the files.
-RECIPE_FILE_DIGESTS = ("checkpoint_sha256", "weights_sha256", export_dir.FILES_KEY)
+# qbert_recipe.json holds the recipe plus the digests that tie it to the checkpoint, the weights and the files (and
+# a deployment folder's profile).
+RECIPE_FILE_DIGESTS = ("checkpoint_sha256", "weights_sha256", export_dir.FILES_KEY, export_dir.DEPLOYED_KEY)
 TOKENIZER_REQUIRED = ("tokenizer.json", "tokenizer_config.json")  # qbert-serve tokenizes with tokenizer.json
 
 
@@ -59,6 +60,7 @@ class CheckResult:
 @dataclass
 class _Context:
     folder: Path
+    canonical: Path  # model.onnx, or model.canonical.onnx in a deployment folder (`qbert-export --deploy`)
     model: ir.Model | None = None
     metadata: dict[str, str] = field(default_factory=dict)
     recipe_file: dict[str, Any] = field(default_factory=dict)
@@ -72,16 +74,18 @@ def _first_line(err: BaseException) -> str:
 
 
 def _files(ctx: _Context) -> str:
-    missing = [n for n in ("model.onnx", "config.json", "qbert_recipe.json", *TOKENIZER_REQUIRED)
-               if not (ctx.folder / n).is_file()]
+    names = (ctx.canonical.name, export_dir.CANONICAL_FILE, "config.json", "qbert_recipe.json", *TOKENIZER_REQUIRED)
+    missing = [n for n in dict.fromkeys(names) if not (ctx.folder / n).is_file()]
     if missing:
         raise ValueError(f"missing {', '.join(missing)}")
-    return "model.onnx, config.json, qbert_recipe.json and tokenizer files present"
+    deployed = export_dir.deployed_profile(ctx.folder)
+    layout = f"; a deployment folder: model.onnx is lowered for {deployed}" if deployed else ""
+    return f"{ctx.canonical.name}, config.json, qbert_recipe.json and tokenizer files present{layout}"
 
 
 def _onnx_checker(ctx: _Context) -> str:
-    onnx.checker.check_model(str(ctx.folder / "model.onnx"), full_check=True)
-    ctx.model = ir.load(ctx.folder / "model.onnx")
+    onnx.checker.check_model(str(ctx.canonical), full_check=True)
+    ctx.model = ir.load(ctx.canonical)
     ctx.metadata = dict(ctx.model.metadata_props)
     return "onnx.checker.check_model(full_check=True) passes"
 
@@ -129,7 +133,7 @@ def _labels(ctx: _Context) -> str:
 def _file_hashes(ctx: _Context) -> str:
     """Every model file against the sha256 recorded at export, and every recorded file present."""
     records = export_dir.recorded_files(ctx.folder)
-    files = [ctx.folder / "model.onnx", *export_dir.lowered_files(ctx.folder)]
+    files = [ctx.canonical, *export_dir.lowered_files(ctx.folder)]
     for path in files:
         export_dir.verify_file(ctx.folder, path)
     gone = sorted(set(records) - {p.name for p in files})
@@ -157,14 +161,13 @@ def _servable(ctx: _Context) -> str:
     export_dir.load_tokenizer(ctx.folder, ctx.config)
     if ctx.session is None:
         raise ValueError("model.onnx does not load in onnxruntime (see the opset check)")
-    export_dir.check_signature(ctx.config, ctx.session.get_inputs(), ctx.session.get_outputs(),
-                               ctx.folder / "model.onnx")
+    export_dir.check_signature(ctx.config, ctx.session.get_inputs(), ctx.session.get_outputs(), ctx.canonical)
     c = ctx.config
     return (f"config.json, tokenizer.json and model.onnx's inputs and outputs fit qbert-serve ({c.family.model_type}, "
             f"{c.task}, {len(c.labels)} labels, up to {c.max_length} tokens)")
 
 
-def _lowered(path: Path) -> Callable[[_Context], str]:
+def _lowered(profile: str, path: Path) -> Callable[[_Context], str]:
     def check(ctx: _Context) -> str:
         """A lowered file: the onnx checker, the export it came from, its profile, the onnxruntime load and the
         signature qbert-serve needs (its sha256 is the file hashes check)."""
@@ -174,7 +177,6 @@ def _lowered(path: Path) -> Callable[[_Context], str]:
         for key in ("qbert.recipe_sha256", "qbert.checkpoint_sha256"):
             if props.get(key) != ctx.metadata.get(key):
                 raise ValueError(f"its {key} differs from model.onnx's: lowered from another export")
-        profile = path.name[len("model."):-len(".onnx")]
         lowered = json.loads(props.get("qbert.lowering", "{}")).get("profile")
         if lowered != profile:
             raise ValueError(f"lowered for profile {lowered!r}, but named for {profile!r}")
@@ -201,7 +203,7 @@ def _ort_opset(ctx: _Context) -> str:
         ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
     except Exception as err:  # ORT's own exception classes derive from Exception only
         raise ValueError(f"opset {opset} is not supported by onnxruntime {ort.__version__}") from err
-    ctx.session = _ort_load(ctx.folder / "model.onnx")
+    ctx.session = _ort_load(ctx.canonical)
     return f"opset {opset} supported; onnxruntime {ort.__version__} loads the model"
 
 
@@ -220,17 +222,25 @@ def _checkpoint(path: Path) -> Callable[[_Context], str]:
 def check_export(folder: str | os.PathLike[str], checkpoint: str | os.PathLike[str] | None = None) \
         -> list[CheckResult]:
     """Run every check on an export directory; later checks are skipped once the model cannot be read."""
-    ctx = _Context(Path(folder))
-    if not ctx.folder.is_dir():
-        return [CheckResult("export directory", False, f"{ctx.folder}: not a directory")]
+    folder = Path(folder)
+    if not folder.is_dir():
+        return [CheckResult("export directory", False, f"{folder}: not a directory")]
+    try:
+        files = export_dir.model_files(folder)
+    except export_dir.ExportDirError as err:  # an unreadable qbert_recipe.json: the plain layout, and say why
+        files = export_dir.ModelFiles(folder / export_dir.CANONICAL_FILE, {}, None)
+        layout_error: str | None = str(err)
+    else:
+        layout_error = None
+    ctx = _Context(folder, files.canonical)
     checks: list[tuple[str, Callable[[_Context], str]]] = [
         ("files", _files), ("onnx checker", _onnx_checker), ("recipe hash", _recipe_hash),
         ("weights hash", _weights_hash), ("file hashes", _file_hashes), ("labels", _labels),
         ("onnxruntime opset", _ort_opset), ("servable", _servable)]
-    checks += [(f"lowered {path.name}", _lowered(path)) for path in export_dir.lowered_files(ctx.folder)]
+    checks += [(f"lowered {path.name}", _lowered(profile, path)) for profile, path in files.lowered.items()]
     if checkpoint is not None:
         checks.append(("checkpoint digest", _checkpoint(Path(checkpoint))))
-    results = []
+    results = [] if layout_error is None else [CheckResult("layout", False, layout_error)]
     for name, check in checks:
         if name not in ("files", "onnx checker") and ctx.model is None:
             results.append(CheckResult(name, False, "skipped: model.onnx could not be read"))

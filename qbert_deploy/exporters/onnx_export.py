@@ -37,7 +37,14 @@ from qbert_deploy.families import TEXT_INPUTS, family, family_of
 from qbert_deploy.models.build import build_model, estimated_parameters
 from qbert_deploy.models.hf_compat import export_attention
 from qbert_deploy.models.prune import order_by_bits
-from qbert_deploy.runtimes.export_dir import record_files
+from qbert_deploy.runtimes.export_dir import (
+    CANONICAL_FILE,
+    DEPLOYED_CANONICAL_FILE,
+    DEPLOYED_KEY,
+    RECIPE_FILE,
+    model_files,
+    record_files,
+)
 from qbert_deploy.runtimes.lowering import lower as lower_file
 from qbert_deploy.runtimes.lowering import lowered_path, profile_info
 from qbert_deploy.runtimes.trained_length import MAX_LENGTH_KEY
@@ -128,10 +135,12 @@ def _fp32_bytes(checkpoint: Checkpoint) -> int:
 
 def export_checkpoint(checkpoint: Checkpoint, out_dir: str | os.PathLike[str], opset: int = 21,
                       lower: Sequence[str] = (), pack_3bit: bool = True,
-                      verify: Callable[[Path], None] | None = None) -> ExportResult:
+                      verify: Callable[[Path], None] | None = None, deploy: str | None = None) -> ExportResult:
     """Export `checkpoint` into `out_dir` (created or replaced whole; never left half written).
 
     `lower` also writes model.<profile>.onnx for each profile (`pack_3bit=False`: 3-bit weights stay in int4).
+    `deploy` makes a deployment folder: that profile's lowered graph is its model.onnx, the file Optimum and other
+    tools load by default, and the canonical graph is model.canonical.onnx (recorded in qbert_recipe.json).
     Everything happens in a temporary directory beside `out_dir`: the files are written, their sha256 recorded in
     qbert_recipe.json, the directory passes `check_export` (what `qbert-export --check` runs) and then
     `verify(temporary model.onnx)` (the CLI's parity check); only then does it take the place of `out_dir`. Any
@@ -139,7 +148,8 @@ def export_checkpoint(checkpoint: Checkpoint, out_dir: str | os.PathLike[str], o
     """
     if opset not in SUPPORTED_OPSETS:
         raise ExportError(f"opset {opset} is not supported; choose one of {SUPPORTED_OPSETS}")
-    profiles = list(dict.fromkeys(profile_info(name).name for name in lower))  # an unknown name fails here
+    deployed = profile_info(deploy).name if deploy is not None else None
+    profiles = list(dict.fromkeys(profile_info(name).name for name in [*lower, *([deployed] if deployed else [])]))
     _check_replaceable(Path(out_dir))
     model = build_model(checkpoint)
     order_by_bits(model)  # rows of one width contiguous in each mixed matrix (a no-op when already so)
@@ -181,13 +191,28 @@ def export_checkpoint(checkpoint: Checkpoint, out_dir: str | os.PathLike[str], o
         _write_side_files(tmp, checkpoint, report, weights_digest)
         for profile in profiles:
             lower_file(model_path, profile, lowered_path(tmp, profile), pack_3bit=pack_3bit)
-        record_files(tmp, ["model.onnx", *(lowered_path(tmp, p).name for p in profiles)])
+        if deployed is not None:
+            model_path = _as_deployment(tmp, deployed)
+        files = model_files(tmp)
+        record_files(tmp, [files.canonical.name, *(path.name for path in files.lowered.values())])
         failed = [r for r in check_export(tmp) if not r.ok]
         if failed:
             raise ExportError(f"the export fails its own check, {failed[0].name}: {failed[0].detail}")
         if verify is not None:
             verify(model_path)
-    return ExportResult(out, out / "model.onnx", report, {p: lowered_path(out, p) for p in profiles})
+    files = model_files(out)
+    return ExportResult(out, files.canonical, report, dict(files.lowered))
+
+
+def _as_deployment(folder: Path, profile: str) -> Path:
+    """Turn an export folder into a deployment folder for `profile`; returns where the canonical graph now is."""
+    canonical = folder / DEPLOYED_CANONICAL_FILE
+    (folder / CANONICAL_FILE).rename(canonical)
+    lowered_path(folder, profile).rename(folder / CANONICAL_FILE)
+    recipe = json.loads((folder / RECIPE_FILE).read_text())
+    recipe[DEPLOYED_KEY] = profile
+    (folder / RECIPE_FILE).write_text(json.dumps(recipe, indent=2, sort_keys=True) + "\n")
+    return canonical
 
 
 def _check_replaceable(out: Path) -> None:

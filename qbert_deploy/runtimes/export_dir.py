@@ -26,6 +26,12 @@ from qbert_deploy.tasks import DEFAULT_TASK, QA, TOKEN, task_kind, task_of_head
 
 RECIPE_FILE = "qbert_recipe.json"
 FILES_KEY = "files"  # qbert_recipe.json: {file name: sha256 of its bytes} for model.onnx and each lowered file
+# A deployment folder (`qbert-export --deploy PROFILE`) holds that profile's lowered graph as model.onnx, the file
+# Optimum and other tools load by default, and the canonical graph as model.canonical.onnx; qbert_recipe.json names
+# the profile under this key. Every reader finds its files through `model_files`.
+DEPLOYED_KEY = "deployed"
+CANONICAL_FILE = "model.onnx"
+DEPLOYED_CANONICAL_FILE = "model.canonical.onnx"
 MAX_POSITIONS = 1 << 20  # far above any encoder's table; beyond it tokenizers' truncation overflows
 MAX_LABELS = 1 << 16  # a num_labels beyond this is a typo, and LABEL_i names for it would fill the memory
 _LOWERED = re.compile(r"model\.(.+)\.onnx")
@@ -46,9 +52,41 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+@dataclass(frozen=True)
+class ModelFiles:
+    """The ONNX files of an export directory: the canonical graph and each lowered profile's file."""
+
+    canonical: Path
+    lowered: dict[str, Path]  # profile -> file, by profile name
+    deployed: str | None  # the profile served as model.onnx in a deployment folder, else None
+
+
+def deployed_profile(folder: Path) -> str | None:
+    """The profile a deployment folder's model.onnx is lowered for (qbert_recipe.json `deployed`), else None."""
+    recipe = folder / RECIPE_FILE
+    if not recipe.is_file():
+        return None
+    deployed = read_json(recipe).get(DEPLOYED_KEY)
+    if deployed is not None and not (isinstance(deployed, str) and deployed and "/" not in deployed):
+        raise ExportDirError(f"{recipe}: {DEPLOYED_KEY!r} must be a profile name, got {json.dumps(deployed)[:60]}")
+    return deployed
+
+
+def model_files(folder: str | os.PathLike[str]) -> ModelFiles:
+    """Where the canonical and the lowered graphs of an export (or deployment) folder are."""
+    folder = Path(folder)
+    deployed = deployed_profile(folder)
+    canonical = folder / (DEPLOYED_CANONICAL_FILE if deployed else CANONICAL_FILE)
+    lowered = {match.group(1): p for p in folder.glob("model.*.onnx")
+               if (match := _LOWERED.fullmatch(p.name)) and p != canonical}
+    if deployed:
+        lowered[deployed] = folder / CANONICAL_FILE
+    return ModelFiles(canonical, dict(sorted(lowered.items())), deployed)
+
+
 def lowered_files(folder: Path) -> list[Path]:
-    """The export's lowered files, model.<profile>.onnx, by name."""
-    return sorted(p for p in folder.glob("model.*.onnx") if _LOWERED.fullmatch(p.name))
+    """The export's lowered files (model.<profile>.onnx, and a deployment folder's model.onnx), by profile."""
+    return list(model_files(folder).lowered.values())
 
 
 def _integer(config: Mapping[str, Any], key: str, path: Path, minimum: int, default: int | None = None,
@@ -256,6 +294,7 @@ def record_files(folder: Path, names: Sequence[str]) -> None:
     write_text_atomic(folder / RECIPE_FILE, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-__all__ = ["FILES_KEY", "RECIPE_FILE", "ExportConfig", "ExportDirError", "UnverifiedFileError", "check_label_count",
-           "check_signature", "file_sha256", "labels_of", "load_tokenizer", "lowered_files", "read_config",
-           "read_json", "record_files", "recorded_files", "verify_file"]
+__all__ = ["CANONICAL_FILE", "DEPLOYED_CANONICAL_FILE", "DEPLOYED_KEY", "FILES_KEY", "RECIPE_FILE", "ExportConfig",
+           "ExportDirError", "ModelFiles", "UnverifiedFileError", "check_label_count", "check_signature",
+           "deployed_profile", "file_sha256", "labels_of", "load_tokenizer", "lowered_files", "model_files",
+           "read_config", "read_json", "record_files", "recorded_files", "verify_file"]

@@ -279,10 +279,13 @@ def lower_in_export(export_dir: str | os.PathLike[str], profile: str, pack_3bit:
 
     A kill between the two writes leaves a lowered file without a record: refused by both, never trusted.
     """
-    from qbert_deploy.runtimes.export_dir import record_files, verify_file
+    from qbert_deploy.runtimes.export_dir import model_files, record_files, verify_file
 
     folder = Path(export_dir)
-    verify_file(folder, folder / "model.onnx")
-    path = lower(folder / "model.onnx", profile, lowered_path(folder, profile), pack_3bit=pack_3bit)
+    files = model_files(folder)
+    if profile_info(profile).name == files.deployed:
+        raise LoweringError(f"{folder}: a deployment folder whose model.onnx is already lowered for {profile}")
+    verify_file(folder, files.canonical)
+    path = lower(files.canonical, profile, lowered_path(folder, profile), pack_3bit=pack_3bit)
     record_files(folder, [path.name])
     return path

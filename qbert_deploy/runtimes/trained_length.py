@@ -13,6 +13,8 @@ from pathlib import Path
 
 import onnx
 
+from qbert_deploy.runtimes.export_dir import model_files
+
 MAX_LENGTH_KEY = "qbert.max_length"
 
 
@@ -35,11 +37,11 @@ def recorded_max_length(metadata: dict[str, str], source: str = "model.onnx") ->
 
 
 def trained_max_length(path: str | os.PathLike[str]) -> int | None:
-    """The trained length of an export directory (its model.onnx) or of one ONNX file (e.g. model.cpu-w8a8.onnx);
+    """The trained length of an export directory (its canonical graph) or of one ONNX file (e.g. model.cpu-w8a8.onnx);
     None for a model exported before the length was recorded."""
     file = Path(path)
     if file.is_dir():
-        file = file / "model.onnx"
+        file = model_files(file).canonical
     if not file.is_file():
         raise TrainedLengthError(f"{file}: no such ONNX file")
     try:

@@ -2,13 +2,15 @@
 
 The lowering contract (qbert_deploy.runtimes.lowering): `PROFILES` names the profiles and
 `lower(src, profile, dst) -> Path` writes the lowered model. An export directory may already hold
-`model.<profile>.onnx`, which is then used as is.
+`model.<profile>.onnx` (a deployment folder: its model.onnx), which is then used as is.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+
+from qbert_deploy.runtimes.export_dir import model_files
 
 CANONICAL = "canonical"
 
@@ -31,9 +33,8 @@ def known_profiles() -> tuple[str, ...]:
 
 
 def lowered_files(export_dir: Path) -> list[str]:
-    """The profiles whose model.<profile>.onnx the export directory holds, sorted."""
-    return sorted(p.name[len("model."):-len(".onnx")] for p in export_dir.glob("model.*.onnx")
-                  if p.is_file() and p.name != "model.onnx" and not p.name.startswith("."))
+    """The profiles whose lowered file the export directory holds, sorted."""
+    return [profile for profile, path in model_files(export_dir).lowered.items() if path.is_file()]
 
 
 def served_profile(provider: str) -> str | None:
@@ -73,9 +74,10 @@ def default_profiles(export_dir: Path, providers: Sequence[str]) -> dict[str, li
 
 def profile_model(export_dir: Path, profile: str, workdir: Path) -> Path:
     """The model file for `profile`: model.onnx, a lowered model already in the export, or one lowered now."""
+    files = model_files(export_dir)
     if profile == CANONICAL:
-        return export_dir / "model.onnx"
-    existing = export_dir / f"model.{profile}.onnx"
+        return files.canonical
+    existing = files.lowered.get(profile, export_dir / f"model.{profile}.onnx")
     if existing.is_file():
         return existing
     found = _lowering()
@@ -86,5 +88,5 @@ def profile_model(export_dir: Path, profile: str, workdir: Path) -> Path:
     if profile not in profiles:
         raise ProfileError(f"unknown profile {profile!r}; choose from {', '.join(known_profiles())}")
     workdir.mkdir(parents=True, exist_ok=True)
-    result = lower(export_dir / "model.onnx", profile, workdir / f"model.{profile}.onnx")  # type: ignore[operator]
+    result = lower(files.canonical, profile, workdir / f"model.{profile}.onnx")  # type: ignore[operator]
     return Path(result)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qbert_deploy.checkpoint import Checkpoint
+from qbert_deploy.runtimes.export_dir import ExportDirError, model_files
 from qbert_deploy.runtimes.trained_length import TrainedLengthError, read_metadata, recorded_max_length
 
 
@@ -26,11 +27,14 @@ class ExportInfo:
 
 def read_export_info(export_dir: Path) -> ExportInfo:
     """The qbert metadata of EXPORT_DIR/model.onnx (the weights themselves are not loaded)."""
-    path = export_dir / "model.onnx"
     if not export_dir.is_dir():
         raise MismatchError(f"{export_dir}: no such export directory")
+    try:
+        path = model_files(export_dir).canonical
+    except ExportDirError as err:
+        raise MismatchError(str(err)) from None
     if not path.is_file():
-        raise MismatchError(f"{export_dir}: no model.onnx (is it a qbert-export directory?)")
+        raise MismatchError(f"{export_dir}: no {path.name} (is it a qbert-export directory?)")
     try:
         props = read_metadata(path)
     except ValueError as err:

@@ -10,11 +10,9 @@ from qbert_deploy.runtimes.serving.model import (
     ModelDirError,
     ServedFile,
     ServedModel,
-    model_file,
     open_served,
-    profiles,
     served_file,
 )
 
 __all__ = ["CANONICAL", "Batcher", "ModelDirError", "QueueFull", "ServeConfig", "ServedFile", "ServedModel",
-           "create_app", "model_file", "open_served", "profiles", "served_file"]
+           "create_app", "open_served", "served_file"]

@@ -27,6 +27,7 @@ from qbert_deploy.runtimes.export_dir import (
     check_label_count,
     check_signature,
     load_tokenizer,
+    model_files,
     read_config,
     verify_file,
 )
@@ -47,29 +48,11 @@ CHARS_PER_TOKEN = 64
 ModelDirError = ExportDirError  # an export directory that cannot be served as asked (the shared validation's error)
 
 
-def profiles(export_dir: Path) -> list[str]:
-    """The lowered profiles an export directory holds: model.<profile>.onnx files."""
-    return sorted(p.name[len("model."):-len(".onnx")] for p in export_dir.glob("model.*.onnx"))
-
-
-def model_file(export_dir: str | os.PathLike[str], profile: str | None = None) -> Path:
-    """model.<profile>.onnx when a profile is named, model.onnx otherwise."""
-    folder = Path(export_dir)
-    if not folder.is_dir():
-        raise ModelDirError(f"{folder}: not an export directory")
-    path = folder / (f"model.{profile}.onnx" if profile else "model.onnx")
-    if not path.is_file():
-        have = ", ".join(profiles(folder)) or "none"
-        what = f"profile {profile!r}" if profile else "model.onnx"
-        raise ModelDirError(f"{folder}: no {what} (no {path.name}; lowered profiles here: {have})")
-    return path
-
-
 @dataclass(frozen=True)
 class ServedFile:
     path: Path  # the file read from the export directory
     profile: str  # the lowering profile it runs as, or CANONICAL
-    lowered_in_memory: bool  # model.onnx lowered at start, because the export has no model.<profile>.onnx
+    lowered_in_memory: bool  # the canonical graph lowered at start: the export has no file for the profile
 
     def describe(self) -> str:
         if self.lowered_in_memory:
@@ -82,24 +65,28 @@ def served_file(export_dir: str | os.PathLike[str], profile: str | None = None,
     """Which file and profile to serve.
 
     `profile=None`: `provider`'s fast profile (`qbert_deploy.runtimes.lowering.default_profile`). A lowering
-    profile is served from model.<profile>.onnx when the export holds it, else from model.onnx lowered in memory;
-    any other name needs its model.<name>.onnx; "canonical" serves model.onnx as it is.
+    profile is served from its lowered file when the export holds it (model.<profile>.onnx, or a deployment
+    folder's model.onnx), else from the canonical graph lowered in memory; any other name needs its
+    model.<name>.onnx; "canonical" serves the canonical graph as it is.
     """
     from qbert_deploy.runtimes.lowering import PROFILES, default_profile
 
     folder = Path(export_dir)
     if not folder.is_dir():
         raise ModelDirError(f"{folder}: not an export directory")
+    files = model_files(folder)
+    if not files.canonical.is_file():
+        raise ModelDirError(f"{folder}: no {files.canonical.name} (is it a qbert-export directory?)")
     if profile == CANONICAL:
-        return ServedFile(model_file(folder), CANONICAL, False)
+        return ServedFile(files.canonical, CANONICAL, False)
     chosen = profile or default_profile(provider)
-    if (folder / f"model.{chosen}.onnx").is_file():
-        return ServedFile(folder / f"model.{chosen}.onnx", chosen, False)
+    if chosen in files.lowered:
+        return ServedFile(files.lowered[chosen], chosen, False)
     if chosen not in PROFILES:
         raise ModelDirError(f"{folder}: no profile {chosen!r}: no model.{chosen}.onnx here (lowered files: "
-                            f"{', '.join(profiles(folder)) or 'none'}) and not a lowering profile "
+                            f"{', '.join(files.lowered) or 'none'}) and not a lowering profile "
                             f"({', '.join((*PROFILES, CANONICAL))})")
-    return ServedFile(model_file(folder), chosen, True)
+    return ServedFile(files.canonical, chosen, True)
 
 
 def open_served(served: ServedFile, providers: Sequence[str] = ("cpu",), threads: int | None = None,
@@ -421,4 +408,4 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 __all__ = ["CANONICAL", "CHARS_PER_TOKEN", "INPUT_NAMES", "OUTPUT_NAME", "PROVIDERS", "Encoded", "ModelDirError",
-           "ServedFile", "ServedModel", "Window", "model_file", "open_served", "profiles", "served_file", "softmax"]
+           "ServedFile", "ServedModel", "Window", "open_served", "served_file", "softmax"]
