@@ -25,6 +25,7 @@ from qbert_deploy.tasks import DEFAULT_TASK, TASKS
 
 FORMAT_NAME = "qbert-deploy/model.pt"
 FORMAT_VERSION = 1
+OPTIONAL_KEYS = ("task", "max_length", "fp32_reference", "text_pairs")  # payload keys written only when set
 MAX_TENSOR_ELEMENTS = 2**31  # no single tensor of a BERT comes near; bounds what a crafted file can make us allocate
 # Weights and ranges beyond this are refused: no trained BERT comes near, and a min/max range wider than float32's
 # 3.4e38 would overflow the quantizer's scale to inf.
@@ -95,6 +96,7 @@ class Checkpoint:
     # they do not change what an export computes.
     max_length: int | None = None  # the sequence length the model was trained and calibrated at
     fp32_reference: Fp32Reference | None = None  # the fine-tuned fp32 model it was quantized from
+    text_pairs: bool | None = None  # sequence classification: trained on sentence pairs (True) or single texts
 
     def digest(self) -> str:
         """Hash of the weights, recipe and activation ranges: what an export must have been made from."""
@@ -127,6 +129,8 @@ class Checkpoint:
             out["max_length"] = self.max_length
         if self.fp32_reference is not None:
             out["fp32_reference"] = self.fp32_reference.to_json()
+        if self.text_pairs is not None:
+            out["text_pairs"] = self.text_pairs
         return out
 
 
@@ -220,10 +224,14 @@ def checkpoint_from_payload(payload: Any, source: str = "model.pt") -> Checkpoin
     _require(max_length is None or (isinstance(max_length, int) and not isinstance(max_length, bool)
                                     and 1 <= max_length <= MAX_SEQUENCE_LENGTH),
              f"{source}: 'max_length' must be an integer in 1..{MAX_SEQUENCE_LENGTH:,}, got {max_length!r}")
+    text_pairs = payload.get("text_pairs")
+    _require(text_pairs is None or (isinstance(text_pairs, bool) and task == DEFAULT_TASK),
+             f"{source}: 'text_pairs' must be true or false, and only for {DEFAULT_TASK}, got {text_pairs!r}")
     return Checkpoint(config=config, state_dict=state, recipe=recipe,
                       activation_ranges={k: [float(v[0]), float(v[1])] for k, v in ranges.items()},
                       labels=list(labels), tokenizer_files=tokenizer_files, metrics=metrics, task=task,
-                      max_length=max_length, fp32_reference=_fp32_reference(payload.get("fp32_reference"), source))
+                      max_length=max_length, fp32_reference=_fp32_reference(payload.get("fp32_reference"), source),
+                      text_pairs=text_pairs)
 
 
 def _fp32_reference(value: Any, source: str) -> Fp32Reference | None:

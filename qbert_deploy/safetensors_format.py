@@ -3,7 +3,7 @@
     model.safetensors       float weights under Hugging Face names
     config.json             the Hugging Face BertConfig
     qbert_checkpoint.json   format marker, recipe, activation ranges, labels, metrics, tokenizer file list (and the
-                            optional task, max_length and fp32_reference)
+                            optional task, max_length, fp32_reference and text_pairs)
     tokenizer files         as listed in qbert_checkpoint.json
 
 It loads into the same `Checkpoint` as model.pt (same validation, same digest), so both export the same model.onnx.
@@ -20,6 +20,7 @@ from qbert_deploy.atomic import atomic_dir
 from qbert_deploy.checkpoint import (
     FORMAT_NAME,
     FORMAT_VERSION,
+    OPTIONAL_KEYS,
     TOKENIZER_NAME,
     Checkpoint,
     CheckpointError,
@@ -39,7 +40,7 @@ def save_safetensors_checkpoint(checkpoint: Checkpoint, folder: str | os.PathLik
     payload = checkpoint.to_payload()
     meta = {k: payload[k] for k in ("format", "format_version", "recipe", "activation_ranges", "labels", "metrics")}
     meta["tokenizer_files"] = sorted(checkpoint.tokenizer_files)
-    meta |= {k: payload[k] for k in ("task", "max_length", "fp32_reference") if k in payload}
+    meta |= {k: payload[k] for k in OPTIONAL_KEYS if k in payload}
     with atomic_dir(folder) as tmp:
         save_file(payload["state_dict"], str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT_NAME})
         (tmp / CONFIG_FILE).write_text(json.dumps(checkpoint.config, indent=2, sort_keys=True) + "\n")
@@ -105,7 +106,7 @@ def load_safetensors_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         "labels": meta.get("labels"),
         "tokenizer_files": {name: _read_text(folder / name) for name in names},
         "metrics": meta.get("metrics", {}),
-    } | {k: meta[k] for k in ("task", "max_length", "fp32_reference") if k in meta}
+    } | {k: meta[k] for k in OPTIONAL_KEYS if k in meta}
     return checkpoint_from_payload(payload, str(folder))
 
 

@@ -11,6 +11,9 @@ from qbert_deploy.data.conll import TaggedSentence, write_conll
 from qbert_deploy.data.squad import Answer, Question, write_squad
 
 TAGS = ["O", "B-PER", "I-PER", "B-LOC"]
+# qbert-quantize in seconds on a tiny model: plumbing, not accuracy
+QUICK = ["--method", "directq", "--bits", "4", "--groups", "4", "--finetune-steps", "0", "--calibration-batches", "1",
+         "--batch-size", "4"]
 PEOPLE = [("john", "smith"), ("mary", "jones"), ("alan", "turing"), ("ada", "lovelace")]
 PLACES = ["paris", "london", "berlin", "rome"]
 
@@ -66,3 +69,53 @@ def quantize_refused(capsys: pytest.CaptureFixture[str], argv: list[str], out: P
     assert err.startswith("qbert-quantize: error: ") and "\n" not in err and "Traceback" not in err, err
     assert message in err, err
     assert not out.exists(), "nothing may be written on bad input"
+
+
+# ---- GLUE TSV files in each task's own layout (headers as GLUE ships them) ----
+
+SENTENCE_PAIRS = [("a gorgeous, moving film", "the film moved me"), ("dull and lifeless", "it was full of life"),
+                  ("not bad at all", "it was quite good"), ("the plot is a mess", "the story holds together"),
+                  ("one of the best performances", "the acting was great"),
+                  ("i wanted my hours back", "time well spent"), ("charming", "it has charm"),
+                  ("tedious", "it was gripping")]
+NLI = ["entailment", "not_entailment"]
+MNLI = ["entailment", "neutral", "contradiction"]
+GLUE_NAMES = {"SST-2": ["negative", "positive"], "CoLA": ["unacceptable", "acceptable"],
+              "MRPC": ["not_equivalent", "equivalent"], "QQP": ["not_duplicate", "duplicate"], "QNLI": NLI,
+              "RTE": NLI, "WNLI": ["not_entailment", "entailment"], "MNLI": MNLI}
+PAIR_TASKS = ("MRPC", "QQP", "QNLI", "RTE", "WNLI", "MNLI")
+
+
+def _glue_lines(task: str, dev: bool) -> list[str]:
+    rows = []
+    for i, (a, b) in enumerate(SENTENCE_PAIRS):
+        y = i % 2
+        rows.append({
+            "SST-2": f"{a}\t{y}",
+            "CoLA": f"gj04\t{y}\t{'' if y else '*'}\t{a}",
+            "MRPC": f"{y}\t{1000 + i}\t{2000 + i}\t{a}\t{b}",
+            "QQP": f"{i}\t{2 * i}\t{2 * i + 1}\t{a}?\t{b}?\t{y}",
+            "QNLI": f"{i}\t{a}?\t{b}\t{NLI[y]}",
+            "RTE": f"{i}\t{a}\t{b}\t{NLI[y]}",
+            "WNLI": f"{i}\t{a}\t{b}\t{y}",
+            "MNLI": (f"{i}\t{31193 + i}\t{31193 + i}n\tfiction\t( {a} )\t( {b} )\t(ROOT (S {a}))\t(ROOT (S {b}))"
+                     f"\t{a}\t{b}" + f"\t{MNLI[i % 3]}" * (5 if dev else 1) + f"\t{MNLI[i % 3]}"),
+        }[task])
+    mnli = ("index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\tsentence1_parse\t"
+            "sentence2_parse\tsentence1\tsentence2\t" + "\t".join(f"label{k}" for k in range(1, 6 if dev else 2))
+            + "\tgold_label")
+    header = {"SST-2": "sentence\tlabel", "CoLA": None, "MRPC": "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String",
+              "QQP": "id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate", "QNLI": "index\tquestion\tsentence\tlabel",
+              "RTE": "index\tsentence1\tsentence2\tlabel", "WNLI": "index\tsentence1\tsentence2\tlabel",
+              "MNLI": mnli}[task]
+    return ([header] if header else []) + rows
+
+
+def write_glue(folder: Path, task: str) -> tuple[Path, Path]:
+    """train.tsv and dev.tsv of a GLUE task in its own layout (MRPC's with its byte order mark, CoLA's headerless,
+    MNLI's dev with label1..label5), under folder/task."""
+    (folder / task).mkdir(parents=True, exist_ok=True)
+    train, dev = folder / task / "train.tsv", folder / task / "dev.tsv"
+    train.write_text("\n".join(_glue_lines(task, False)) + "\n", encoding="utf-8")
+    dev.write_text("\n".join(_glue_lines(task, True)) + "\n", encoding="utf-8")
+    return train, dev

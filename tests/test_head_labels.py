@@ -18,13 +18,12 @@ from qbert_deploy.checkpoint import load_checkpoint
 from qbert_deploy.cli.quantize import main as quantize_main
 from qbert_deploy.data.conll import TaggedSentence, write_conll
 from qbert_deploy.data.tsv import Example, write_tsv
+from tests.task_files import QUICK
 from tests.task_files import quantize_refused as _refused
 from tests.tiny import SENTENCES, save_hf_dir, tiny_config
 
 TAGS = ["O", "B-LOC", "I-LOC", "B-PER"]  # the tagger's head; the data below never use B-PER
 SENTIMENT = ["bad", "good"]
-QUICK = ["--method", "directq", "--bits", "4", "--groups", "4", "--finetune-steps", "0", "--calibration-batches", "1",
-         "--batch-size", "4"]
 
 
 def _head(model_class: type, labels: list[str], folder: Path) -> Path:

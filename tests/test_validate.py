@@ -150,8 +150,8 @@ def _error_of(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
 
 
 @pytest.mark.parametrize(("content", "message"), [
-    ("review\tlabel\ngreat\t1\n", "no text column"),
-    ("sentence\tstars\ngreat\t1\n", "no 'label' column"),
+    ("review\tlabel\ngreat\t1\n", "cannot tell which columns hold the text and the label (columns found: 'review'"),
+    ("sentence\tstars\ngreat\t1\n", "(columns found: 'sentence', 'stars'); the layouts read are SST-2"),
     ("sentence\tlabel\ngreat\tneutral\n", "not one of the model's labels"),
     ("sentence\tlabel\ngreat\t2\n", "out of range"),
     ("sentence\tlabel\n", "no examples"),

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from qbert_deploy.cli.common import run_cli
+from qbert_deploy.cli.common import add_column_options, columns_of, run_cli
 
 PROG = "qbert-quantize"
 TASK_NAMES = ("sequence-classification", "token-classification", "question-answering")
@@ -92,11 +92,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "again unless --finetune-epochs or --finetune-steps say so")
     parser.add_argument("--task", choices=TASK_NAMES, help="the head to train (default: the model's head, else the "
                         "data format: .tsv sequence, .conll/.txt token classification, .json question answering)")
-    parser.add_argument("--train", help="training data: GLUE-style TSV, CoNLL columns (.conll/.txt) or SQuAD v1.1 "
-                        "JSON (default: the movie-review snippets)")
+    parser.add_argument("--train", help="training data: a GLUE TSV in its task's layout (single texts, or sentence "
+                        "pairs for MRPC, QNLI, QQP, RTE, WNLI, MNLI: then the model reads pairs and qbert-serve's "
+                        "/classify takes text and text_pair), CoNLL columns (.conll/.txt) or SQuAD v1.1 JSON "
+                        "(default: the movie-review snippets)")
     parser.add_argument("--dev", help="dev data, in the same format as --train (default: the movie-review snippets)")
-    parser.add_argument("--labels", help="comma-separated label (or tag) names, in id order (default: "
-                        "negative,positive; for CoNLL the tags found in the data, O first)")
+    parser.add_argument("--labels", help="comma-separated label (or tag) names, in id order (default: a trained "
+                        "head's names; else for TSV GLUE's names of a recognised layout, e.g. negative,positive for "
+                        "SST-2's 0/1 and entailment,neutral,contradiction for MNLI, else the ids as names (0,1,...) "
+                        "or the training file's label names sorted; for CoNLL the tags found in the data, O first)")
+    add_column_options(parser)
     parser.add_argument("--doc-stride", type=_positive(int), default=None,
                         help="question answering: tokens shared by overlapping windows of a long context "
                         "(default a quarter of --max-length)")
@@ -184,7 +189,6 @@ def _task_name(args: argparse.Namespace) -> str:
 def _task(args: argparse.Namespace) -> Any:
     from transformers import AutoTokenizer
 
-    from qbert_deploy.data.tsv import read_tsv
     from qbert_deploy.models.task import Task
     from qbert_deploy.tasks import SEQUENCE
 
@@ -193,6 +197,8 @@ def _task(args: argparse.Namespace) -> Any:
         return _feature_task(args, task_name)
     names, head_size = _head_labels(args)
     labels = _given_labels(args, names, head_size)
+    if args.train is None and (args.text_columns or args.label_column):
+        raise ValueError("--text-columns and --label-column name columns of the --train and --dev TSV files")
     if (args.train is None) != (args.dev is None):
         raise ValueError("give both --train and --dev, or neither (the movie-review data)")
     if args.train is None:
@@ -201,18 +207,28 @@ def _task(args: argparse.Namespace) -> Any:
         splits = load_splits()
         train, dev, labels = splits["train"], splits["dev"], labels or list(LABELS)
     else:
-        train, dev = read_tsv(args.train, labels), read_tsv(args.dev, labels)
-        count = max(e.label for e in train + dev) + 1 if train and dev else 0
-        labels = labels or [str(i) for i in range(max(count, head_size or 2))]
-        _fits_head(labels, head_size, "labels")
+        train, dev, labels = _tsv_data(args, labels, head_size)
     if not train or not dev:
         raise ValueError("the training and dev data must not be empty")
-    bad = sorted({e.label for e in train + dev if not 0 <= e.label < len(labels)})
-    if bad:
-        raise ValueError(f"labels {bad[:5]} are outside the {len(labels)} label names")
     inputs = args.family.inputs
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     return Task(tokenizer, train, dev, labels, args.batch_size, args.max_length, inputs)
+
+
+def _tsv_data(args: argparse.Namespace, labels: list[str] | None, head_size: int | None,
+              ) -> tuple[list[Any], list[Any], list[str]]:
+    """--train and --dev read in their layout (or the columns named), both single texts or both pairs, and the
+    label names: `labels` when the model or --labels gives them, else the data's (data/tsv.py says how)."""
+    from qbert_deploy.data.tsv import label_names, read_table
+
+    columns = columns_of(args)
+    train, dev = read_table(args.train, columns), read_table(args.dev, columns)
+    if train.pairs != dev.pairs:
+        raise ValueError(f"{args.train} holds {train.kind}, {args.dev} {dev.kind}: a model reads one or the other")
+    labels = labels or label_names(train, dev, count=head_size)
+    _fits_head(labels, head_size, "labels")
+    args.notes.append(f"{args.train}: {train.describe()}")
+    return train.examples(labels), dev.examples(labels), labels
 
 
 def _head_labels(args: argparse.Namespace) -> tuple[list[str] | None, int | None]:
@@ -279,6 +295,8 @@ def _feature_task(args: argparse.Namespace, task_name: str) -> Any:
 
     if args.train is None or args.dev is None:
         raise ValueError(f"{task_name} needs --train and --dev data files")
+    if args.text_columns or args.label_column:
+        raise ValueError(f"--text-columns and --label-column name TSV columns; {task_name} data has none")
     inputs = args.family.inputs
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     if task_name == QA:

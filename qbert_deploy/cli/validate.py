@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from qbert_deploy.cli.common import fail, run_cli
+from qbert_deploy.cli.common import add_column_options, columns_of, fail, run_cli
 
 
 def _list(text: str) -> list[str]:
@@ -39,8 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("export_dir", type=Path, help="export directory written by qbert-export")
     parser.add_argument("--checkpoint", type=Path, required=True, help="the model.pt the export was made from")
     parser.add_argument("--data", type=Path, required=True,
-                        help="labelled data of the model's task: GLUE-style TSV (sentence<TAB>label, with a "
-                        "header), CoNLL columns (.conll/.txt) or SQuAD v1.1 JSON")
+                        help="labelled data of the model's task: GLUE-style TSV (one of GLUE's layouts, single "
+                        "texts or sentence pairs as the model was trained on), CoNLL columns (.conll/.txt) or SQuAD "
+                        "v1.1 JSON")
+    add_column_options(parser)
     parser.add_argument("--providers", type=_list, default=["cpu"], help="ORT execution providers (default cpu)")
     parser.add_argument("--fp32", type=Path, help="the fine-tuned fp32 model's Hugging Face folder to measure the "
                         "quantization drop against (default: the one model.pt records, qbert-quantize's OUT/fp32)")
@@ -97,7 +99,7 @@ def _validate(args: argparse.Namespace) -> int:
                         layerwise=args.layerwise, layer_examples=args.layer_examples,
                         layer_tolerance=args.layer_tolerance, max_drop=args.max_drop, relative=args.relative,
                         min_agreement=args.min_agreement, max_error_steps=args.max_error_steps, fp32=args.fp32,
-                        max_drop_vs_fp32=args.max_drop_vs_fp32)
+                        max_drop_vs_fp32=args.max_drop_vs_fp32, columns=columns_of(args))
     with tempfile.TemporaryDirectory(prefix="qbert-validate-") as work:
         report = validate(args.export_dir, args.checkpoint, args.data, settings, Path(work), args.baseline,
                           args.write_baseline, args.report)

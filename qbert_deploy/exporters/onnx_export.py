@@ -47,7 +47,7 @@ from qbert_deploy.runtimes.export_dir import (
 )
 from qbert_deploy.runtimes.lowering import lower as lower_file
 from qbert_deploy.runtimes.lowering import lowered_path, profile_info
-from qbert_deploy.runtimes.trained_length import MAX_LENGTH_KEY
+from qbert_deploy.runtimes.trained_length import MAX_LENGTH_KEY, TEXT_PAIRS_KEY
 from qbert_deploy.tasks import architecture, task_kind
 
 SUPPORTED_OPSETS = (21, 25)
@@ -179,6 +179,8 @@ def export_checkpoint(checkpoint: Checkpoint, out_dir: str | os.PathLike[str], o
     })
     if checkpoint.max_length is not None:  # the length it was trained at, for validation and serving to read
         graph.metadata_props[MAX_LENGTH_KEY] = str(checkpoint.max_length)
+    if checkpoint.text_pairs is not None:  # which text form qbert-serve's /classify takes
+        graph.metadata_props[TEXT_PAIRS_KEY] = "true" if checkpoint.text_pairs else "false"
     out = Path(out_dir)
     with atomic_dir(out) as tmp:
         model_path = tmp / "model.onnx"

@@ -81,7 +81,7 @@ def run_aqbert(args: argparse.Namespace, task: Task, out: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         texts = tokenizer_files(task.tokenizer, Path(tmp))
     checkpoint = make_checkpoint(model, result.recipe, task.labels, texts, metrics, max_length=task.max_length,
-                                 fp32_reference=fp32_reference(fp32_dir, out / "model.pt"))
+                                 fp32_reference=fp32_reference(fp32_dir, out / "model.pt"), text_pairs=task.text_pairs)
     save_checkpoint(checkpoint, out / "model.pt")
     summary: dict[str, Any] = {"target": dataclasses.asdict(target), "metrics": metrics,
                                "settings": _settings_json(settings),

@@ -193,11 +193,12 @@ def tokenizer_files(tokenizer: PreTrainedTokenizerBase, workdir: Path) -> dict[s
 
 def make_checkpoint(model: nn.Module, recipe: Recipe, labels: list[str], tokenizer_texts: dict[str, str],
                     metrics: dict[str, float] | None = None, task: str = DEFAULT_TASK, max_length: int | None = None,
-                    fp32_reference: Fp32Reference | None = None) -> Checkpoint:
+                    fp32_reference: Fp32Reference | None = None, text_pairs: bool | None = None) -> Checkpoint:
     """model.pt's contents for a quantized (calibrated) model; `max_length` is the sequence length it was trained
-    and calibrated at, `fp32_reference` the fine-tuned fp32 model it was quantized from (both for qbert-validate)."""
+    and calibrated at, `fp32_reference` the fine-tuned fp32 model it was quantized from (both for qbert-validate),
+    `text_pairs` whether a sequence classifier reads sentence pairs (for qbert-serve)."""
     config = json.loads(model.config.to_json_string(use_diff=False))  # type: ignore[operator,union-attr]
     return Checkpoint(config=config, state_dict=float_state_dict(model), recipe=recipe,
                       activation_ranges=activation_ranges(model) if recipe.activation_bits else {},
                       labels=labels, tokenizer_files=tokenizer_texts, metrics=dict(metrics or {}), task=task,
-                      max_length=max_length, fp32_reference=fp32_reference)
+                      max_length=max_length, fp32_reference=fp32_reference, text_pairs=text_pairs)

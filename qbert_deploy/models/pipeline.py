@@ -145,7 +145,7 @@ def run_job(job: Job, task: Task, method: Method, recipe: Recipe) -> Checkpoint:
     # qbert-validate compares against the fine-tuned model itself, at the length it was trained at
     reference = fp32_reference(fp32_dir, job.out / "model.pt") if distributed.is_main() else None
     checkpoint = make_checkpoint(model, recipe, task.labels, texts, metrics, task=task.kind,
-                                 max_length=task.max_length, fp32_reference=reference)
+                                 max_length=task.max_length, fp32_reference=reference, text_pairs=task.text_pairs)
     if distributed.is_main():
         save_checkpoint(checkpoint, job.out / "model.pt")
         state_path.unlink(missing_ok=True)

@@ -49,6 +49,11 @@ class Task:
     def metric(self) -> str:
         return task_kind(self.kind).main_metric
 
+    @property
+    def text_pairs(self) -> bool | None:
+        """Sequence classification: whether the examples are sentence pairs (None for the other tasks)."""
+        return any(e.text_pair is not None for e in self.train) if self.kind == SEQUENCE else None
+
     def evaluate(self, model: nn.Module, desc: str = "evaluate") -> float:
         """The task's main metric on the dev data, as a fraction."""
         return self.score(*predict_logits(model, self.dev_batches(), desc))

@@ -1,9 +1,11 @@
-"""The sequence length an export was trained and calibrated at, read from its ONNX metadata (torch-free).
+"""What an export records of its training in its ONNX metadata (torch-free): the sequence length it was trained
+and calibrated at, and whether a sequence classifier reads sentence pairs.
 
 `qbert-quantize` records it in model.pt (`max_length`) and `qbert-export` copies it into model.onnx's
 `metadata_props` as `qbert.max_length`; lowered files keep the canonical file's metadata, so the served file carries
 it too. Exports written before it was recorded have none (None here). `qbert-validate` uses it as its default
 `--max-length`; a server can use it to warn about, or cut at, the length the model has actually seen.
+`qbert.text_pairs` ("true"/"false", from model.pt's `text_pairs`) tells qbert-serve which /classify form to take.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import onnx
 from qbert_deploy.runtimes.export_dir import model_files
 
 MAX_LENGTH_KEY = "qbert.max_length"
+TEXT_PAIRS_KEY = "qbert.text_pairs"
 
 
 class TrainedLengthError(ValueError):
@@ -34,6 +37,16 @@ def recorded_max_length(metadata: dict[str, str], source: str = "model.onnx") ->
     if value < 1:
         raise TrainedLengthError(f"{source}: {MAX_LENGTH_KEY} metadata is {text!r}, not a positive integer")
     return value
+
+
+def recorded_text_pairs(metadata: dict[str, str], source: str = "model.onnx") -> bool | None:
+    """`qbert.text_pairs` of a model's metadata_props: True, False, or None when absent (an older export)."""
+    text = metadata.get(TEXT_PAIRS_KEY)
+    if text is None:
+        return None
+    if text not in ("true", "false"):
+        raise TrainedLengthError(f"{source}: {TEXT_PAIRS_KEY} metadata is {text!r}, not true or false")
+    return text == "true"
 
 
 def trained_max_length(path: str | os.PathLike[str]) -> int | None:
@@ -60,4 +73,5 @@ def read_metadata(file: Path) -> dict[str, str]:
     return {p.key: p.value for p in model.metadata_props}
 
 
-__all__ = ["MAX_LENGTH_KEY", "TrainedLengthError", "read_metadata", "recorded_max_length", "trained_max_length"]
+__all__ = ["MAX_LENGTH_KEY", "TEXT_PAIRS_KEY", "TrainedLengthError", "read_metadata", "recorded_max_length",
+           "recorded_text_pairs", "trained_max_length"]

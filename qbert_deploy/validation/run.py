@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from qbert_deploy.checkpoint import Checkpoint, load_checkpoint
-from qbert_deploy.data.tsv import read_tsv
+from qbert_deploy.data.tsv import Columns, read_tsv
 from qbert_deploy.families import family_of
 from qbert_deploy.tasks import SEQUENCE
 from qbert_deploy.validation.backends import FAKEQUANT, FP32, MASTER, BackendRun, Batch, backend_specs, onnx_model_path
@@ -50,6 +50,7 @@ class Settings:
     max_error_steps: float = 0.5
     fp32: Path | None = None  # the fine-tuned fp32 model's folder; None: the one model.pt records
     max_drop_vs_fp32: float | None = None
+    columns: Columns | None = None  # TSV columns named by the user; None: found from the header
 
 
 def resolve_max_length(asked: int | None, checkpoint: Checkpoint, info: ExportInfo,
@@ -137,9 +138,13 @@ def validate(export_dir: Path, checkpoint_path: Path, data_path: Path, settings:
     for line in profile_notes:
         note(line)
     tokenizer = load_tokenizer(export_dir)
+    examples = spread(read_tsv(data_path, checkpoint.labels, settings.columns),
+                      settings.limit) if checkpoint.task == SEQUENCE else []
+    if examples and checkpoint.text_pairs is not None and (examples[0].text_pair is not None) != checkpoint.text_pairs:
+        raise ValueError(f"{data_path}: {'single texts' if checkpoint.text_pairs else 'sentence pairs'}, but the model "
+                         f"was trained on {'sentence pairs' if checkpoint.text_pairs else 'single texts'}")
     evaluation = prepare(checkpoint.task, data_path, checkpoint.labels, tokenizer, settings.batch_size,
-                         max_length, settings.limit, inputs)
-    examples = spread(read_tsv(data_path, checkpoint.labels), settings.limit) if checkpoint.task == SEQUENCE else []
+                         max_length, settings.limit, inputs, settings.columns)
     digest = evaluation.digest
     old_baseline = load_baseline(baseline, digest) if baseline is not None else None
     specs = backend_specs(settings.providers, profiles, fp32.folder)

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from qbert_deploy.data.tsv import Columns, read_tsv
 from qbert_deploy.families import TEXT_INPUTS
 from qbert_deploy.tasks import QA, SEQUENCE, TASKS, TOKEN, entities, task_kind, task_of_data
 
@@ -55,16 +56,18 @@ def _file_digest(path: Path, limit: int | None) -> str:
 
 
 def prepare(task: str, data_path: Path, labels: list[str], tokenizer: Any, batch_size: int, max_length: int,
-            limit: int | None, inputs: Sequence[str] = TEXT_INPUTS) -> Evaluation:
+            limit: int | None, inputs: Sequence[str] = TEXT_INPUTS, columns: Columns | None = None) -> Evaluation:
     """The data of `task` read and checked (a format that does not fit the task is an error), as batches of the
-    model family's `inputs`."""
-    evaluation = _prepare(task, data_path, labels, tokenizer, batch_size, max_length, limit)
+    model family's `inputs`; `columns`: a TSV's columns, when the user named them."""
+    if columns not in (None, Columns()) and task != SEQUENCE:
+        raise ValueError(f"--text-columns and --label-column name TSV columns; {task} data has none")
+    evaluation = _prepare(task, data_path, labels, tokenizer, batch_size, max_length, limit, columns)
     return replace(evaluation, batches=[{k: v for k, v in batch.items() if k in inputs}
                                         for batch in evaluation.batches])
 
 
 def _prepare(task: str, data_path: Path, labels: list[str], tokenizer: Any, batch_size: int, max_length: int,
-             limit: int | None) -> Evaluation:
+             limit: int | None, columns: Columns | None) -> Evaluation:
     known = {suffix for kind in TASKS.values() for suffix in kind.data_formats}
     if data_path.suffix.lower() in known and task_of_data(data_path) != task:
         raise ValueError(f"{data_path}: a {task_of_data(data_path)} data file, but the model is {task}")
@@ -73,16 +76,15 @@ def _prepare(task: str, data_path: Path, labels: list[str], tokenizer: Any, batc
     if task == QA:
         return _qa(data_path, tokenizer, batch_size, max_length, limit)
     assert task == SEQUENCE
-    return _sequence(data_path, labels, tokenizer, batch_size, max_length, limit)
+    return _sequence(data_path, labels, tokenizer, batch_size, max_length, limit, columns)
 
 
 def _sequence(data_path: Path, labels: list[str], tokenizer: Any, batch_size: int, max_length: int,
-              limit: int | None) -> Evaluation:
-    from qbert_deploy.data.tsv import read_tsv
+              limit: int | None, columns: Columns | None) -> Evaluation:
     from qbert_deploy.validation.harness import dataset_digest, tokenize
     from qbert_deploy.validation.stats import agreement
 
-    examples = spread(read_tsv(data_path, labels), limit)
+    examples = spread(read_tsv(data_path, labels, columns), limit)
     gold = np.array([e.label for e in examples], dtype=np.int64)
     return Evaluation(
         SEQUENCE, tokenize(tokenizer, examples, batch_size, max_length), len(examples), dataset_digest(examples),

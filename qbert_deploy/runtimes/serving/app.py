@@ -266,6 +266,7 @@ class Server:
                              "shape": [-1, *output_dims(self.model.task, len(self.model.labels))]}
                             for n in self.model.output_names],
                 "parameters": {"task": self.model.task, "labels": self.model.labels,
+                               "text_pairs": self.model.text_pairs,
                                "max_sequence_length": self.model.max_length,
                                "model_file": self.model.path.name, "profile": self.model.profile,
                                "lowered_in_memory": self.model.served.lowered_in_memory,
@@ -359,17 +360,43 @@ class Server:
                                           "text") from None
         return values
 
-    def _check_chars(self, texts: list[str]) -> None:
+    @staticmethod
+    def _only(body: Any, fields: tuple[str, ...]) -> None:
+        """Refuse a field the endpoint does not read: a misspelt or unsupported one must not be ignored."""
+        unknown = [key for key in body if key not in fields] if isinstance(body, dict) else []
+        if unknown:
+            raise ServeError(400, f"unknown field {unknown[0][:60]!r}; this endpoint reads "
+                                  f"{', '.join(map(repr, fields))}")
+
+    def _pairs(self, body: Any, texts: list[str]) -> list[str] | None:
+        """The second text of each pair ("text_pair"), or None for single texts; the model decides which it takes
+        (an export that does not record it takes either)."""
+        given = isinstance(body, dict) and "text_pair" in body
+        if self.model.text_pairs is True and not given:
+            raise ServeError(400, 'this model was trained on sentence pairs: send {"text": ..., "text_pair": ...}, '
+                                  "one text_pair for each text")
+        if self.model.text_pairs is False and given:
+            raise ServeError(400, 'this model was trained on single texts: send {"text": ...} without "text_pair"')
+        if not given:
+            return None
+        pairs = self._strings(body, "text_pair", "a second sentence")
+        if len(pairs) != len(texts):
+            raise ServeError(400, f"{len(texts)} texts but {len(pairs)} text_pair values: each text needs its pair")
+        return pairs
+
+    def _check_chars(self, texts: list[str], pairs: list[str] | None = None) -> None:
         """Refuse, before tokenising, text this server would not read whole."""
         limit = self.model.max_text_chars
         if self.config.reject_long_text:
-            for index, text in enumerate(texts):
-                if len(text) > limit:
-                    raise ServeError(400, f"text {index} has {len(text)} characters, more than the {limit} "
-                                          f"({CHARS_PER_TOKEN} per token of the model maximum of "
-                                          f"{self.model.max_length} tokens) this server reads (it rejects long "
-                                          "text instead of truncating it)")
-        total, budget = sum(min(len(t), limit) for t in texts), CHARS_PER_TOKEN * self.max_request_tokens
+            for key, values in (("text", texts), ("text_pair", pairs or [])):
+                for index, text in enumerate(values):
+                    if len(text) > limit:
+                        raise ServeError(400, f"{key} {index} has {len(text)} characters, more than the {limit} "
+                                              f"({CHARS_PER_TOKEN} per token of the model maximum of "
+                                              f"{self.model.max_length} tokens) this server reads (it rejects long "
+                                              "text instead of truncating it)")
+        total = sum(min(len(t), limit) for t in texts + (pairs or []))
+        budget = CHARS_PER_TOKEN * self.max_request_tokens
         if total > budget:
             raise ServeError(400, f"the request holds {total} characters of text to tokenise, more than the {budget} "
                                   f"({CHARS_PER_TOKEN} per token of the {self.max_request_tokens} tokens one "
@@ -377,16 +404,23 @@ class Server:
 
     async def _text_logits(self, request: Request, name: str, task: str, endpoint: str
                            ) -> tuple[list[str], Encoded, np.ndarray]:
-        """The texts of a {"text": ...} request, their encoding and the model's logits (classify and tag)."""
+        """The texts of a {"text": ...} request (classify: with "text_pair" for a sentence-pair model), their
+        encoding and the model's logits (classify and tag)."""
         self.check_model(name)
         self.check_task(task, endpoint)
         body = await self.read_body(request)
         async with self.admitted() as admission:  # a full queue refuses before any parsing or tokenising
-            texts = self._strings(parse_json(body), "text", "a sentence")
+            parsed = parse_json(body)
             del body
-            self._check_chars(texts)
-            encoded = await self.tokenized(self.model.encode, texts)
-            self._check_length(encoded.truncated)
+            self._only(parsed, ("text", "text_pair") if task == SEQUENCE else ("text",))
+            texts = self._strings(parsed, "text", "a sentence")
+            pairs = self._pairs(parsed, texts) if task == SEQUENCE else None
+            self._check_chars(texts, pairs)
+            if pairs is None:
+                encoded = await self.tokenized(self.model.encode, texts)
+            else:
+                encoded = await self.tokenized(self.model.encode_pairs, texts, pairs)
+            self._check_length(encoded.truncated, "text" if pairs is None else "text pair")
             logits = await self.infer_rows(encoded.feeds, admission)
         return texts, encoded, logits
 
@@ -411,6 +445,7 @@ class Server:
         async with self.admitted() as admission:
             parsed = parse_json(body)
             del body
+            self._only(parsed, ("question", "context"))
             questions = self._strings(parsed, "question", "a question")
             contexts = self._strings(parsed, "context", "a passage")
             if len(questions) != len(contexts):
@@ -443,11 +478,11 @@ class Server:
                              "predictions": [{"answer": a.text, "start": a.start, "end": a.end, "score": a.score}
                                              for a in answers]})
 
-    def _check_length(self, truncated: list[bool]) -> None:
+    def _check_length(self, truncated: list[bool], what: str = "text") -> None:
         if self.config.reject_long_text and any(truncated):
             first = truncated.index(True)
-            raise ServeError(400, f"text {first} is longer than the model maximum of {self.model.max_length} tokens "
-                                  "(this server rejects long text instead of truncating it)")
+            raise ServeError(400, f"{what} {first} is longer than the model maximum of {self.model.max_length} "
+                                  "tokens (this server rejects long text instead of truncating it)")
 
     async def classify(self, request: Request, name: str) -> Response:
         _, encoded, logits = await self._text_logits(request, name, SEQUENCE, "classify")

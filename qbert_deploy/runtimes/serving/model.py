@@ -32,7 +32,7 @@ from qbert_deploy.runtimes.export_dir import (
     verify_file,
 )
 from qbert_deploy.runtimes.session import PROVIDERS, SessionError, first_available, open_session
-from qbert_deploy.runtimes.trained_length import trained_max_length
+from qbert_deploy.runtimes.trained_length import recorded_max_length, recorded_text_pairs
 from qbert_deploy.tasks import best_span, combine, entities, task_kind
 
 INPUT_NAMES = TEXT_INPUTS  # a graph takes these or a subset (DistilBERT's and RoBERTa's have no token_type_ids)
@@ -179,6 +179,9 @@ class ServedModel:
                 raise
             raise SessionError(f"{err} (--profile {CANONICAL} serves the graph as exported)") from None
         check_signature(config, session.get_inputs(), session.get_outputs(), self.path)
+        metadata = session.get_modelmeta().custom_metadata_map  # qbert-export's records: trained length, text form
+        # True: /classify takes sentence pairs only; False: single texts only; None (an older export): either
+        self.text_pairs = recorded_text_pairs(metadata, str(self.path))
         self.config = config
         self.pad_id = config.pad_id
         self.session: ort.InferenceSession | BucketedSession = session
@@ -193,12 +196,15 @@ class ServedModel:
         first = outputs[self.output_names[0]]
         self.output_type = ORT_TYPES.get(first.type, first.type)
         self.labels = config.labels
-        self.trained_length = trained_max_length(self.path)
+        self.trained_length = recorded_max_length(metadata, str(self.path))
         self.max_length = _sequence_limit(config, max_length, self.trained_length, self.path)
         self.vocab_size = config.vocab_size
         self.type_vocab_size = config.type_vocab_size
         self.providers = self.session.get_providers()
         self.tokenizer.no_padding()  # padding is per batch, in the batcher
+        # sentence pairs: cut longest first to max_length, as transformers' truncation=True did in training
+        self.pair_tokenizer = Tokenizer.from_str(self.tokenizer.to_str())
+        self.pair_tokenizer.enable_truncation(max_length=self.max_length, strategy="longest_first")
         self.max_text_chars = CHARS_PER_TOKEN * self.max_length
         # question answering: contexts longer than the window go in overlapping windows (HF's doc stride)
         self.qa_tokenizer = Tokenizer.from_str(self.tokenizer.to_str())
@@ -297,6 +303,15 @@ class ServedModel:
             windows.append(window)
             truncated.append(cut or len(window.ids) < len(e.ids))
         return Encoded(_feeds(windows, self.pad_values, self.input_names), truncated, windows)
+
+    def encode_pairs(self, texts: Sequence[str], pairs: Sequence[str]) -> Encoded:
+        """Each sentence pair as one sequence ([CLS] a [SEP] b [SEP], token types 0 then 1) of at most max_length
+        tokens, the longer text losing tokens first; `truncated` says which pairs lost any."""
+        cuts = [(self.cut(a), self.cut(b)) for a, b in zip(texts, pairs, strict=True)]
+        encodings = self.pair_tokenizer.encode_batch([(a, b) for (a, _), (b, _) in cuts])
+        truncated = [cut_a or cut_b or bool(e.overflowing) for ((_, cut_a), (_, cut_b)), e in
+                     zip(cuts, encodings, strict=True)]
+        return Encoded(_feeds(encodings, self.pad_values, self.input_names), truncated, encodings)
 
     def question_windows(self, questions: Sequence[str], contexts: Sequence[str]) -> int:
         """The fewest windows the question + context pairs can fill: each window holds at most max_length less the
