@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         files = {"int4 containers": lower(args.export, "cpu-w8a8", out / "model.cpu-w8a8.unpacked.onnx",
                                            pack_3bit=False),
-                 "3-bit packed": lower(args.export, "cpu-w8a8", out / "model.cpu-w8a8.onnx")}
+                 "3-bit packed": lower(args.export, "cpu-w8a8", out / "model.cpu-w8a8.onnx", pack_3bit=True)}
         feed = _feed()
         starts: dict[str, list[float]] = {label: [] for label in files}
         logits = {}

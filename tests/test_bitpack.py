@@ -129,7 +129,7 @@ VARIANTS = pytest.mark.parametrize("three_bit", [(False, 21), (True, 21), (False
 
 @VARIANTS
 def test_lowered_3bit_weights_are_packed_exactly(three_bit: Path, tmp_path: Path) -> None:
-    packed = lower(three_bit, "cpu-w8a8", tmp_path / "packed.onnx")
+    packed = lower(three_bit, "cpu-w8a8", tmp_path / "packed.onnx", pack_3bit=True)
     plain = lower(three_bit, "cpu-w8a8", tmp_path / "plain.onnx", pack_3bit=False)
     stored = _three_bit(three_bit)
     assert len(stored) == 12, f"expected 12 3-bit Linears in the tiny BERT, found {len(stored)}"
@@ -160,7 +160,7 @@ def test_lowered_3bit_weights_are_packed_exactly(three_bit: Path, tmp_path: Path
 
 @VARIANTS
 def test_ort_folds_the_unpacking_into_the_integer_kernels(three_bit: Path, tmp_path: Path) -> None:
-    packed = lower(three_bit, "cpu-w8a8", tmp_path / "packed.onnx")
+    packed = lower(three_bit, "cpu-w8a8", tmp_path / "packed.onnx", pack_3bit=True)
     plain = lower(three_bit, "cpu-w8a8", tmp_path / "plain.onnx", pack_3bit=False)
     optimized = tmp_path / "optimized.onnx"
     got = open_session(packed, optimized_model_path=optimized).run(["logits"], text_batch())[0]
@@ -208,21 +208,41 @@ def test_packing_is_for_files_only(tiny_export: Path, tmp_path: Path) -> None:
     counts = {for_file: lowering.lower_model(ir.load(canonical), "cpu-w8a8", for_file=for_file)
               for for_file in (True, False)}
     assert counts[True]["pack_3bit_weights"] == 12 and "pack_3bit_weights" not in counts[False], counts
-    lowered = lower(canonical, "cpu-w8a8", tmp_path / "model.cpu-w8a8.onnx")
+    lowered = lower(canonical, "cpu-w8a8", tmp_path / "model.cpu-w8a8.onnx", pack_3bit=True)
     in_memory = open_session(canonical, profile="cpu-w8a8").run(["logits"], text_batch())[0]
     np.testing.assert_array_equal(in_memory, open_session(lowered, profile="cpu-w8a8").run(["logits"], text_batch())[0])
 
 
-def test_lower_can_keep_3bit_weights_in_int4(tiny_export: Path, tmp_path: Path) -> None:
-    """`qbert-export --no-3bit-packing`: the file keeps int4 containers, so ORT unpacks nothing at session start."""
+def test_lower_keeps_3bit_weights_in_int4_unless_asked(tiny_export: Path, tmp_path: Path) -> None:
+    """By default the file keeps int4 containers, so ORT unpacks nothing at session start; `--pack-3bit` packs."""
     canonical = requantized(tiny_export / "model.onnx", tmp_path / "model.onnx", 3)
     files = {pack: lower(canonical, "cpu-w8a8", tmp_path / f"packed-{pack}.onnx", pack_3bit=pack)
              for pack in (True, False)}
     passes = {pack: json.loads(ir.load(path).metadata_props["qbert.lowering"])["passes"]
               for pack, path in files.items()}
     assert passes[True]["pack_3bit_weights"] == 12 and "pack_3bit_weights" not in passes[False], passes
+    default = json.loads(ir.load(lower(canonical, "cpu-w8a8", tmp_path / "default.onnx")).metadata_props[
+        "qbert.lowering"])["passes"]
+    assert "pack_3bit_weights" not in default, default
     ops = Counter(n.op_type for n in ir.load(files[False]).graph)
     assert ops["BitShift"] == 0, ops
     logits = {pack: open_session(path, profile="cpu-w8a8").run(["logits"], text_batch())[0]
               for pack, path in files.items()}
     np.testing.assert_array_equal(logits[True], logits[False])
+
+
+def test_export_cli_packs_lowered_3bit_weights_only_when_asked(tmp_path: Path) -> None:
+    """`qbert-export --lower cpu-w8a8` writes int4 containers (the memory-lean default); `--pack-3bit` packs."""
+    from qbert_deploy.checkpoint import save_checkpoint
+    from qbert_deploy.cli.export import main as export_main
+    from qbert_deploy.recipe import Recipe, WeightQuant
+    from tests.tiny import tiny_checkpoint
+
+    save_checkpoint(tiny_checkpoint(Recipe(default=WeightQuant(bits=3, groups=4))), tmp_path / "model.pt")
+    passes = {}
+    for flags in ((), ("--pack-3bit",)):
+        out = tmp_path / ("packed" if flags else "default")
+        assert export_main([str(tmp_path / "model.pt"), "-o", str(out), "--lower", "cpu-w8a8", *flags]) == 0
+        lowered = ir.load(out / "model.cpu-w8a8.onnx")
+        passes[bool(flags)] = json.loads(lowered.metadata_props["qbert.lowering"])["passes"]
+    assert "pack_3bit_weights" not in passes[False] and passes[True]["pack_3bit_weights"] == 12, passes

@@ -134,11 +134,11 @@ def _fp32_bytes(checkpoint: Checkpoint) -> int:
 
 
 def export_checkpoint(checkpoint: Checkpoint, out_dir: str | os.PathLike[str], opset: int = 21,
-                      lower: Sequence[str] = (), pack_3bit: bool = True,
+                      lower: Sequence[str] = (), pack_3bit: bool = False,
                       verify: Callable[[Path], None] | None = None, deploy: str | None = None) -> ExportResult:
     """Export `checkpoint` into `out_dir` (created or replaced whole; never left half written).
 
-    `lower` also writes model.<profile>.onnx for each profile (`pack_3bit=False`: 3-bit weights stay in int4).
+    `lower` also writes model.<profile>.onnx for each profile (3-bit weights in int4 containers unless `pack_3bit`).
     `deploy` makes a deployment folder: that profile's lowered graph is its model.onnx, the file Optimum and other
     tools load by default, and the canonical graph is model.canonical.onnx (recorded in qbert_recipe.json).
     Everything happens in a temporary directory beside `out_dir`: the files are written, their sha256 recorded in

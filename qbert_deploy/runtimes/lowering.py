@@ -246,11 +246,12 @@ def lowered_path(export_dir: str | os.PathLike[str], profile: str) -> Path:
     return Path(export_dir) / f"model.{profile_info(profile).name}.onnx"
 
 
-def lower(src: str | os.PathLike[str], profile: str, dst: str | os.PathLike[str], pack_3bit: bool = True) -> Path:
+def lower(src: str | os.PathLike[str], profile: str, dst: str | os.PathLike[str], pack_3bit: bool = False) -> Path:
     """Write `src` (a canonical model.onnx) lowered for `profile` to `dst`, atomically; returns `dst`.
 
-    `pack_3bit=False` keeps 3-bit weights in their int4 containers: a bigger file, but ORT then needs no unpacking
-    at session start (on BERT-base MP 2/3 that unpacking raises the peak memory by ~200 MiB).
+    3-bit weights stay in their int4 containers by default: ORT then unpacks nothing at session start. `pack_3bit`
+    stores them at 3 bits per value (8 in 3 bytes): a smaller file, but the unpacking ORT folds at session start
+    doubles the peak memory (BERT-base MP 2/3: 369 against 174 MiB, docs/results/memory.md).
     """
     profile_info(profile)
     src, dst = Path(src), Path(dst)
@@ -272,7 +273,7 @@ def lower(src: str | os.PathLike[str], profile: str, dst: str | os.PathLike[str]
     return dst
 
 
-def lower_in_export(export_dir: str | os.PathLike[str], profile: str, pack_3bit: bool = True) -> Path:
+def lower_in_export(export_dir: str | os.PathLike[str], profile: str, pack_3bit: bool = False) -> Path:
     """Add model.<profile>.onnx to an existing export directory, without torch: its model.onnx (checked against the
     sha256 recorded at export) lowered, and the new file's sha256 recorded in qbert_recipe.json, so that qbert-serve
     and `qbert-export --check` verify it like a file written by `qbert-export --lower`.
