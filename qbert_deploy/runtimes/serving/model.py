@@ -149,7 +149,8 @@ class Answer:
     score: float  # probability of the start token times that of the end token, within the window
 
 
-def _feeds(encodings: Sequence[Any], pad_values: dict[str, int], names: Sequence[str]) -> dict[str, np.ndarray]:
+def padded_feeds(encodings: Sequence[Any], pad_values: dict[str, int], names: Sequence[str]) -> dict[str, np.ndarray]:
+    """A batch of `tokenizers` encodings as the graph's `names` inputs, each row padded after its text."""
     longest = max(len(e.ids) for e in encodings)
     feeds = {n: np.full((len(encodings), longest), pad_values[n], dtype=np.int64) for n in INPUT_NAMES}
     for row, e in enumerate(encodings):
@@ -303,7 +304,7 @@ class ServedModel:
             window = _window(e, self.max_length, self._closing_specials)
             windows.append(window)
             truncated.append(cut or len(window.ids) < len(e.ids))
-        return Encoded(_feeds(windows, self.pad_values, self.input_names), truncated, windows)
+        return Encoded(padded_feeds(windows, self.pad_values, self.input_names), truncated, windows)
 
     def question_windows(self, questions: Sequence[str], contexts: Sequence[str]) -> int:
         """The fewest windows the question + context pairs can fill: each window holds at most max_length less the
@@ -328,7 +329,7 @@ class ServedModel:
             for window in [e, *e.overflowing]:
                 windows.append(window)
                 question_of.append(index)
-        return QAEncoded(_feeds(windows, self.pad_values, self.input_names), question_of, windows)
+        return QAEncoded(padded_feeds(windows, self.pad_values, self.input_names), question_of, windows)
 
     @staticmethod
     def tag(logits: np.ndarray, encoding: Any, text: str, labels: Sequence[str]) -> list[dict[str, Any]]:
