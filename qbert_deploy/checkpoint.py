@@ -44,11 +44,12 @@ class CheckpointError(ValueError):
     """model.pt is missing, unsafe, corrupt, or does not follow the contract."""
 
 
-def fp32_digest(folder: str | os.PathLike[str]) -> str:
-    """sha256 over a Hugging Face model folder's config.json and weight files (names, sizes, bytes)."""
+def fp32_digest(folder: str | os.PathLike[str], names: re.Pattern[str] = FP32_MODEL_FILES) -> str:
+    """sha256 over a Hugging Face model folder's config.json and weight files (names, sizes, bytes), or over the
+    files whose names match `names`."""
     root = Path(folder)
     h = hashlib.sha256()
-    for path in sorted(p for p in root.iterdir() if p.is_file() and FP32_MODEL_FILES.fullmatch(p.name)):
+    for path in sorted(p for p in root.iterdir() if p.is_file() and names.fullmatch(p.name)):
         h.update(f"{path.name}\0{path.stat().st_size}\0".encode())
         with open(path, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):

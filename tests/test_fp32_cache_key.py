@@ -1,4 +1,4 @@
-"""The fp32 cache is keyed on what the base model is, not on where it is installed."""
+"""The fp32 cache is keyed on what the base model is (its files' content), not on where it is installed."""
 
 from __future__ import annotations
 
@@ -26,3 +26,14 @@ def test_another_config_or_weights_file_has_another_key(tmp_path: Path) -> None:
     first = _base(tmp_path / "a" / "model", 8)
     assert base_fingerprint(first) != base_fingerprint(_base(tmp_path / "b" / "model", 16))
     assert base_fingerprint(first) != base_fingerprint(_base(tmp_path / "c" / "model", 8, weight_bytes=65))
+
+
+def test_same_sizes_other_bytes_is_another_model(tmp_path: Path) -> None:
+    first = _base(tmp_path / "a" / "model", 8)
+    second = tmp_path / "b" / "model"
+    shutil.copytree(first, second)
+    (second / "model.safetensors").write_bytes(b"\1" * 64)
+    (first / "README.md").write_text("not part of the model")
+    assert base_fingerprint(first) != base_fingerprint(second), "the key is the weights' content, not their size"
+    (second / "model.safetensors").write_bytes(b"\0" * 64)
+    assert base_fingerprint(first) == base_fingerprint(second), "a README is not part of the model"

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import Any
+from collections.abc import Sequence
 
 from qbert_deploy.cli.common import fail, run_cli
 
@@ -17,7 +15,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-o", "--out", help="export directory (replaced whole, never half written)")
     parser.add_argument("--opset", type=int, default=21, choices=(21, 25),
                         help="target ONNX opset: 25 stores 2-bit weights as int2, 21 in int4 (default 21)")
-    parser.add_argument("--no-parity", action="store_true", help="skip the PyTorch vs ONNX parity check")
+    parser.add_argument("--no-parity", action="store_true",
+                        help="skip the PyTorch vs ONNX parity check (median logit error at most 0.5 output steps)")
     parser.add_argument("--lower", action="append", type=_profiles, default=[], metavar="PROFILE[,PROFILE]",
                         help="also write OUT/model.PROFILE.onnx lowered for a runtime: cpu-w8a8, weight-only, "
                              "cuda, cuda-fp16, tensorrt (repeatable or a comma list)")
@@ -73,26 +72,6 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
-class ParityFailure(Exception):
-    """PyTorch and ONNX disagree: the export is not committed (exit 1, like a failed --check)."""
-
-
-def _parity(checkpoint: Any) -> Callable[[Path], None]:
-    """The parity check on the export's model.onnx while it is still in its temporary directory."""
-    def verify(model_path: Path) -> None:
-        from qbert_deploy.families import family_of
-        from qbert_deploy.models.build import build_model
-        from qbert_deploy.validation.parity import parity_check, random_batch
-
-        batch = random_batch(int(checkpoint.config["vocab_size"]), inputs=family_of(checkpoint.config).inputs)
-        results = parity_check(build_model(checkpoint), model_path, batch)
-        for line in results:
-            print(f"parity vs PyTorch fake-quant: {line.line()}")
-        if any(r.argmax_agreement < 1.0 for r in results):
-            raise ParityFailure("parity check: argmax differs between PyTorch and ONNX; the export was not written")
-    return verify
-
-
 def _export(args: argparse.Namespace) -> int:
     if args.check is not None:
         return _check(args)
@@ -100,6 +79,7 @@ def _export(args: argparse.Namespace) -> int:
         return fail("give a checkpoint and -o/--out to export, or --check EXPORT_DIR", prog="qbert-export")
     from qbert_deploy.checkpoint import load_checkpoint
     from qbert_deploy.exporters.onnx_export import export_checkpoint
+    from qbert_deploy.validation.parity import ParityError, export_verifier
 
     checkpoint = load_checkpoint(args.checkpoint)
     profiles = list(dict.fromkeys(name for names in args.lower for name in names))
@@ -107,8 +87,8 @@ def _export(args: argparse.Namespace) -> int:
         # Lowering, the self-check and parity all run before the export takes the place of OUT.
         result = export_checkpoint(checkpoint, args.out, opset=args.opset, lower=profiles,
                                    pack_3bit=args.pack_3bit and not args.no_3bit_packing,
-                                   verify=None if args.no_parity else _parity(checkpoint), deploy=args.deploy)
-    except ParityFailure as err:
+                                   verify=None if args.no_parity else export_verifier(checkpoint), deploy=args.deploy)
+    except ParityError as err:  # exit 1, like a failed --check
         return fail(str(err), code=1, prog="qbert-export")
     size = result.size
     print(f"wrote {result.model_path} ({size['file_bytes'] / 2**20:.2f} MB; fp32 weights "

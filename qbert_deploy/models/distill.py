@@ -129,8 +129,10 @@ class Distiller:
     def _scores(self, model: nn.Module) -> list[torch.Tensor]:
         """Pre-softmax attention scores [batch, heads, query, key] of every layer from the captured Q and K."""
         model = getattr(model, "module", model)  # under DDP, train() hands us the wrapper; hooks sit on the model
-        captured = self._captured.get(id(model), [])
-        self._captured[id(model)] = []
+        store = self._captured.get(id(model), [])
+        # Emptied in place: the hooks append to this very list (a new one would leave them filling the old one,
+        # which then grows every step while later steps see no scores).
+        captured, store[:] = list(store), []
         config: Any = model.config
         heads = int(family(getattr(config, "model_type", None)).config_value(config.to_dict(), "num_attention_heads"))
         scores = []

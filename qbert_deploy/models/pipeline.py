@@ -17,10 +17,11 @@ from typing import Any
 import torch
 
 from qbert_deploy.atomic import atomic_file, write_text_atomic
-from qbert_deploy.checkpoint import Checkpoint, save_checkpoint
+from qbert_deploy.checkpoint import Checkpoint, fp32_digest, save_checkpoint
 from qbert_deploy.families import family
 from qbert_deploy.models import distributed
 from qbert_deploy.models.build import make_checkpoint, tokenizer_files
+from qbert_deploy.models.cache_keys import differences
 from qbert_deploy.models.distill import DistillWeights
 from qbert_deploy.models.hessian import sensitivity
 from qbert_deploy.models.methods import Method
@@ -58,16 +59,21 @@ class Job:
     teacher: Path | None = None  # default: the fine-tuned fp32 model
 
 
-def _allocate(job: Job, task: Task, fp32: torch.nn.Module, fp32_acc: float, method: Method,
+def _allocate(job: Job, task: Task, fp32: torch.nn.Module, fp32_sha256: str, method: Method,
               recipe: Recipe) -> Recipe:
     assert method.mixed is not None
-    key = {"subsets": job.hessian_subsets, "batch": job.hessian_batch, "iters": job.hessian_iters,
-           "seed": job.seed, "fp32": fp32_acc}
+    key = {"fp32 model": fp32_sha256, "hessian subsets": job.hessian_subsets, "hessian batch": job.hessian_batch,
+           "hessian iters": job.hessian_iters, "seed": job.seed} | task.cache_key()
     path = job.out / "sensitivity.json"
     sens = None
-    if distributed.is_main() and path.exists() and json.loads(path.read_text()).get("settings") == key:
-        sens = load_sensitivity(path)
-        log.info("sensitivity: reusing %s", path)
+    if distributed.is_main() and path.exists():
+        saved = json.loads(path.read_text()).get("settings")
+        if saved == key:
+            sens = load_sensitivity(path)
+            log.info("sensitivity: reusing %s: same fp32 model, training data and Hessian settings", path)
+        else:
+            log.info("sensitivity: %s was computed differently (%s); computing it again", path,
+                     differences(saved, key))
     sens = distributed.broadcast(sens)  # rank 0 read the file; computing it again takes every rank
     if sens is None:
         sens = sensitivity(fp32, task.input_batches(job.hessian_subsets, job.seed + 1, job.hessian_batch),
@@ -97,14 +103,17 @@ def run_job(job: Job, task: Task, method: Method, recipe: Recipe) -> Checkpoint:
     torch.manual_seed(job.seed)  # the same on every rank: the same initial head, the same Quant-Noise masks
     fp32_dir = job.fp32_cache or job.out / "fp32"
     fp32, fp32_acc = fp32_model(job.model_dir, task, job.finetune_steps, job.lr, fp32_dir, job.seed)
+    fp32_sha256 = fp32_digest(fp32_dir) if distributed.is_main() else ""  # only rank 0 reads or writes caches
     metric = f"dev_{task.metric}"
     metrics = {f"{metric}_fp32": fp32_acc, "world_size": world, "global_batch": task.batch_size}
     if method.mixed is not None:
-        recipe = _allocate(job, task, fp32, fp32_acc, method, recipe)
+        recipe = _allocate(job, task, fp32, fp32_sha256, method, recipe)
     state_path = job.out / "qat-state.pt"
-    run_key = hashlib.sha256(json.dumps([recipe.dumps(), method.id, job.qat_steps, job.qat_lr, job.seed,
-                                         job.quant_noise, fp32_acc, repr(job.distill), job.learn_ranges,
-                                         str(job.teacher)]).encode()).hexdigest()
+    run = {"recipe": recipe.dumps(), "method": method.id, "qat steps": job.qat_steps, "qat lr": job.qat_lr,
+           "seed": job.seed, "quant noise": job.quant_noise, "calibration batches": job.calibration_batches,
+           "fp32 model": fp32_sha256, "distill": repr(job.distill), "learn ranges": job.learn_ranges,
+           "teacher": fp32_digest(job.teacher) if job.teacher and distributed.is_main() else None} | task.cache_key()
+    run_key = hashlib.sha256(json.dumps(run, sort_keys=True).encode()).hexdigest()
     resume = None
     if distributed.is_main() and state_path.exists():
         try:
@@ -113,14 +122,15 @@ def run_job(job: Job, task: Task, method: Method, recipe: Recipe) -> Checkpoint:
             state = None
         if isinstance(state, dict) and state.get("key") == run_key:
             resume = state
-            log.info("resuming QAT from step %d (%s)", state["step"], state_path)
+            log.info("resuming QAT from step %d (%s): same fp32 model, data and settings", state["step"], state_path)
         else:
-            log.info("%s belongs to another run; starting QAT afresh", state_path)
+            log.info("%s belongs to another run (%s); starting QAT afresh", state_path,
+                     differences(state.get("run") if isinstance(state, dict) else None, run))
     resume = distributed.broadcast(resume)  # rank 0's state (and step) on every rank, every machine
 
     def save(state: dict[str, Any]) -> None:  # train() calls it on rank 0 only
         with atomic_file(state_path) as tmp:
-            torch.save({**state, "key": run_key}, tmp)
+            torch.save({**state, "key": run_key, "run": run}, tmp)
 
     settings = Settings(qat_steps=job.qat_steps, lr=job.qat_lr, quant_noise=job.quant_noise,
                         calibration_batches=job.calibration_batches, seed=job.seed, resume=resume, save=save,
@@ -129,6 +139,9 @@ def run_job(job: Job, task: Task, method: Method, recipe: Recipe) -> Checkpoint:
                         teacher=load_teacher(job.teacher, task) if job.teacher and job.distill else None)
     if settings.distill is not None:
         log.info("QAT distils from the %s: %s", job.teacher or "fp32 model", settings.distill)
+    # QAT's random draws (dropout, Quant-Noise) start from the seed, whether fp32/ and the sensitivity were made by
+    # this process or reused: a rerun after a kill then trains as an uninterrupted run does.
+    torch.manual_seed(job.seed)
     model = apply_method(fp32, task, method, recipe, settings)
     dev = task.dev_batches()
     logits, labels = predict_logits(model, dev, "dev quantized")

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,17 +15,21 @@ import torch
 from torch import nn
 
 from qbert_deploy.atomic import atomic_dir
-from qbert_deploy.checkpoint import Fp32Reference
+from qbert_deploy.checkpoint import FP32_MODEL_FILES, Fp32Reference, fp32_digest
 from qbert_deploy.data.batches import batches
 from qbert_deploy.data.tsv import Example
 from qbert_deploy.families import TEXT_INPUTS, family
 from qbert_deploy.models import distributed
+from qbert_deploy.models.cache_keys import differences, examples_digest
 from qbert_deploy.models.hf_compat import ATTENTION
 from qbert_deploy.models.train import Batch, predict_logits, train
 from qbert_deploy.tasks import SEQUENCE, task_kind
 
 log = logging.getLogger("qbert_deploy.quantize")
 FP32_STAMP = "qbert_fp32.json"
+# What transformers reads of a base model folder: the model files and the tokenizer's (not README.md and the like)
+BASE_MODEL_FILES = re.compile(FP32_MODEL_FILES.pattern + r"|tokenizer.*|vocab.*|merges\.txt|special_tokens_map\.json"
+                              r"|added_tokens\.json|.+\.model")
 
 
 def _length(example: Example) -> int:
@@ -65,6 +69,11 @@ class Task:
     def agreement(self, logits: np.ndarray, reference: np.ndarray) -> float:
         """The fraction of dev predictions (argmax over the classes) that two models share."""
         return float((logits.argmax(-1) == reference.argmax(-1)).mean())
+
+    def cache_key(self) -> dict[str, Any]:
+        """What of the task changes a model trained on it: the training data's content, labels, batching."""
+        return {"task": self.kind, "training data": examples_digest(self.train), "labels": list(self.labels),
+                "batch size": self.batch_size, "max length": self.max_length, "inputs": list(self.inputs)}
 
     def train_batches(self, epoch: int) -> Iterator[Batch]:
         """Shuffled batches of similar lengths: each pool of 16 batches is sorted by length, so batches carry
@@ -137,14 +146,9 @@ def load_teacher(path: Path, task: Task) -> nn.Module:
 
 
 def base_fingerprint(model_dir: str | Path) -> str:
-    """What identifies the base model in the fp32 cache: its files' names, sizes and config, not where it lives,
-    so the same package installed in another virtual environment reuses the fine-tune."""
-    folder = Path(model_dir)
-    digest = hashlib.sha256((folder / "config.json").read_bytes() if (folder / "config.json").is_file() else b"")
-    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
-        if path.is_file():
-            digest.update(f"{path.name}:{path.stat().st_size};".encode())
-    return f"{folder.name}:{digest.hexdigest()[:16]}"
+    """What identifies the base model in the fp32 cache: the content of its model and tokenizer files, not where it
+    lives, so the same package installed in another virtual environment reuses the fine-tune."""
+    return fp32_digest(model_dir, BASE_MODEL_FILES) if Path(model_dir).is_dir() else ""
 
 
 def fp32_reference(folder: Path, model_pt: Path) -> Fp32Reference | None:
@@ -155,21 +159,20 @@ def fp32_reference(folder: Path, model_pt: Path) -> Fp32Reference | None:
 def fp32_model(model_dir: str | Path, task: Task, steps: int, lr: float, cache: Path | None,
                seed: int = 0) -> tuple[nn.Module, float]:
     """The fine-tuned fp32 baseline and its dev metric, reused from `cache` when it was made the same way."""
-    key: dict[str, Any] = {"task": task.kind} if task.kind != SEQUENCE else {}
-    key |= {"base": base_fingerprint(model_dir), "steps": steps, "lr": lr, "seed": seed,
-           "train": len(task.train), "batch_size": task.batch_size, "max_length": task.max_length}
+    key = {"base model": base_fingerprint(model_dir), "steps": steps, "lr": lr, "seed": seed,
+           "dev data": examples_digest(task.dev)} | task.cache_key()  # the stamp records the dev figure too
     stamp = cache / FP32_STAMP if cache else None
     saved: dict[str, Any] | None = None
     if distributed.is_main() and cache is not None and stamp is not None and stamp.is_file():
         saved = json.loads(stamp.read_text())
         if saved.get("key") != key:
-            log.info("fp32: %s was made differently; fine-tuning again", cache)
+            log.info("fp32: %s was made differently (%s); fine-tuning again", cache, differences(saved.get("key"), key))
             saved = None
     saved = distributed.broadcast(saved)  # rank 0 reads the cache; other machines need not see the folder
     if saved is not None:
         assert cache is not None
-        log.info("fp32: reusing the fine-tuned baseline in %s (dev %s %.4f)", cache, task.metric,
-                 saved["accuracy"])
+        log.info("fp32: reusing the fine-tuned baseline in %s (dev %s %.4f): same base model, data and settings",
+                 cache, task.metric, saved["accuracy"])
         if distributed.is_main():
             model = _auto_class(task.kind).from_pretrained(cache, attn_implementation=ATTENTION)
         else:

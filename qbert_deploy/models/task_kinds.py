@@ -114,6 +114,9 @@ class QATask(_FeatureTask):
     stride: int | None = None
     _cache: dict[bool, QAFeatures] = field(default_factory=dict, repr=False)
 
+    def cache_key(self) -> dict[str, Any]:
+        return super().cache_key() | {"doc stride": self.stride}  # the stride makes the training windows
+
     def _rows(self, dev: bool) -> QAFeatures:
         if dev not in self._cache:
             questions: list[Question] = self.dev if dev else self.train

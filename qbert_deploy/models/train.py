@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import random
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -47,6 +48,29 @@ def label_arguments(model: nn.Module, labels: np.ndarray | torch.Tensor) -> dict
     return {"labels": target}
 
 
+def rng_state() -> dict[str, Any]:
+    """Every random generator a training step may draw from (dropout, Quant-Noise), in types `torch.load` reads
+    with weights_only: resuming with them makes the steps after a kill the steps an uninterrupted run takes."""
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": {"kind": kind, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "position": position,
+                      "has_gauss": has_gauss, "gauss": gauss},
+            "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next}}
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    numpy = state["numpy"]
+    np.random.set_state((numpy["kind"], numpy["keys"].numpy().astype(np.uint32), numpy["position"],
+                         numpy["has_gauss"], numpy["gauss"]))
+    python = state["python"]
+    random.setstate((python["version"], tuple(python["internal"]), python["gauss_next"]))
+
+
 def _cycle(make_batches: Callable[[int], Iterable[Batch]]) -> Iterator[Batch]:
     epoch = 0
     while True:
@@ -59,7 +83,8 @@ def train(model: nn.Module, make_batches: Callable[[int], Iterable[Batch]], step
           save: SaveHook | None = None, save_every: int = 50, loss_fn: LossFn | None = None) -> list[float]:
     """AdamW with linear warm-up and decay for `steps` steps; `make_batches(epoch)` yields shuffled batches.
 
-    `resume` is a state that `save` was given earlier: training goes on from its step with the same data order.
+    `resume` is a state that `save` was given earlier: training goes on from its step with the same data order,
+    optimizer, schedule and random generators, so it ends bit for bit where an uninterrupted run ends.
     `loss_fn` computes each batch's loss (e.g. distillation); by default the model's own loss on the labels.
     It gets the model itself (no wrapper), so hooks and attributes work as in one process. Only rank 0 calls `save`.
     """
@@ -78,6 +103,7 @@ def train(model: nn.Module, make_batches: Callable[[int], Iterable[Batch]], step
         optimizer.load_state_dict(resume["optimizer"])
         schedule.load_state_dict(resume["schedule"])
         start, losses = int(resume["step"]), list(resume["losses"])
+        restore_rng(resume["rng"])
     data = _cycle(make_batches)
     for _ in itertools.islice(data, start):  # same batches as an uninterrupted run
         pass
@@ -102,7 +128,7 @@ def train(model: nn.Module, make_batches: Callable[[int], Iterable[Batch]], step
             bar.update()
             if save is not None and distributed.is_main() and (step + 1) % save_every == 0 and step + 1 < steps:
                 save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                      "schedule": schedule.state_dict(), "step": step + 1, "losses": losses})
+                      "schedule": schedule.state_dict(), "step": step + 1, "losses": losses, "rng": rng_state()})
     model.eval()
     return losses
 

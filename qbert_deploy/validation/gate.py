@@ -12,6 +12,7 @@ from typing import Any
 from qbert_deploy.atomic import write_text_atomic
 from qbert_deploy.validation.backends import FAKEQUANT, FP32, MASTER, REFERENCES
 from qbert_deploy.validation.harness import BackendSummary
+from qbert_deploy.validation.stats import EXACT_MEDIAN_STEPS
 
 BASELINE_FORMAT = "qbert-validate-baseline"
 # Version 2 adds the fine-tuned fp32 model's row (pytorch-fp32) and figure; in version 1, "pytorch-fp32" named
@@ -32,7 +33,7 @@ class Tolerance:
     # Median |logit error| vs PyTorch fake-quant in 8-bit output steps, for the backends that must reproduce the
     # ONNX spec (the spec itself and the canonical profile); lowered profiles may approximate by design
     # (e.g. MatMulNBits' int8 activations) and answer to the accuracy and agreement checks.
-    max_error_steps: float = 0.5
+    max_error_steps: float = EXACT_MEDIAN_STEPS
     # Drop of every quantized backend (fake-quant and ONNX) below the fine-tuned fp32 model; None: reported only.
     max_drop_vs_fp32: float | None = None
 

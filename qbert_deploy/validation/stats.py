@@ -8,9 +8,18 @@ from typing import Any
 
 import numpy as np
 
-from qbert_deploy.validation.parity import output_step
-
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
+# Median |logit error| in output steps that a backend reproducing the ONNX spec (onnx.reference, ORT's canonical
+# graph) may show against PyTorch fake-quant: the gate's default and the export's parity check. The median, not the
+# maximum: a float sum ordered differently can put one activation on the other side of an 8-bit step, which moves
+# that row's logits by several steps in a healthy model; a wrong export moves most of them.
+EXACT_MEDIAN_STEPS = 0.5
+
+
+def output_step(logits: np.ndarray, bits: int = 8) -> float:
+    """Step of an 8-bit quantizer over the reference logits' range: the unit tolerances are given in."""
+    span = float(logits.max() - min(logits.min(), 0.0)) if logits.size else 0.0
+    return max(span, 1e-12) / (2**bits - 1)
 
 
 def wilson_interval(correct: int, total: int, z: float = Z95) -> tuple[float, float]:

@@ -138,7 +138,8 @@ class Answer:
     score: float  # probability of the start token times that of the end token, within the window
 
 
-def _feeds(encodings: Sequence[Any], pad_values: dict[str, int], names: Sequence[str]) -> dict[str, np.ndarray]:
+def padded_feeds(encodings: Sequence[Any], pad_values: dict[str, int], names: Sequence[str]) -> dict[str, np.ndarray]:
+    """A batch of `tokenizers` encodings as the graph's `names` inputs, each row padded after its text."""
     longest = max(len(e.ids) for e in encodings)
     feeds = {n: np.full((len(encodings), longest), pad_values[n], dtype=np.int64) for n in INPUT_NAMES}
     for row, e in enumerate(encodings):
@@ -302,7 +303,7 @@ class ServedModel:
             window = _window(e, self.max_length, self._closing_specials)
             windows.append(window)
             truncated.append(cut or len(window.ids) < len(e.ids))
-        return Encoded(_feeds(windows, self.pad_values, self.input_names), truncated, windows)
+        return Encoded(padded_feeds(windows, self.pad_values, self.input_names), truncated, windows)
 
     def encode_pairs(self, texts: Sequence[str], pairs: Sequence[str]) -> Encoded:
         """Each sentence pair as one sequence ([CLS] a [SEP] b [SEP], token types 0 then 1) of at most max_length
@@ -311,7 +312,7 @@ class ServedModel:
         encodings = self.pair_tokenizer.encode_batch([(a, b) for (a, _), (b, _) in cuts])
         truncated = [cut_a or cut_b or bool(e.overflowing) for ((_, cut_a), (_, cut_b)), e in
                      zip(cuts, encodings, strict=True)]
-        return Encoded(_feeds(encodings, self.pad_values, self.input_names), truncated, encodings)
+        return Encoded(padded_feeds(encodings, self.pad_values, self.input_names), truncated, encodings)
 
     def question_windows(self, questions: Sequence[str], contexts: Sequence[str]) -> int:
         """The fewest windows the question + context pairs can fill: each window holds at most max_length less the
@@ -336,7 +337,7 @@ class ServedModel:
             for window in [e, *e.overflowing]:
                 windows.append(window)
                 question_of.append(index)
-        return QAEncoded(_feeds(windows, self.pad_values, self.input_names), question_of, windows)
+        return QAEncoded(padded_feeds(windows, self.pad_values, self.input_names), question_of, windows)
 
     @staticmethod
     def tag(logits: np.ndarray, encoding: Any, text: str, labels: Sequence[str]) -> list[dict[str, Any]]:
