@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
+from qbert_deploy.extras import missing_extra
+
 EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, RuntimeError)
 
 
@@ -27,7 +29,8 @@ def _interrupted(err: BaseException) -> bool:
 
 
 def run_cli(prog: str, body: Callable[[], int]) -> int:
-    """Run a command body; a known error becomes one line on stderr and exit code 2, Ctrl-C exit code 130."""
+    """Run a command body; a known error becomes one line on stderr and exit code 2, Ctrl-C exit code 130, a module
+    of a missing extra one line naming its pip command."""
     try:
         return body()
     except KeyboardInterrupt:
@@ -35,7 +38,10 @@ def run_cli(prog: str, body: Callable[[], int]) -> int:
     except ImportError as err:
         if _interrupted(err):
             return fail("interrupted", code=130, prog=prog)
-        raise
+        missing = missing_extra(err)
+        if missing is None:
+            raise
+        return fail(str(missing), prog=prog)
     except EXPECTED_ERRORS as err:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         return fail(message, prog=prog)

