@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import Any
+from collections.abc import Sequence
 
 from qbert_deploy.cli.common import fail, run_cli
 
@@ -59,41 +57,19 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
-class ParityFailure(Exception):
-    """PyTorch and ONNX disagree: the export is not committed (exit 1, like a failed --check)."""
-
-
-def _parity(checkpoint: Any) -> Callable[[Path], None]:
-    """The parity check on the export's model.onnx while it is still in its temporary directory."""
-    def verify(model_path: Path) -> None:
-        from qbert_deploy.families import family_of
-        from qbert_deploy.models.build import build_model
-        from qbert_deploy.validation.parity import parity_check, random_batch
-
-        batch = random_batch(int(checkpoint.config["vocab_size"]), inputs=family_of(checkpoint.config).inputs)
-        results = parity_check(build_model(checkpoint), model_path, batch)
-        for line in results:
-            print(f"parity vs PyTorch fake-quant: {line.line()}")
-        if any(r.argmax_agreement < 1.0 for r in results):
-            raise ParityFailure("parity check: argmax differs between PyTorch and ONNX; the export was not written")
-    return verify
-
-
 def _export(args: argparse.Namespace) -> int:
     if args.check is not None:
         return _check(args)
     if args.checkpoint is None or args.out is None:
         return fail("give a checkpoint and -o/--out to export, or --check EXPORT_DIR", prog="qbert-export")
-    from qbert_deploy.checkpoint import load_checkpoint
-    from qbert_deploy.exporters.onnx_export import export_checkpoint
+    import qbert_deploy
+    from qbert_deploy.validation.parity import ParityFailure
 
-    checkpoint = load_checkpoint(args.checkpoint)
-    profiles = list(dict.fromkeys(name for names in args.lower for name in names))
     try:
         # Lowering, the self-check and parity all run before the export takes the place of OUT.
-        result = export_checkpoint(checkpoint, args.out, opset=args.opset, lower=profiles,
-                                   pack_3bit=not args.no_3bit_packing,
-                                   verify=None if args.no_parity else _parity(checkpoint))
+        result = qbert_deploy.export(args.checkpoint, args.out, opset=args.opset,
+                                     lower=[name for names in args.lower for name in names],
+                                     pack_3bit=not args.no_3bit_packing, parity=not args.no_parity, echo=print)
     except ParityFailure as err:
         return fail(str(err), code=1, prog="qbert-export")
     size = result.size

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,7 +11,8 @@ import torch
 from onnx.reference import ReferenceEvaluator
 from torch import nn
 
-from qbert_deploy.families import TEXT_INPUTS
+from qbert_deploy.checkpoint import Checkpoint
+from qbert_deploy.families import TEXT_INPUTS, family_of
 from qbert_deploy.runtimes.session import open_session
 
 Batch = dict[str, np.ndarray]
@@ -82,3 +83,23 @@ def random_batch(vocab_size: int, batch: int = 4, sequence: int = 16, seed: int 
     mask = (np.arange(sequence)[None, :] < lengths[:, None]).astype(np.int64)
     full = {"input_ids": ids * mask, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
     return {name: full[name] for name in inputs}
+
+
+class ParityFailure(ValueError):
+    """PyTorch and ONNX disagree on an export: it is not committed (qbert-export exits 1, like a failed --check)."""
+
+
+def export_verifier(checkpoint: Checkpoint, echo: Callable[[str], None] | None = None) -> Callable[[Path], None]:
+    """The parity check `export_checkpoint(verify=...)` runs on model.onnx while it is still in its temporary
+    directory: PyTorch fake-quant against the file on random tokens; a differing argmax stops the export."""
+    def verify(model_path: Path) -> None:
+        from qbert_deploy.models.build import build_model
+
+        batch = random_batch(int(checkpoint.config["vocab_size"]), inputs=family_of(checkpoint.config).inputs)
+        results = parity_check(build_model(checkpoint), model_path, batch)
+        for line in results:
+            if echo is not None:
+                echo(f"parity vs PyTorch fake-quant: {line.line()}")
+        if any(r.argmax_agreement < 1.0 for r in results):
+            raise ParityFailure("parity check: argmax differs between PyTorch and ONNX; the export was not written")
+    return verify
