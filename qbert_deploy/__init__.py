@@ -121,6 +121,7 @@ def calibrate(model: PathLike, texts: Sequence[str], out: PathLike, *, bits: int
     with tempfile.TemporaryDirectory(prefix="qbert-calibrate-") as work:
         checkpoint = make_checkpoint(network, recipe, names, tokenizer_files(tokenizer, Path(work)),
                                      max_length=max_length)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(checkpoint, out)
     return checkpoint
 
