@@ -11,12 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import BertForSequenceClassification
 
 from qbert_deploy.checkpoint import load_checkpoint
 from qbert_deploy.cli.quantize import main
-from qbert_deploy.data.tsv import Example, write_tsv
-from tests.tiny import SENTENCES, save_hf_dir, tiny_config
+from tests.tiny import write_tiny_task
 
 FAST = ["--finetune-steps", "2", "--qat-steps", "2", "--hessian-subsets", "2", "--hessian-batch", "4",
         "--hessian-iters", "3", "--calibration-batches", "1", "--batch-size", "4", "--groups", "4"]
@@ -25,13 +23,7 @@ FAST = ["--finetune-steps", "2", "--qat-steps", "2", "--hessian-subsets", "2", "
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny BERT as a Hugging Face directory, plus GLUE-style train/dev TSVs beside it."""
-    root = tmp_path_factory.mktemp("tinyhf")
-    torch.manual_seed(0)
-    save_hf_dir(BertForSequenceClassification(tiny_config()), root / "model")
-    examples = [Example(s, i % 2) for i, s in enumerate(SENTENCES)]
-    write_tsv(root / "train.tsv", examples * 4)
-    write_tsv(root / "dev.tsv", examples)
-    return root
+    return write_tiny_task(tmp_path_factory.mktemp("tinyhf"))
 
 
 def _cli(tiny_dir: Path, *args: str) -> list[str]:

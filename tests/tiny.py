@@ -48,6 +48,21 @@ def save_hf_dir(model: nn.Module, folder: Path) -> Path:
     return folder
 
 
+def write_tiny_task(root: Path, **config: int) -> Path:
+    """`root`/model (a tiny random BERT classifier as a Hugging Face directory; `config`: tiny_config's sizes) and
+    GLUE-style train.tsv (32 rows) and dev.tsv (8) beside it: what `qbert-quantize --model --train --dev` reads."""
+    from transformers import BertForSequenceClassification
+
+    from qbert_deploy.data.tsv import Example, write_tsv
+
+    torch.manual_seed(0)
+    save_hf_dir(BertForSequenceClassification(tiny_config(**config)), root / "model")
+    examples = [Example(s, i % 2) for i, s in enumerate(SENTENCES)]
+    write_tsv(root / "train.tsv", examples * 4)
+    write_tsv(root / "dev.tsv", examples)
+    return root
+
+
 def tiny_config(hidden: int = 64, layers: int = 2, heads: int = 4, intermediate: int = 128) -> BertConfig:
     return BertConfig(vocab_size=30522, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                       intermediate_size=intermediate, max_position_embeddings=128, num_labels=len(LABELS),

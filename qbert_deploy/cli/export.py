@@ -77,17 +77,15 @@ def _export(args: argparse.Namespace) -> int:
         return _check(args)
     if args.checkpoint is None or args.out is None:
         return fail("give a checkpoint and -o/--out to export, or --check EXPORT_DIR", prog="qbert-export")
-    from qbert_deploy.checkpoint import load_checkpoint
-    from qbert_deploy.exporters.onnx_export import export_checkpoint
-    from qbert_deploy.validation.parity import ParityError, export_verifier
+    import qbert_deploy
+    from qbert_deploy.validation.parity import ParityError
 
-    checkpoint = load_checkpoint(args.checkpoint)
-    profiles = list(dict.fromkeys(name for names in args.lower for name in names))
     try:
         # Lowering, the self-check and parity all run before the export takes the place of OUT.
-        result = export_checkpoint(checkpoint, args.out, opset=args.opset, lower=profiles,
-                                   pack_3bit=args.pack_3bit and not args.no_3bit_packing,
-                                   verify=None if args.no_parity else export_verifier(checkpoint), deploy=args.deploy)
+        result = qbert_deploy.export(args.checkpoint, args.out, opset=args.opset,
+                                     lower=[name for names in args.lower for name in names], deploy=args.deploy,
+                                     pack_3bit=args.pack_3bit and not args.no_3bit_packing,
+                                     parity=not args.no_parity, echo=print)
     except ParityError as err:  # exit 1, like a failed --check
         return fail(str(err), code=1, prog="qbert-export")
     size = result.size

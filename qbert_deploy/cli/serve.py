@@ -97,8 +97,9 @@ def _serve(args: argparse.Namespace) -> int:
 
     from qbert_deploy.runtimes.buckets import ShapeBuckets
     from qbert_deploy.runtimes.export_dir import UnverifiedFileError
-    from qbert_deploy.runtimes.serving import ServeConfig, ServedModel, create_app
+    from qbert_deploy.runtimes.serving.app import ServeConfig, create_app
     from qbert_deploy.runtimes.serving.http_server import GracefulServer, with_header_deadline
+    from qbert_deploy.runtimes.serving.model import ServedModel
 
     providers = [p.strip() for p in args.providers.split(",") if p.strip()]
     buckets = ShapeBuckets.parse(args.shape_buckets) if args.shape_buckets else None

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from qbert_deploy.cli.common import add_column_options, columns_of, fail, run_cli
+from qbert_deploy.cli.common import run_cli
+from qbert_deploy.data.tsv import add_column_options, columns_of
 
 
 def _list(text: str) -> list[str]:
@@ -86,23 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from qbert_deploy.validation.run import Settings, validate
+    import qbert_deploy
 
-    if args.max_drop < 0 or not 0 <= args.min_agreement <= 100 or args.layer_tolerance <= 0 \
-            or args.max_error_steps <= 0:
-        return fail("--max-drop must be >= 0, --min-agreement in 0..100, --layer-tolerance and --max-error-steps > 0",
-                    prog="qbert-validate")
-    if args.max_drop_vs_fp32 is not None and not 0 <= args.max_drop_vs_fp32 < float("inf"):
-        return fail(f"--max-drop-vs-fp32 must be a number >= 0, got {args.max_drop_vs_fp32:g}", prog="qbert-validate")
-    settings = Settings(providers=args.providers, profiles=args.profile, batch_size=args.batch_size,
-                        max_length=args.max_length, threads=args.threads, limit=args.limit,
-                        layerwise=args.layerwise, layer_examples=args.layer_examples,
-                        layer_tolerance=args.layer_tolerance, max_drop=args.max_drop, relative=args.relative,
-                        min_agreement=args.min_agreement, max_error_steps=args.max_error_steps, fp32=args.fp32,
-                        max_drop_vs_fp32=args.max_drop_vs_fp32, columns=columns_of(args))
-    with tempfile.TemporaryDirectory(prefix="qbert-validate-") as work:
-        report = validate(args.export_dir, args.checkpoint, args.data, settings, Path(work), args.baseline,
-                          args.write_baseline, args.report)
+    report = qbert_deploy.validate(
+        args.export_dir, args.checkpoint, args.data, report_dir=args.report, baseline=args.baseline,
+        write_baseline=args.write_baseline, providers=args.providers, profiles=args.profile,
+        batch_size=args.batch_size, max_length=args.max_length, threads=args.threads, limit=args.limit,
+        layerwise=args.layerwise, layer_examples=args.layer_examples, layer_tolerance=args.layer_tolerance,
+        max_drop=args.max_drop, relative=args.relative, min_agreement=args.min_agreement,
+        max_error_steps=args.max_error_steps, fp32=args.fp32, max_drop_vs_fp32=args.max_drop_vs_fp32,
+        columns=columns_of(args))
     if report.failures:
         from qbert_deploy.validation.gate import failure_table
 

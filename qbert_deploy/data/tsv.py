@@ -15,6 +15,7 @@ so that the ids do not depend on the order of the lines.
 
 from __future__ import annotations
 
+import argparse
 import csv
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -239,3 +240,27 @@ def _label_id(raw: str, labels: Sequence[str], where: str) -> int:
     if not 0 <= value < len(labels):
         raise TsvError(f"{where}: label {value} is out of range for {len(labels)} labels {list(labels)}")
     return value
+
+
+# The command-line options that name a TSV's columns, shared by qbert-quantize and qbert-validate.
+
+def _text_columns(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(","))
+    if len(names) > 2 or not all(names) or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"expected one text column or two (a sentence pair), e.g. "
+                                         f"question,sentence; got {text!r}")
+    return names
+
+
+def add_column_options(parser: argparse.ArgumentParser) -> None:
+    """--text-columns and --label-column: the TSV columns, for a layout the header does not tell."""
+    parser.add_argument("--text-columns", type=_text_columns, metavar="A[,B]",
+                        help="TSV: the column holding the text, or the two of a sentence pair (default: found from "
+                        "the header in the GLUE layouts SST-2, CoLA, MRPC, QQP, QNLI, RTE, MNLI, WNLI)")
+    parser.add_argument("--label-column", metavar="C",
+                        help="TSV: the column holding the label (default: the layout's, else 'label')")
+
+
+def columns_of(args: argparse.Namespace) -> Columns:
+    """The TSV columns the user named."""
+    return Columns(args.text_columns, args.label_column)

@@ -53,6 +53,16 @@ class Settings:
     columns: Columns | None = None  # TSV columns named by the user; None: found from the header
 
 
+def check_settings(settings: Settings) -> None:
+    """The gate's numbers must mean something: a ValueError naming the option otherwise."""
+    if settings.max_drop < 0 or not 0 <= settings.min_agreement <= 100 or settings.layer_tolerance <= 0 \
+            or settings.max_error_steps <= 0:
+        raise ValueError("--max-drop must be >= 0, --min-agreement in 0..100, --layer-tolerance and "
+                         "--max-error-steps > 0")
+    if settings.max_drop_vs_fp32 is not None and not 0 <= settings.max_drop_vs_fp32 < float("inf"):
+        raise ValueError(f"--max-drop-vs-fp32 must be a number >= 0, got {settings.max_drop_vs_fp32:g}")
+
+
 def resolve_max_length(asked: int | None, checkpoint: Checkpoint, info: ExportInfo,
                        checkpoint_path: Path) -> tuple[int, str | None]:
     """The sequence length to validate at, and a note when it is not the one the model was trained at."""
