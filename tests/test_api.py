@@ -55,7 +55,8 @@ def test_the_readme_python_example_runs_as_written(task_dir: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.strip().splitlines()
     assert lines[-2].startswith(("gate passed", "gate failed")), done.stdout[-2000:]
-    assert lines[-1] in ("0", "1"), done.stdout[-2000:]  # the labels of the TSVs (numbers, no --labels given)
+    # 0/1 labels in SST-2's sentence/label layout, no --labels: GLUE's names for SST-2
+    assert lines[-1] in ("negative", "positive"), done.stdout[-2000:]
     assert {p.name for p in (task_dir / "out" / "export").glob("model*.onnx")} == {"model.onnx",
                                                                                    "model.cpu-w8a8.onnx"}
     assert (task_dir / "out" / "validation" / "report.json").is_file()
