@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import socket
 import threading
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
@@ -12,7 +15,8 @@ import numpy as np
 from benchmarks.serve_load import RunningServer, metric_value, running_server
 from qbert_deploy.runtimes.session import open_session
 
-__all__ = ["Reference", "RunningServer", "feeds_for", "metric_value", "post_later", "running_server"]
+__all__ = ["Reference", "RunningServer", "feeds_for", "metric_value", "post_answered_early", "post_later",
+           "running_server"]
 
 
 class Reference:
@@ -44,3 +48,24 @@ def post_later(url: str, body: dict[str, Any], results: list[httpx.Response | Ex
     thread = threading.Thread(target=send)
     thread.start()
     return thread
+
+
+def post_answered_early(url: str, body: bytes, timeout: float = 30) -> tuple[int, dict[str, Any]]:
+    """POST `body` as curl does for large bodies: `Expect: 100-continue`, and the body only once the server asks
+    for it. A server refusing the body from its Content-Length answers at once; a client that writes the whole
+    body before reading (httpx) instead races the server's close and can meet a reset in place of the answer.
+    Returns the final status and the JSON answer."""
+    parts = urlsplit(url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=timeout) as sock:
+        head = (f"POST {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n")
+        sock.sendall(head.encode())
+        answer = sock.recv(1 << 16)
+        if answer.startswith(b"HTTP/1.1 100"):
+            sock.sendall(body)
+            answer = answer.partition(b"\r\n\r\n")[2]
+        while chunk := sock.recv(1 << 16):
+            answer += chunk
+    status_line, _, rest = answer.partition(b"\r\n")
+    _, _, payload = rest.partition(b"\r\n\r\n")
+    return int(status_line.split()[1]), json.loads(payload)
