@@ -40,7 +40,10 @@ def _run(out: Path, steps: int, qat_steps: int, qat_lr: float, method_id: str, h
         raise ValueError(f"--method {method_id}: the demo shows Hessian-allocated mixed precision (qbert-mp24, "
                          "qbert-mp23, qbert-mp34)")
     distill = resolve_weights("full", hidden=hidden, attention=attention)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    out.mkdir(parents=True, exist_ok=True)
+    # the run's log on the terminal and in OUT/quantize.log, where qbert-quantize writes its own
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
+                        handlers=[logging.StreamHandler(), logging.FileHandler(out / "quantize.log", encoding="utf-8")])
     started = time.time()
     data_paths = write_splits(out / "data")
     splits = load_splits()
@@ -71,6 +74,7 @@ def _run(out: Path, steps: int, qat_steps: int, qat_lr: float, method_id: str, h
           f"{qat_steps} distilled QAT steps)")
     print(f"  agreement      {100 * agreement:.2f}% of dev predictions equal the fp32 model's (target >= 95%)")
     print(f"  sensitivity    {out / 'sensitivity.json'}, {out / 'sensitivity.png'}")
+    print(f"  log            {out / 'quantize.log'}")
     print(f"  export         {result.model_path}  ({size['file_bytes'] / 2**20:.2f} MB, "
           f"{size['compression_on_disk']:.2f}x smaller than fp32 {size['fp32_bytes'] / 2**20:.2f} MB)")
     print(f"  lowered        {lowered}  (cpu-w8a8: ORT CPU int8 kernels)")
