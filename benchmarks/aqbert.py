@@ -28,8 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.baselines import dynamic_int8
-from benchmarks.models import _export_fp32, _random_ids, minilm_recipe
+from benchmarks.models import _random_ids, minilm_recipe
 from benchmarks.run import Config, _feed, peak_memory, time_interleaved
 from qbert_deploy.atomic import write_text_atomic
 from qbert_deploy.checkpoint import Checkpoint, save_checkpoint
@@ -51,6 +50,7 @@ from qbert_deploy.models.train import train
 from qbert_deploy.models.wrap import calibrate, quantize_model
 from qbert_deploy.recipe import Recipe, WeightQuant
 from qbert_deploy.structure import LayerPlan, Structure
+from qbert_deploy.validation.ort_int8 import dynamic_int8, export_fp32_onnx
 
 Feed = dict[str, np.ndarray]
 THREADS = 2
@@ -123,7 +123,7 @@ def _bert_base(folder: Path, structures: dict[str, Structure], texts: dict[str, 
     base = BertForSequenceClassification(BertConfig(num_labels=2, attn_implementation=ATTENTION)).eval()
     files = {"ORT fp32": folder / "fp32.onnx", "ORT dynamic int8": folder / "fp32-int8.onnx"}
     if not files["ORT fp32"].is_file():
-        _export_fp32(base, files["ORT fp32"])
+        export_fp32_onnx(base, files["ORT fp32"])
     dynamic_int8(files["ORT fp32"], files["ORT dynamic int8"])
     for name, structure in structures.items():
         export_dir = folder / name
@@ -306,7 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     onnx_dir.mkdir(exist_ok=True)
     files: dict[str, Path] = {"ORT fp32": onnx_dir / "fp32.onnx", "ORT dynamic int8": onnx_dir / "fp32-int8.onnx"}
     if not files["ORT fp32"].is_file():
-        _export_fp32(fp32, files["ORT fp32"])
+        export_fp32_onnx(fp32, files["ORT fp32"])
     dynamic_int8(files["ORT fp32"], files["ORT dynamic int8"])
     print(f"fp32 dev accuracy {fp32_acc:.4f}", flush=True)
     mixed_dir = out / "mixed"

@@ -1,4 +1,5 @@
-"""ONNX Runtime's own recipes, as a user would apply them: transformer fusions and `quantize_dynamic` int8."""
+"""ONNX Runtime's own recipes, as a user would apply them: transformer fusions and `quantize_dynamic` int8 (which
+lives in the package, `qbert_deploy.validation.ort_int8`, since the demo prints it too)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,10 @@ import contextlib
 import io
 import logging
 from pathlib import Path
+
+from qbert_deploy.validation.ort_int8 import dynamic_int8
+
+__all__ = ["dynamic_int8", "fused_fp32"]  # benchmarks.run takes both from here
 
 
 def fused_fp32(fp32: Path, out: Path, num_heads: int, hidden: int) -> Path:
@@ -17,17 +22,4 @@ def fused_fp32(fp32: Path, out: Path, num_heads: int, hidden: int) -> Path:
             logging.getLogger("onnxruntime").setLevel(logging.ERROR)
             optimized = optimize_model(str(fp32), model_type="bert", num_heads=num_heads, hidden_size=hidden)
             optimized.save_model_to_file(str(out))
-    return out
-
-
-def dynamic_int8(source: Path, out: Path) -> Path:
-    """quantize_dynamic with signed int8 weights (ORT's default)."""
-    if not out.is_file():
-        from onnx import TensorProto
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        logging.getLogger().setLevel(logging.ERROR)  # it warns about pre-processing on every call
-        # fused graphs hold contrib ops that shape inference cannot type: say their outputs are float
-        quantize_dynamic(str(source), str(out), weight_type=QuantType.QInt8,
-                         extra_options={"DefaultTensorType": TensorProto.FLOAT})
     return out

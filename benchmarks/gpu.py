@@ -51,12 +51,12 @@ def _torch_model(export_dir: Path, half: bool, device: str | None = None) -> Any
 
 def anchors(export_dir: Path, folder: Path) -> dict[str, Path]:
     """ORT CUDA fp32 (TorchScript export, as benchmarks.models) and the fused fp16 graph ORT recommends on GPUs."""
-    from benchmarks.models import _export_fp32
+    from qbert_deploy.validation.ort_int8 import export_fp32_onnx
 
     config = json.loads((export_dir / "config.json").read_text())
     fp32 = folder / "fp32.onnx"
     if not fp32.is_file():
-        _export_fp32(_torch_model(export_dir, half=False, device="cpu"), fp32)
+        export_fp32_onnx(_torch_model(export_dir, half=False, device="cpu"), fp32)
     fp16 = folder / "fp16-fused.onnx"
     if not fp16.is_file():
         from onnxruntime.transformers.optimizer import optimize_model

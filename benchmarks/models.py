@@ -7,11 +7,7 @@ demo's 2/3/4/8-bit allocation.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,9 +16,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from qbert_deploy.exporters.onnx_export import LogitsOnly
-from qbert_deploy.models.hf_compat import ATTENTION, export_attention
+from qbert_deploy.models.hf_compat import ATTENTION
 from qbert_deploy.recipe import Recipe, WeightQuant
+from qbert_deploy.validation.ort_int8 import export_fp32_onnx
 
 SEQUENCE = 128
 LABELS = ["negative", "positive"]
@@ -77,21 +73,6 @@ def _float_model(name: str) -> nn.Module:
     return model.eval()
 
 
-def _export_fp32(model: nn.Module, path: Path) -> None:
-    """The plain fp32 ONNX that ORT's own recipes start from (TorchScript exporter, as optimum does)."""
-    example = tuple(_random_ids(1, SEQUENCE, 0).values())
-    dims = {0: "batch", 1: "sequence"}
-    wrapped = LogitsOnly(model)
-    # transformers 5's masking_utils graph is not what ORT's fusions match: export 4.x's attention form (hf_compat)
-    with export_attention(model) as wrapped.mask, warnings.catch_warnings(), \
-            contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        warnings.simplefilter("ignore")
-        logging.getLogger("torch").setLevel(logging.ERROR)
-        torch.onnx.export(wrapped, example, str(path), dynamo=False, opset_version=17,
-                          input_names=["input_ids", "attention_mask", "token_type_ids"], output_names=["logits"],
-                          dynamic_axes={"input_ids": dims, "attention_mask": dims, "token_type_ids": dims})
-
-
 def _export_quantized(name: str, model: nn.Module, out_dir: Path, opset: int) -> None:
     import copy
 
@@ -120,7 +101,7 @@ def prepare(name: str, cache: Path, opset: int = 25) -> BenchModel:
     model = _float_model(name)
     fp32 = folder / "fp32.onnx"
     if not fp32.is_file():
-        _export_fp32(model, fp32)
+        export_fp32_onnx(model, fp32)
     export_dir = folder / f"export-opset{opset}"
     if not (export_dir / "model.onnx").is_file():
         _export_quantized(name, model, export_dir, opset)

@@ -1,11 +1,12 @@
-"""Task metrics: entity-level P/R/F1 (seqeval) and token accuracy for tagging; SQuAD v1.1 exact match and F1."""
+"""Task metrics: entity-level P/R/F1 (seqeval) and token accuracy for tagging; SQuAD v1.1 exact match and F1;
+the warning for a classifier that predicts one class only."""
 
 from __future__ import annotations
 
 import re
 import string
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 ARTICLES = re.compile(r"\b(a|an|the)\b")
 PUNCTUATION = frozenset(string.punctuation)
@@ -50,3 +51,19 @@ def tagging_scores(predicted: Sequence[Sequence[str]], truth: Sequence[Sequence[
             "entity_recall": 100.0 * float(recall_score(gold, pred, zero_division=0)),
             "entity_f1": 100.0 * float(f1_score(gold, pred, zero_division=0)),
             "token_accuracy": 100.0 * correct / max(tokens, 1)}
+
+
+def single_class_warning(predicted: Iterable[int], labels: Iterable[int], names: Sequence[str], who: str) -> str | None:
+    """A warning when `who` predicts the same class for every example (None otherwise): its accuracy is then the
+    share of that class, which says nothing about what it learned."""
+    counts = Counter(int(p) for p in predicted)
+    truth = Counter(int(y) for y in labels)
+    total = sum(truth.values())
+    if len(counts) != 1 or total < 2:
+        return None
+    only = next(iter(counts))
+    share = 100.0 * truth[only] / total
+    kind = "the majority class" if truth[only] == max(truth.values()) else "not even the majority class"
+    name = names[only] if 0 <= only < len(names) else str(only)
+    return (f"{who} predicts {name!r} for all {total} examples ({kind}, {share:.1f}% of them): its accuracy "
+            "is that class's share, not something it learned (train longer, or check the labels)")

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from qbert_deploy.models.allocation import allocate_bits
+from qbert_deploy.models.allocation import BIT_CHOICES, allocate_bits, uniform_reason
 
 OMEGA = [5.0, 0.3, 2.0, 0.1, 9.0, 1.0]
 SIZES = [100, 100, 100, 100, 100, 100]
@@ -43,3 +43,15 @@ def test_impossible_budget_is_an_error() -> None:
         allocate_bits(OMEGA, SIZES, average_bits=2.0, choices=(3, 4))
     with pytest.raises(ValueError, match="exactly one target"):
         allocate_bits(OMEGA, SIZES)
+
+
+def test_uniform_reason_names_why_and_is_silent_for_a_mix() -> None:
+    close = [1.0, 1.5, 2.0]
+    bits = allocate_bits(close, [100] * 3, average_bits=3.0)
+    assert bits == [3, 3, 3]
+    reason = uniform_reason(bits, close, BIT_CHOICES, "an average of 3 bits")
+    assert reason is not None and "differ by 2.0x" in reason and "--bit-choices 2,4" in reason, reason
+    assert uniform_reason(allocate_bits(OMEGA, SIZES, average_bits=3.0), OMEGA, BIT_CHOICES, "x") is None
+    assert "the widest" in (uniform_reason([8, 8], [1.0, 2.0], (2, 8), "9 MB") or "")
+    assert "nothing wider fits" in (uniform_reason([2, 2], [1.0, 2.0], (2, 8), "1 MB") or "")
+    assert uniform_reason([4, 4], [1.0, 2.0], (4,), "x") is None

@@ -24,10 +24,13 @@ def test_preset_file_is_the_built_in_recipe(name: str) -> None:
 @pytest.mark.parametrize(("method_id", "family", "bits", "groups", "qat"), [
     ("qbert-w4-g12", "qbert", 4, 12, True), ("q8bert", "q8bert", 8, 1, True), ("directq-w2", "directq", 2, 1, False),
     ("ptq-ocs-w3", "ptq-ocs", 3, 128, False), ("qbert-mp23", "qbert", 2, 128, True),
+    ("qbert-mp34", "qbert", 3, 128, True),
 ])
 def test_method_ids(method_id: str, family: str, bits: int, groups: int, qat: bool) -> None:
     method = parse_method(method_id)
     assert (method.family, method.bits, method.groups, method.qat) == (family, bits, groups, qat), method
+    if method_id == "qbert-mp34":
+        assert method.mixed == ((3, 4), 3.5), method
 
 
 def test_q8bert_is_symmetric_per_tensor() -> None:

@@ -14,7 +14,8 @@ import torch
 
 from qbert_deploy.checkpoint import load_checkpoint
 from qbert_deploy.cli.quantize import main
-from tests.tiny import write_tiny_task
+from qbert_deploy.data.tsv import Example, write_tsv
+from tests.tiny import SENTENCES, write_tiny_task
 
 FAST = ["--finetune-steps", "2", "--qat-steps", "2", "--hessian-subsets", "2", "--hessian-batch", "4",
         "--hessian-iters", "3", "--calibration-batches", "1", "--batch-size", "4", "--groups", "4"]
@@ -47,6 +48,36 @@ def test_mixed_precision_run_writes_model_sensitivity_and_log(tiny_dir: Path, tm
     assert '"omega"' in (out / "sensitivity.json").read_text()
     assert "wrote" in (out / "quantize.log").read_text()
     assert not (out / "qat-state.pt").exists(), "the resume state must be removed after a finished run"
+
+
+@pytest.fixture(scope="module")
+def one_class_run(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A run whose training labels are all 0 (dev: 2 of 3 are 0), at --avg-bits 3 with the default
+    bit choices: a model that predicts one class only, and (on this tiny model) a uniform allocation."""
+    root = tmp_path_factory.mktemp("oneclass")
+    write_tsv(root / "train.tsv", [Example(s, 0) for s in SENTENCES] * 4)
+    write_tsv(root / "dev.tsv", [Example(s, 0 if i % 3 else 1) for i, s in enumerate(SENTENCES)])
+    command = [sys.executable, "-m", "qbert_deploy.cli.quantize", "--model", str(tiny_dir / "model"),
+               "--train", str(root / "train.tsv"), "--dev", str(root / "dev.tsv"), *FAST,
+               "--finetune-steps", "20", "--lr", "1e-3", "--avg-bits", "3", "-o", str(root / "out")]
+    result = _run(command)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return root / "out", (root / "out" / "quantize.log").read_text()
+
+
+def test_uniform_allocation_says_why(one_class_run: tuple[Path, str]) -> None:
+    out, log = one_class_run
+    bits = {spec.bits for spec in load_checkpoint(out / "model.pt").recipe.overrides.values()}
+    assert bits == {3}, f"this run is meant to allocate uniform 3 bits, got {bits}"
+    assert "a uniform 3-bit allocation fits an average of 3 bits" in log, log[-3000:]
+    assert "use --bit-choices 2,4 for a mix" in log, log[-3000:]
+
+
+def test_one_class_model_is_warned(one_class_run: tuple[Path, str]) -> None:
+    _, log = one_class_run
+    for who in ("the fp32 model", "the quantized model"):
+        assert f"warning: on the dev data, {who} predicts 'negative' for all" in log, log[-3000:]  # SST-2's 0
+    assert "(the majority class, " in log, log[-3000:]
 
 
 def test_killed_run_leaves_no_model_and_resumes(tiny_dir: Path, tmp_path: Path) -> None:

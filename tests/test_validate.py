@@ -91,7 +91,27 @@ def test_clean_export_passes_and_baseline_round_trips(fitted: dict[str, Path], b
     assert spec["logit_error_vs_fakequant"]["p99_steps"] < 0.5, spec
     assert (report / "bits.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| ort-cpu-canonical |" in (report / "report.md").read_text()
-    capsys.readouterr()
+    assert "predicts 'negative' for all" not in capsys.readouterr().out, "the fitted model predicts both classes"
+
+
+def test_one_class_model_is_warned(fitted: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(tiny_config())
+    model.config._attn_implementation = "eager"
+    with torch.no_grad():
+        model.classifier.bias.copy_(torch.tensor([50.0, -50.0]))  # 'negative' whatever the text
+    recipe = Recipe(default=WeightQuant(bits=8, groups=None))
+    quantize_model(model, recipe)
+    calibrate(model, [{k: torch.from_numpy(v) for k, v in text_batch().items()}])
+    checkpoint = make_checkpoint(model, recipe, list(LABELS), _tokenizer_texts())
+    save_checkpoint(checkpoint, tmp_path / "model.pt")
+    export_checkpoint(checkpoint, tmp_path / "export")
+    main([str(tmp_path / "export"), "--checkpoint", str(tmp_path / "model.pt"), "--data", str(fitted["dev"])])
+    out = capsys.readouterr().out
+    negatives = sum(e.label == 0 for e in DEV)
+    assert (f"warning: pytorch-fakequant predicts 'negative' for all {len(DEV)} examples (the majority class, "
+            f"{100 * negatives / len(DEV):.1f}% of them)") in out, out[-3000:]
+    assert "warning: ort-cpu-canonical predicts 'negative'" in out, out[-3000:]
 
 
 @pytest.mark.parametrize(("raise_by", "code"), [(0.4, 0), (0.6, 1)])

@@ -56,3 +56,27 @@ def allocate_bits(omega: Sequence[float], layer_params: Sequence[int], *, averag
             f"{budget_bytes / 2**20:.3f} MB" if budget_bytes is not None else "the target"
         raise ValueError(f"no allocation from bits {sorted(set(choices))} fits {target}")
     return best[2]
+
+
+def uniform_reason(bits: Sequence[int], omega: Sequence[float], choices: Sequence[int], target: str) -> str | None:
+    """Why `allocate_bits` gave every layer the same width although `choices` offer others (None if it did not).
+
+    Moving one bit from a layer to another at width b multiplies one cost term by 4 and the other by 1/4, so a mix
+    only pays off where sensitivities differ by more than 4x; otherwise the uniform width that meets the target
+    exactly is the cheapest allocation.
+    """
+    widths = sorted(set(choices))
+    if len(set(bits)) != 1 or len(widths) < 2:
+        return None
+    width = bits[0]
+    lower, higher = [b for b in widths if b < width], [b for b in widths if b > width]
+    if not higher:
+        return f"every layer got {width} bits, the widest of the bit choices: {target} allows them all"
+    if not lower:
+        return f"every layer got {width} bits, the narrowest of the bit choices: nothing wider fits {target}"
+    spread = max(omega) / max(min(omega), 1e-30)
+    why = (f"the layers' sensitivities (Omega) differ by {spread:.1f}x, less than the 4x at which moving a bit "
+           "between two layers lowers the expected loss" if spread < 4 else
+           "no mix of the bit choices that fits costs less")
+    return (f"every layer got {width} bits: a uniform {width}-bit allocation fits {target}, and {why}; "
+            f"use --bit-choices {max(lower)},{min(higher)} for a mix")

@@ -130,8 +130,8 @@ class Distiller:
         """Pre-softmax attention scores [batch, heads, query, key] of every layer from the captured Q and K."""
         model = getattr(model, "module", model)  # under DDP, train() hands us the wrapper; hooks sit on the model
         store = self._captured.get(id(model), [])
-        # Emptied in place: the hooks append to this very list (a new one would leave them filling the old one,
-        # which then grows every step while later steps see no scores).
+        # Emptied in place: the hooks append to this very list. Left full, it would keep every step's Q and K, with
+        # the autograd graph of each step's forward, and the next step would find no scores of its own.
         captured, store[:] = list(store), []
         config: Any = model.config
         heads = int(family(getattr(config, "model_type", None)).config_value(config.to_dict(), "num_attention_heads"))

@@ -19,6 +19,7 @@ import torch
 from qbert_deploy.atomic import atomic_file, write_text_atomic
 from qbert_deploy.checkpoint import Checkpoint, fp32_digest, save_checkpoint
 from qbert_deploy.families import family
+from qbert_deploy.metrics import single_class_warning
 from qbert_deploy.models import distributed
 from qbert_deploy.models.build import make_checkpoint, tokenizer_files
 from qbert_deploy.models.cache_keys import differences
@@ -31,6 +32,7 @@ from qbert_deploy.models.task import Task, fp32_model, fp32_reference, load_teac
 from qbert_deploy.models.train import predict_logits
 from qbert_deploy.models.workflow import Settings, apply_method, mixed_recipe
 from qbert_deploy.recipe import Recipe
+from qbert_deploy.tasks import SEQUENCE
 
 log = logging.getLogger("qbert_deploy.quantize")
 
@@ -147,6 +149,11 @@ def run_job(job: Job, task: Task, method: Method, recipe: Recipe) -> Checkpoint:
     logits, labels = predict_logits(model, dev, "dev quantized")
     fp32_logits, _ = predict_logits(fp32, dev, "dev fp32")
     acc = task.score(logits, labels)
+    if task.kind == SEQUENCE and distributed.is_main():
+        for who, values in (("the fp32 model", fp32_logits), ("the quantized model", logits)):
+            warning = single_class_warning(values.argmax(-1), labels, task.labels, f"on the dev data, {who}")
+            if warning:
+                log.warning("warning: %s", warning)
     model.cpu()
     agreement = task.agreement(logits, fp32_logits)
     size = paper_size(model, recipe)

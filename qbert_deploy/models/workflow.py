@@ -13,7 +13,7 @@ from torch import nn
 
 from qbert_deploy.families import layer_index
 from qbert_deploy.models import distributed
-from qbert_deploy.models.allocation import allocate_bits
+from qbert_deploy.models.allocation import allocate_bits, uniform_reason
 from qbert_deploy.models.distill import Distiller, DistillWeights
 from qbert_deploy.models.gptq import gptq_model
 from qbert_deploy.models.hessian import Sensitivity
@@ -76,6 +76,10 @@ def mixed_recipe(model: nn.Module, base: Recipe, sens: Sensitivity, choices: tup
                          budget_bytes=None if budget_mb is None else budget_mb * MB, fixed_bytes=fixed,
                          choices=choices)
     log.info("allocation: Omega %s -> bits %s", ", ".join(f"{v:.3g}" for v in sens.omega), bits)
+    target = f"an average of {average_bits:g} bits" if average_bits is not None else f"{budget_mb:g} MB"
+    reason = uniform_reason(bits, sens.omega, choices, target)
+    if reason:
+        log.info("allocation: %s", reason)
     return base.with_overrides({name: WeightQuant(bits=bits[layer_of(name)], groups=base.default.groups,
                                                   symmetric=base.default.symmetric) for name in linears})
 

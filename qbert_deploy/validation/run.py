@@ -10,6 +10,7 @@ from typing import Any
 from qbert_deploy.checkpoint import Checkpoint, load_checkpoint
 from qbert_deploy.data.tsv import Columns, read_tsv
 from qbert_deploy.families import family_of
+from qbert_deploy.metrics import single_class_warning
 from qbert_deploy.tasks import SEQUENCE
 from qbert_deploy.validation.backends import FAKEQUANT, FP32, MASTER, BackendRun, Batch, backend_specs, onnx_model_path
 from qbert_deploy.validation.gate import Tolerance, check, fp32_drops, load_baseline, write_baseline
@@ -168,6 +169,10 @@ def validate(export_dir: Path, checkpoint_path: Path, data_path: Path, settings:
     runs = run_all(specs, checkpoint, export_dir, evaluation.batches, workdir, settings.threads, progress)
     if evaluation.labels is not None:
         summaries = summarize(runs, evaluation.labels)
+        for name, run in runs.items():
+            warning = single_class_warning(run.logits.argmax(-1), evaluation.labels, checkpoint.labels, name)
+            if warning:
+                note(f"warning: {warning}")
     else:
         summaries = summarize_task(runs, evaluation)
     progress(backend_table(summaries))
