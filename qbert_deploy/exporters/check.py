@@ -60,12 +60,16 @@ class CheckResult:
 @dataclass
 class _Context:
     folder: Path
-    canonical: Path  # model.onnx, or model.canonical.onnx in a deployment folder (`qbert-export --deploy`)
+    files: export_dir.ModelFiles  # the canonical graph (model.canonical.onnx in a deployment folder), lowered ones
     model: ir.Model | None = None
     metadata: dict[str, str] = field(default_factory=dict)
     recipe_file: dict[str, Any] = field(default_factory=dict)
     session: Any = None  # onnxruntime's session on model.onnx, once loaded
     config: ExportConfig | None = None  # config.json as qbert-serve reads it, once validated
+
+    @property
+    def canonical(self) -> Path:
+        return self.files.canonical
 
 
 def _first_line(err: BaseException) -> str:
@@ -78,7 +82,7 @@ def _files(ctx: _Context) -> str:
     missing = [n for n in dict.fromkeys(names) if not (ctx.folder / n).is_file()]
     if missing:
         raise ValueError(f"missing {', '.join(missing)}")
-    deployed = export_dir.deployed_profile(ctx.folder)
+    deployed = ctx.files.deployed
     layout = f"; a deployment folder: model.onnx is lowered for {deployed}" if deployed else ""
     return f"{ctx.canonical.name}, config.json, qbert_recipe.json and tokenizer files present{layout}"
 
@@ -133,7 +137,7 @@ def _labels(ctx: _Context) -> str:
 def _file_hashes(ctx: _Context) -> str:
     """Every model file against the sha256 recorded at export, and every recorded file present."""
     records = export_dir.recorded_files(ctx.folder)
-    files = [ctx.canonical, *export_dir.lowered_files(ctx.folder)]
+    files = [ctx.canonical, *ctx.files.lowered.values()]
     for path in files:
         export_dir.verify_file(ctx.folder, path)
     gone = sorted(set(records) - {p.name for p in files})
@@ -232,7 +236,7 @@ def check_export(folder: str | os.PathLike[str], checkpoint: str | os.PathLike[s
         layout_error: str | None = str(err)
     else:
         layout_error = None
-    ctx = _Context(folder, files.canonical)
+    ctx = _Context(folder, files)
     checks: list[tuple[str, Callable[[_Context], str]]] = [
         ("files", _files), ("onnx checker", _onnx_checker), ("recipe hash", _recipe_hash),
         ("weights hash", _weights_hash), ("file hashes", _file_hashes), ("labels", _labels),

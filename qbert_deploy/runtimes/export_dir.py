@@ -84,11 +84,6 @@ def model_files(folder: str | os.PathLike[str]) -> ModelFiles:
     return ModelFiles(canonical, dict(sorted(lowered.items())), deployed)
 
 
-def lowered_files(folder: Path) -> list[Path]:
-    """The export's lowered files (model.<profile>.onnx, and a deployment folder's model.onnx), by profile."""
-    return list(model_files(folder).lowered.values())
-
-
 def _integer(config: Mapping[str, Any], key: str, path: Path, minimum: int, default: int | None = None,
              maximum: int | None = None) -> int:
     """config[key] as an int in [minimum, maximum]: JSON null, strings, floats, booleans and objects are refused."""
@@ -296,5 +291,5 @@ def record_files(folder: Path, names: Sequence[str]) -> None:
 
 __all__ = ["CANONICAL_FILE", "DEPLOYED_CANONICAL_FILE", "DEPLOYED_KEY", "FILES_KEY", "RECIPE_FILE", "ExportConfig",
            "ExportDirError", "ModelFiles", "UnverifiedFileError", "check_label_count", "check_signature",
-           "deployed_profile", "file_sha256", "labels_of", "load_tokenizer", "lowered_files", "model_files",
+           "deployed_profile", "file_sha256", "labels_of", "load_tokenizer", "model_files",
            "read_config", "read_json", "record_files", "recorded_files", "verify_file"]
