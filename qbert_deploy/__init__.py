@@ -145,8 +145,7 @@ def export(checkpoint: Checkpoint | PathLike, out: PathLike, *, lower: Sequence[
     from qbert_deploy.validation.parity import export_verifier
 
     loaded = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
-    profiles = list(dict.fromkeys(lower))
-    return export_checkpoint(loaded, out, opset=opset, lower=profiles, pack_3bit=pack_3bit, deploy=deploy,
+    return export_checkpoint(loaded, out, opset=opset, lower=lower, pack_3bit=pack_3bit, deploy=deploy,
                              verify=export_verifier(loaded, echo or (lambda line: None)) if parity else None)
 
 

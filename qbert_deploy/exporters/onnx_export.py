@@ -190,7 +190,7 @@ def export_checkpoint(checkpoint: Checkpoint, out_dir: str | os.PathLike[str], o
         except onnx.checker.ValidationError as err:
             raise ExportError(f"exported model fails the ONNX checker: {str(err).splitlines()[0]}") from None
         report = size_report(graph, specs, _fp32_bytes(checkpoint), model_path.stat().st_size)
-        _write_side_files(tmp, checkpoint, report, weights_digest)
+        _write_side_files(tmp, checkpoint, report, weights_digest, deployed)
         for profile in profiles:
             lower_file(model_path, profile, lowered_path(tmp, profile), pack_3bit=pack_3bit)
         if deployed is not None:
@@ -202,18 +202,16 @@ def export_checkpoint(checkpoint: Checkpoint, out_dir: str | os.PathLike[str], o
             raise ExportError(f"the export fails its own check, {failed[0].name}: {failed[0].detail}")
         if verify is not None:
             verify(model_path)
-    files = model_files(out)
-    return ExportResult(out, files.canonical, report, dict(files.lowered))
+    return ExportResult(out, out / files.canonical.name, report,
+                        {profile: out / path.name for profile, path in files.lowered.items()})
 
 
 def _as_deployment(folder: Path, profile: str) -> Path:
-    """Turn an export folder into a deployment folder for `profile`; returns where the canonical graph now is."""
+    """Put the files of an export folder in a deployment folder's places for `profile` (qbert_recipe.json already
+    names it); returns where the canonical graph now is."""
     canonical = folder / DEPLOYED_CANONICAL_FILE
     (folder / CANONICAL_FILE).rename(canonical)
     lowered_path(folder, profile).rename(folder / CANONICAL_FILE)
-    recipe = json.loads((folder / RECIPE_FILE).read_text())
-    recipe[DEPLOYED_KEY] = profile
-    (folder / RECIPE_FILE).write_text(json.dumps(recipe, indent=2, sort_keys=True) + "\n")
     return canonical
 
 
@@ -226,7 +224,8 @@ def _check_replaceable(out: Path) -> None:
                           "refusing to replace it")
 
 
-def _write_side_files(folder: Path, checkpoint: Checkpoint, report: dict[str, Any], weights_digest: str) -> None:
+def _write_side_files(folder: Path, checkpoint: Checkpoint, report: dict[str, Any], weights_digest: str,
+                      deployed: str | None) -> None:
     config = dict(checkpoint.config)
     config["id2label"] = {str(i): label for i, label in enumerate(checkpoint.labels)}
     config["label2id"] = {label: i for i, label in enumerate(checkpoint.labels)}
@@ -237,6 +236,8 @@ def _write_side_files(folder: Path, checkpoint: Checkpoint, report: dict[str, An
     for name, text in checkpoint.tokenizer_files.items():
         (folder / name).write_text(text, encoding="utf-8")
     recipe = checkpoint.recipe.to_json() | {"checkpoint_sha256": checkpoint.digest(), "weights_sha256": weights_digest}
-    (folder / "qbert_recipe.json").write_text(json.dumps(recipe, indent=2, sort_keys=True) + "\n")
+    if deployed is not None:  # a deployment folder (`_as_deployment` puts its files in place)
+        recipe[DEPLOYED_KEY] = deployed
+    (folder / RECIPE_FILE).write_text(json.dumps(recipe, indent=2, sort_keys=True) + "\n")
     (folder / "size_report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     (folder / "size_report.md").write_text(size_markdown(report))
