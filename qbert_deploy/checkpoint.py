@@ -65,13 +65,15 @@ class Fp32Reference:
     sha256: str  # fp32_digest() of the folder when model.pt was written
 
     @classmethod
-    def of(cls, folder: str | os.PathLike[str], checkpoint_path: str | os.PathLike[str]) -> Fp32Reference:
+    def of(cls, folder: str | os.PathLike[str], checkpoint_path: str | os.PathLike[str],
+           sha256: str | None = None) -> Fp32Reference:
+        """`sha256`: the folder's fp32_digest when the caller has it already (hashing reads every weight byte)."""
         where = Path(os.path.abspath(folder))
         try:
             text = os.path.relpath(where, os.path.abspath(Path(checkpoint_path).parent))
         except ValueError:  # another drive (Windows): no relative path exists
             text = str(where)
-        return cls(Path(text).as_posix(), fp32_digest(where))
+        return cls(Path(text).as_posix(), sha256 or fp32_digest(where))
 
     def resolve(self, checkpoint_path: str | os.PathLike[str]) -> Path:
         """The folder, with a relative path taken from the folder holding model.pt."""

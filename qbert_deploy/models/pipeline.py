@@ -163,7 +163,7 @@ def run_job(job: Job, task: Task, method: Method, recipe: Recipe) -> Checkpoint:
     with tempfile.TemporaryDirectory() as tmp:
         texts = tokenizer_files(task.tokenizer, Path(tmp))
     # qbert-validate compares against the fine-tuned model itself, at the length it was trained at
-    reference = fp32_reference(fp32_dir, job.out / "model.pt") if distributed.is_main() else None
+    reference = fp32_reference(fp32_dir, job.out / "model.pt", fp32_sha256) if distributed.is_main() else None
     checkpoint = make_checkpoint(model, recipe, task.labels, texts, metrics, task=task.kind,
                                  max_length=task.max_length, fp32_reference=reference, text_pairs=task.text_pairs)
     if distributed.is_main():

@@ -151,9 +151,10 @@ def base_fingerprint(model_dir: str | Path) -> str:
     return fp32_digest(model_dir, BASE_MODEL_FILES) if Path(model_dir).is_dir() else ""
 
 
-def fp32_reference(folder: Path, model_pt: Path) -> Fp32Reference | None:
-    """What model.pt records of the fp32 folder `fp32_model` kept (None if it holds no model)."""
-    return Fp32Reference.of(folder, model_pt) if (folder / "config.json").is_file() else None
+def fp32_reference(folder: Path, model_pt: Path, sha256: str | None = None) -> Fp32Reference | None:
+    """What model.pt records of the fp32 folder `fp32_model` kept (None if it holds no model); `sha256` its
+    fp32_digest, when already computed."""
+    return Fp32Reference.of(folder, model_pt, sha256) if (folder / "config.json").is_file() else None
 
 
 def fp32_model(model_dir: str | Path, task: Task, steps: int, lr: float, cache: Path | None,
