@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,34 +43,23 @@ def _positive(kind: type, minimum: float = 1) -> Any:
     return parse
 
 
-def _epochs(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of epochs, got {text!r}") from None
-    if not (value > 0 and value < float("inf")):
-        raise argparse.ArgumentTypeError(f"the epoch count must be greater than 0, got {text}")
-    return value
+def _float_parser(expected: str, refusal: str, accept: Callable[[float], bool]) -> Callable[[str], float]:
+    """An argparse type: a float that `accept`s (NaN never does), else "expected ..." or the refusal, one line."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"{refusal}, got {text}")
+        return value
+    return parse
 
 
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
-    return value
-
-
-def _keep_fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
+_epochs = _float_parser("a number of epochs", "the epoch count must be greater than 0",
+                        lambda value: 0 < value < float("inf"))
+_fraction = _float_parser("a number in [0, 1)", "must be in [0, 1)", lambda value: 0 <= value < 1)
+_keep_fraction = _float_parser("a number in (0, 1]", "must be in (0, 1]", lambda value: 0 < value <= 1)
 
 
 def _bits_list(text: str) -> tuple[int, ...]:
@@ -280,9 +270,12 @@ def _config(model_dir: Path) -> dict[str, Any]:
 
 def _model_family(model_dir: Path) -> Any:
     """The family of --model (before any data is read or training starts): an unsupported one stops here."""
-    from qbert_deploy.runtimes.serving.model import model_family
+    from qbert_deploy.families import family_of
 
-    return model_family(_config(model_dir), model_dir / "config.json")
+    try:
+        return family_of(_config(model_dir))
+    except ValueError as err:
+        raise ValueError(f"{model_dir / 'config.json'}: {err}") from None
 
 
 def _feature_task(args: argparse.Namespace, task_name: str) -> Any:

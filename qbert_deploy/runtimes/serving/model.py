@@ -19,7 +19,7 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from qbert_deploy.families import TEXT_INPUTS, Family, family_of
+from qbert_deploy.families import TEXT_INPUTS
 from qbert_deploy.runtimes.buckets import BucketedSession, ShapeBuckets
 from qbert_deploy.runtimes.export_dir import (
     ExportConfig,
@@ -96,14 +96,6 @@ def open_served(served: ServedFile, providers: Sequence[str] = ("cpu",), threads
 
     return open_session(served.path, providers, threads=threads, allow_fallback=allow_fallback,
                         profile=served.profile if served.profile in PROFILES else None, cuda_graph=cuda_graph)
-
-
-def model_family(config: dict[str, Any], path: Path) -> Family:
-    """The export's architecture from its config.json; one of the supported families or a one-line error."""
-    try:
-        return family_of(config)
-    except ValueError as err:
-        raise ModelDirError(f"{path}: {err}") from None
 
 
 @dataclass(frozen=True)
