@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.models import prepare
-from benchmarks.run import ANCHORS, OURS_CPU, ROOT, Config, configs, peak_memory
+from benchmarks.run import ANCHORS, OURS_CPU, ROOT, configs, peak_memory
 
 PACKED = "ours cpu-w8a8 --pack-3bit"
 LABELS = (*ANCHORS, OURS_CPU, PACKED)
@@ -71,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["Config", "main", "measure", "table"]
+__all__ = ["main", "measure", "table"]
 
 if __name__ == "__main__":
     sys.exit(main())
