@@ -16,6 +16,7 @@ import numpy as np
 SEQUENCE = "sequence-classification"
 TOKEN = "token-classification"
 QA = "question-answering"
+FEATURE = "feature-extraction"  # sentence embeddings: encoder + the directory's pooling and normalisation
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,9 @@ TASKS: dict[str, TaskKind] = {t.name: t for t in (
              "token-classification", "entity_f1", (".conll", ".txt")),
     TaskKind(QA, "AutoModelForQuestionAnswering", "ForQuestionAnswering", ("start_logits", "end_logits"),
              "question-answering", "f1", (".json",)),
+    # No head and no labels; its data (one text per line) is chosen by --task or a sentence-transformers directory.
+    TaskKind(FEATURE, "AutoModel", "Model", ("last_hidden_state", "sentence_embedding"),
+             "feature-extraction", "mean_cosine", ()),
 )}
 DEFAULT_TASK = SEQUENCE
 QA_LABELS = ["start", "end"]  # a QA head's two "labels": start and end logits per token
@@ -51,7 +55,7 @@ def task_of_head(architectures: Iterable[str] | None) -> str | None:
     """The task of a Hugging Face config's architectures (e.g. BertForTokenClassification), None for a bare encoder."""
     for arch in architectures or ():
         for kind in TASKS.values():
-            if str(arch).endswith(kind.architecture_suffix):
+            if kind.name != FEATURE and str(arch).endswith(kind.architecture_suffix):
                 return kind.name
     return None
 
@@ -129,3 +133,10 @@ def best_span(start: np.ndarray, end: np.ndarray, allowed: np.ndarray, max_answe
 def output_dims(task: str, labels: int) -> list[int]:
     """Each output's shape after the batch axis (-1: as long as the input): [labels], [tokens, labels], [tokens]."""
     return {SEQUENCE: [labels], TOKEN: [-1, labels], QA: [-1]}[task_kind(task).name]
+
+
+SENTENCE_TRANSFORMERS_MODULES = "modules.json"  # what makes a folder a sentence-transformers model directory
+
+
+def is_sentence_transformers_dir(folder: str | Path) -> bool:
+    return (Path(folder) / SENTENCE_TRANSFORMERS_MODULES).is_file()

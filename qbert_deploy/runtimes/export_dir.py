@@ -22,7 +22,15 @@ from tokenizers import Tokenizer
 
 from qbert_deploy.atomic import write_text_atomic
 from qbert_deploy.families import TEXT_INPUTS, Family, family_of
-from qbert_deploy.tasks import DEFAULT_TASK, QA, TOKEN, task_kind, task_of_head
+from qbert_deploy.tasks import (
+    DEFAULT_TASK,
+    FEATURE,
+    QA,
+    TOKEN,
+    is_sentence_transformers_dir,
+    task_kind,
+    task_of_head,
+)
 
 RECIPE_FILE = "qbert_recipe.json"
 FILES_KEY = "files"  # qbert_recipe.json: {file name: sha256 of its bytes} for model.onnx and each lowered file
@@ -162,8 +170,12 @@ def read_config(folder: str | os.PathLike[str]) -> ExportConfig:
     if max_length < 2:  # the exported graph's sequence axis starts at 2 ([CLS] text [SEP] needs it anyway)
         raise ExportDirError(f"{path}: max_position_embeddings {positions} leaves {max_length} tokens per "
                              "sequence; at least 2 are needed")
-    return ExportConfig(family, task_of_head(architectures) or DEFAULT_TASK, labels_of(config, path), vocab_size,
-                        type_vocab_size, pad_id, max_length)
+    task = task_of_head(architectures)
+    if task is None and is_sentence_transformers_dir(folder):
+        task = FEATURE  # a headless encoder in a sentence-transformers directory is an embedding model
+    task = task or DEFAULT_TASK
+    labels = [] if task == FEATURE else labels_of(config, path)
+    return ExportConfig(family, task, labels, vocab_size, type_vocab_size, pad_id, max_length)
 
 
 def load_tokenizer(folder: str | os.PathLike[str], config: ExportConfig) -> Tokenizer:
@@ -218,23 +230,24 @@ def check_signature(config: ExportConfig, inputs: Sequence[TensorInfo], outputs:
                                  "qbert-serve needs both axes dynamic")
     found = {o.name: list(o.shape) for o in outputs}
     ranks = {QA: 2, TOKEN: 3}
+    embedding_ranks = {"last_hidden_state": 3, "sentence_embedding": 2}
     for name in task_kind(config.task).outputs:
         if name not in found:
             raise ExportDirError(f"{path}: no {name!r} output (a {config.task} model gives "
                                  f"{list(task_kind(config.task).outputs)}; outputs here: {list(found)})")
         shape = found[name]
-        rank = ranks.get(config.task, 2)
+        rank = embedding_ranks[name] if config.task == FEATURE else ranks.get(config.task, 2)
         if len(shape) != rank:
             raise ExportDirError(f"{path}: output {name!r} has rank {len(shape)} {shape}, a {config.task} model's "
                                  f"has rank {rank} (config.json architectures vs the graph)")
         last = shape[-1]
-        if config.task != QA and isinstance(last, int) and last >= 0:  # a dynamic count is checked at warm-up
+        if config.task not in (QA, FEATURE) and isinstance(last, int) and last >= 0:  # dynamic: checked at warm-up
             check_label_count(config, last, path)
 
 
 def check_label_count(config: ExportConfig, scores: int, path: Path) -> None:
     """The config's labels against the scores per row the model gives."""
-    if config.task != QA and scores != len(config.labels):
+    if config.task not in (QA, FEATURE) and scores != len(config.labels):
         raise ExportDirError(f"{path}: the model gives {scores} scores per {'token' if config.task == TOKEN else 'row'}"
                              f", config.json names {len(config.labels)} labels ({', '.join(config.labels[:5])}"
                              f"{', ...' if len(config.labels) > 5 else ''})")
