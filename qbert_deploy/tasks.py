@@ -82,9 +82,15 @@ def combine(task: str, outputs: Sequence[np.ndarray]) -> np.ndarray:
     return np.asarray(outputs[0])
 
 
+def served_outputs(task: str) -> tuple[str, ...]:
+    """The outputs a server runs and answers with: an embedding model's pooled sentence_embedding alone (its
+    last_hidden_state would cost rows x tokens x hidden floats per answer that no embedding client reads)."""
+    return ("sentence_embedding",) if task == FEATURE else task_kind(task).outputs
+
+
 def split(task: str, combined: np.ndarray) -> dict[str, np.ndarray]:
-    """The named outputs of a combined array (inverse of `combine`)."""
-    names = task_kind(task).outputs
+    """The named outputs of a combined array (inverse of `combine`; an embedding model's: its served output)."""
+    names = served_outputs(task)
     if task == QA:
         return {names[0]: np.ascontiguousarray(combined[..., 0]), names[1]: np.ascontiguousarray(combined[..., 1])}
     return {names[0]: combined}
@@ -130,9 +136,10 @@ def best_span(start: np.ndarray, end: np.ndarray, allowed: np.ndarray, max_answe
     return first, last, float(scores[first, last])
 
 
-def output_dims(task: str, labels: int) -> list[int]:
-    """Each output's shape after the batch axis (-1: as long as the input): [labels], [tokens, labels], [tokens]."""
-    return {SEQUENCE: [labels], TOKEN: [-1, labels], QA: [-1]}[task_kind(task).name]
+def output_dims(task: str, width: int) -> list[int]:
+    """Each served output's shape after the batch axis (-1: as long as the input): [labels], [tokens, labels],
+    [tokens], and an embedding model's [hidden]; `width` is the label count, or the embedding size."""
+    return {SEQUENCE: [width], TOKEN: [-1, width], QA: [-1], FEATURE: [width]}[task_kind(task).name]
 
 
 SENTENCE_TRANSFORMERS_MODULES = "modules.json"  # what makes a folder a sentence-transformers model directory

@@ -29,3 +29,11 @@ def tiny_export(tmp_path_factory: pytest.TempPathFactory, tiny_ckpt: Checkpoint)
     out = tmp_path_factory.mktemp("export") / "export"
     export_checkpoint(tiny_ckpt, out, opset=21)
     return out
+
+
+@pytest.fixture(scope="session")
+def embedding_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny sentence-embedding export folder (mean pooling and L2 normalisation in the graph)."""
+    from tests.embedding_export import write_embedding_export
+
+    return write_embedding_export(tmp_path_factory.mktemp("embedding") / "export")

@@ -8,6 +8,7 @@ of the model maximum), the texts by count (`max_batch`) and the tokens the model
 from __future__ import annotations
 
 import asyncio
+import base64
 import ctypes
 import ctypes.util
 import logging
@@ -40,7 +41,7 @@ from qbert_deploy.runtimes.serving.protocol import (
     parse_infer,
     parse_json,
 )
-from qbert_deploy.tasks import QA, SEQUENCE, TOKEN, output_dims, split
+from qbert_deploy.tasks import FEATURE, QA, SEQUENCE, TOKEN, output_dims, split
 
 VERSION = "1"
 CLIENT_GONE = 499  # nginx's code for a client that closed the connection before the answer: counted, not logged
@@ -70,6 +71,18 @@ class ServeConfig:
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def openai_error(err: ServeError) -> JSONResponse:
+    """OpenAI's error body, which its clients parse: {"error": {"message", "type", "param", "code"}}."""
+    kind = "invalid_request_error" if err.status < 500 else "server_error"
+    code = "model_not_found" if err.status == 404 else None
+    return JSONResponse({"error": {"message": err.message, "type": kind, "param": err.param, "code": code}},
+                        status_code=err.status, headers=err.headers)
+
+
+OPENAI_FIELDS = ("input", "model", "encoding_format", "dimensions", "user")  # "user" is an opaque end-user id
+ENCODING_FORMATS = ("float", "base64")
 
 
 def _decode(body: bytes, encoding: str, limit: int) -> bytes:
@@ -263,7 +276,7 @@ class Server:
         return {"name": self.config.model_name, "versions": [VERSION], "platform": "onnxruntime_onnx",
                 "inputs": tensors,
                 "outputs": [{"name": n, "datatype": self.model.output_type,
-                             "shape": [-1, *output_dims(self.model.task, len(self.model.labels))]}
+                             "shape": [-1, *output_dims(self.model.task, self.model.output_width)]}
                             for n in self.model.output_names],
                 "parameters": {"task": self.model.task, "labels": self.model.labels,
                                "text_pairs": self.model.text_pairs,
@@ -280,29 +293,33 @@ class Server:
                 "input": [{"name": n, "data_type": types.get(self.model.input_types[n], "TYPE_INVALID"),
                            "dims": [-1]} for n in self.model.input_names],
                 "output": [{"name": n, "data_type": types.get(self.model.output_type, "TYPE_INVALID"),
-                            "dims": output_dims(self.model.task, len(self.model.labels))}
+                            "dims": output_dims(self.model.task, self.model.output_width)}
                            for n in self.model.output_names],
                 "dynamic_batching": {"max_queue_delay_microseconds": round(self.config.max_delay_ms * 1000)}}
 
     async def observed(self, endpoint: str, handler: Callable[[], Awaitable[Response]],
-                       request: Request | None = None) -> Response:
-        """Run a handler, turn ServeError into a JSON error, and count and time the request. Any other error is
-        a 500 with a JSON body and one log line (counted: alerting on 5xx must see it), never a traceback."""
+                       request: Request | None = None,
+                       error: Callable[[ServeError], JSONResponse] | None = None) -> Response:
+        """Run a handler, turn ServeError into a JSON error (`error`'s shape, else {"error": message}), and count
+        and time the request. Any other error is a 500 with a JSON body and one log line (counted: alerting on 5xx
+        must see it), never a traceback."""
+        render = error or (lambda err: _error(err.status, err.message, err.headers))
         started = time.perf_counter()
         try:
             response = await handler()
         except ServeError as err:
-            response = _error(err.status, err.message, err.headers)
+            response = render(err)
         except asyncio.CancelledError:
             if not self.stopping:
                 raise
             # uvicorn cancels what outlasts its own (longer) graceful timeout: still a JSON 503
             self.abandoned += 1
-            response = _error(503, "the server stopped before this request was answered", self._retry())
+            response = render(ServeError(503, "the server stopped before this request was answered", self._retry()))
         except Exception as err:
             detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else "(no message)"
             log.error("qbert-serve: a %s request failed: %s: %s", endpoint, type(err).__name__, detail)
-            response = _error(500, f"internal error ({type(err).__name__}); the server log has the details")
+            response = render(ServeError(500, f"internal error ({type(err).__name__}); the server log has the "
+                                              "details"))
         self.metrics.requests.labels(endpoint, str(response.status_code)).inc()
         self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
         if request is not None and getattr(request.state, "large", False):
@@ -336,7 +353,7 @@ class Server:
 
     def check_task(self, task: str, endpoint: str) -> None:
         if self.model.task != task:
-            endpoints = {SEQUENCE: "classify", TOKEN: "tag", QA: "answer"}
+            endpoints = {SEQUENCE: "classify", TOKEN: "tag", QA: "answer", FEATURE: "embed or /v1/embeddings"}
             raise ServeError(400, f"/{endpoint} needs a {task} model; this one is {self.model.task} "
                                   f"(use /{endpoints[self.model.task]})")
 
@@ -484,6 +501,78 @@ class Server:
             raise ServeError(400, f"{what} {first} is longer than the model maximum of {self.model.max_length} "
                                   "tokens (this server rejects long text instead of truncating it)")
 
+    async def _embeddings(self, texts: list[str], admission: Admission) -> tuple[Encoded, np.ndarray]:
+        """The encoding of texts already checked by `_strings` and their sentence embeddings [texts, hidden]."""
+        self._check_chars(texts)
+        encoded = await self.tokenized(self.model.encode, texts)
+        self._check_length(encoded.truncated)
+        return encoded, await self.infer_rows(encoded.feeds, admission)
+
+    async def embed(self, request: Request, name: str) -> Response:
+        """Sentence embeddings of {"text": ...}: the graph's pooled and normalised sentence_embedding per text."""
+        self.check_model(name)
+        self.check_task(FEATURE, "embed")
+        body = await self.read_body(request)
+        async with self.admitted() as admission:
+            parsed = parse_json(body)
+            del body
+            self._only(parsed, ("text",))
+            encoded, embeddings = await self._embeddings(self._strings(parsed, "text", "a sentence"), admission)
+        predictions = [{"embedding": row.tolist(), "tokens": len(encoding.ids), "truncated": cut}
+                       for row, encoding, cut in zip(embeddings, encoded.encodings, encoded.truncated, strict=True)]
+        return JSONResponse({"model_name": self.config.model_name, "model_version": VERSION,
+                             "predictions": predictions})
+
+    async def openai_embeddings(self, request: Request) -> Response:
+        """OpenAI's POST /v1/embeddings: `input` a string or a list of strings, `model` the served model's name,
+        `encoding_format` float or base64 (little-endian float32 bytes, as OpenAI sends them); usage counts the
+        tokens the model ran (special tokens included, after truncation)."""
+        body = await self.read_body(request)
+        async with self.admitted() as admission:
+            parsed = parse_json(body)
+            del body
+            if not isinstance(parsed, dict):
+                raise ServeError(400, "the request must be a JSON object with 'input' and 'model'")
+            model = parsed.get("model")
+            if not isinstance(model, str):
+                raise ServeError(400, "'model' must name the served model "
+                                      f"({self.config.model_name!r})", param="model")
+            if model != self.config.model_name:
+                raise ServeError(404, f"the model {model[:80]!r} does not exist; this server serves "
+                                      f"{self.config.model_name!r}", param="model")
+            if self.model.task != FEATURE:
+                raise ServeError(400, f"the model {model!r} is a {self.model.task} model: it gives no embeddings",
+                                 param="model")
+            unknown = [key for key in parsed if key not in OPENAI_FIELDS]
+            if unknown:  # a misspelt or unsupported field must not be ignored
+                raise ServeError(400, f"unknown field {unknown[0][:60]!r}; this endpoint reads "
+                                      f"{', '.join(map(repr, OPENAI_FIELDS))}", param=unknown[0][:60])
+            encoding_format = parsed.get("encoding_format", "float")
+            if encoding_format not in ENCODING_FORMATS:
+                raise ServeError(400, f"encoding_format must be one of {', '.join(map(repr, ENCODING_FORMATS))}, "
+                                      f"got {str(encoding_format)[:40]!r}", param="encoding_format")
+            dimensions = parsed.get("dimensions")
+            if dimensions is not None and dimensions != self.model.output_width:
+                raise ServeError(400, f"dimensions must be {self.model.output_width} (this model's embedding size); "
+                                      f"got {str(dimensions)[:40]}", param="dimensions")
+            values = parsed.get("input")
+            if isinstance(values, list) and values and all(isinstance(v, int | list) for v in values):
+                raise ServeError(400, "token-id input is not supported: send text (a string or a list of strings)",
+                                 param="input")
+            try:
+                texts = self._strings(parsed, "input", "a sentence")
+                encoded, embeddings = await self._embeddings(texts, admission)
+            except ServeError as err:
+                err.param = err.param or ("input" if err.status == 400 else None)
+                raise
+        tokens = sum(len(encoding.ids) for encoding in encoded.encodings)
+        data = [{"object": "embedding", "index": index,
+                 "embedding": base64.b64encode(row.astype("<f4").tobytes()).decode("ascii")
+                 if encoding_format == "base64" else row.tolist()}
+                for index, row in enumerate(embeddings)]
+        return JSONResponse({"object": "list", "data": data, "model": self.config.model_name,
+                             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
     async def classify(self, request: Request, name: str) -> Response:
         _, encoded, logits = await self._text_logits(request, name, SEQUENCE, "classify")
         probabilities = softmax(logits)
@@ -578,6 +667,15 @@ def create_app(model: ServedModel, config: ServeConfig | None = None) -> FastAPI
     @app.post("/v2/models/{name}/answer")
     async def answer(name: str, request: Request) -> Response:
         return await server.observed("answer", lambda: server.answer(request, name), request)
+
+    @app.post("/v2/models/{name}/embed")
+    async def embed(name: str, request: Request) -> Response:
+        return await server.observed("embed", lambda: server.embed(request, name), request)
+
+    @app.post("/v1/embeddings")
+    async def openai_embeddings(request: Request) -> Response:
+        return await server.observed("embeddings", lambda: server.openai_embeddings(request), request,
+                                     error=openai_error)
 
     @app.get("/metrics")
     async def prometheus() -> Response:

@@ -33,7 +33,7 @@ from qbert_deploy.runtimes.export_dir import (
 )
 from qbert_deploy.runtimes.session import PROVIDERS, SessionError, first_available, open_session
 from qbert_deploy.runtimes.trained_length import recorded_max_length, recorded_text_pairs
-from qbert_deploy.tasks import best_span, combine, entities, task_kind
+from qbert_deploy.tasks import FEATURE, best_span, combine, entities, served_outputs
 
 INPUT_NAMES = TEXT_INPUTS  # a graph takes these or a subset (DistilBERT's and RoBERTa's have no token_type_ids)
 OUTPUT_NAME = "logits"
@@ -183,7 +183,7 @@ class ServedModel:
         names = [i.name for i in self.session.get_inputs()]
         outputs = {o.name: o for o in self.session.get_outputs()}
         self.task = config.task
-        self.output_names = list(task_kind(self.task).outputs)
+        self.output_names = list(served_outputs(self.task))
         self.input_names = [n for n in INPUT_NAMES if n in names]
         self.input_types = {i.name: ORT_TYPES.get(i.type, i.type) for i in self.session.get_inputs()}
         first = outputs[self.output_names[0]]
@@ -222,13 +222,16 @@ class ServedModel:
             first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
             raise SessionError(f"{self.path}: the model does not run: {first}") from None
         check_label_count(self.config, int(result.shape[-1]), self.path)  # a dynamic label axis, now known
+        # the per-row width of the served output: the labels, or an embedding model's embedding size
+        self.output_width = int(result.shape[-1]) if self.task == FEATURE else len(self.labels)
 
     @property
     def pad_values(self) -> dict[str, int]:
         return {"input_ids": self.pad_id, "attention_mask": 0, "token_type_ids": 0}
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        """The model's outputs as one array: logits, or QA's start/end logits stacked on a last axis of 2."""
+        """The model's outputs as one array: logits, QA's start/end logits stacked on a last axis of 2, or an
+        embedding model's sentence embeddings."""
         options = ort.RunOptions()
         with self._run_lock:
             self._run_options = options

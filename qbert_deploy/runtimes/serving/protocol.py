@@ -26,11 +26,13 @@ DTYPES: dict[str, np.dtype[Any]] = {
 class ServeError(Exception):
     """A request the server refuses: an HTTP status and a one-line message for the JSON error body."""
 
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None,
+                 param: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.headers = headers or {}
+        self.param = param  # the request field at fault, for OpenAI's error shape
 
 
 @dataclass
