@@ -91,3 +91,14 @@ def test_export_flag_writes_a_repository(tiny_model_pt: Path, tmp_path: Path,
     assert code == 0, capsys.readouterr().err
     assert _parse(tmp_path / "triton" / "qbert" / "config.pbtxt").max_batch_size == 32  # type: ignore[attr-defined]
     assert (tmp_path / "triton" / "qbert" / "1" / "model.onnx").is_file()
+
+
+def test_an_embedding_repository_gives_sentence_embedding(embedding_export: Path, tmp_path: Path) -> None:
+    repo = write_triton_repo(embedding_export, tmp_path / "repo", profile="canonical")  # a float graph: as exported
+    config = _parse(repo.config)
+    pb2 = _model_config_pb2()
+    (output,) = config.output  # type: ignore[attr-defined]
+    assert (output.name, output.data_type, list(output.dims), output.label_filename) == (
+        "sentence_embedding", pb2.TYPE_FP32, [64], "")
+    assert not (repo.root / "qbert" / "labels.txt").exists()
+    assert (repo.model.read_bytes() == (embedding_export / "model.onnx").read_bytes())

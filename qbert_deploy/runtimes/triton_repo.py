@@ -23,7 +23,7 @@ from qbert_deploy.atomic import atomic_dir
 from qbert_deploy.runtimes.export_dir import read_config
 from qbert_deploy.runtimes.lowering import lower
 from qbert_deploy.runtimes.serving.model import INPUT_NAMES, ModelDirError, served_file
-from qbert_deploy.tasks import DEFAULT_TASK, SEQUENCE, output_dims, task_kind
+from qbert_deploy.tasks import DEFAULT_TASK, FEATURE, SEQUENCE, output_dims, served_outputs
 
 DEVICES = {"cpu": ("KIND_CPU", "cpu"), "gpu": ("KIND_GPU", "cuda")}  # instance group kind, execution provider
 ONNX_TO_TRITON = {7: "TYPE_INT64", 6: "TYPE_INT32", 1: "TYPE_FP32", 10: "TYPE_FP16"}  # onnx.TensorProto codes
@@ -47,7 +47,7 @@ def _tensor_specs(path: Path, task: str = DEFAULT_TASK) -> tuple[dict[str, str],
     model = onnx.load(str(path), load_external_data=False)
     inputs = {i.name: ONNX_TO_TRITON.get(i.type.tensor_type.elem_type, "") for i in model.graph.input}
     found = {o.name: ONNX_TO_TRITON.get(o.type.tensor_type.elem_type, "") for o in model.graph.output}
-    names = task_kind(task).outputs
+    names = served_outputs(task)
     if any(n not in found for n in names) or "input_ids" not in inputs or not set(inputs) <= set(INPUT_NAMES):
         raise ModelDirError(f"{path}: expected inputs among {list(INPUT_NAMES)} and outputs {list(names)} "
                             f"({task})")
@@ -60,6 +60,18 @@ def _tensor_specs(path: Path, task: str = DEFAULT_TASK) -> tuple[dict[str, str],
                        for entry in tensor.external_data if entry.key == "location"})
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     return inputs, outputs, external, opset
+
+
+def _embedding_size(path: Path) -> int:
+    """The fixed last axis of an embedding graph's sentence_embedding output."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    output = next(o for o in model.graph.output if o.name == "sentence_embedding")
+    size = output.type.tensor_type.shape.dim[-1].dim_value
+    if size <= 0:
+        raise ModelDirError(f"{path}: sentence_embedding has no fixed embedding size")
+    return int(size)
 
 
 def config_pbtxt(name: str, inputs: dict[str, str], outputs: dict[str, str], labels: int, device: str,
@@ -129,6 +141,8 @@ def write_triton_repo(export_dir: str | os.PathLike[str], repo_dir: str | os.Pat
     task = config.task
     inputs, outputs, external, opset = _tensor_specs(source, task)
     labels = config.labels
+    # an embedding model's output width is its embedding size, from the graph's sentence_embedding shape
+    width = _embedding_size(source) if task == FEATURE else len(labels)
     described = f"{export.name}/{source.name}" + (f" lowered to {served.profile}" if served.lowered_in_memory else "")
     with atomic_dir(repo_dir) as tmp:
         folder = tmp / model_name
@@ -139,15 +153,16 @@ def write_triton_repo(export_dir: str | os.PathLike[str], repo_dir: str | os.Pat
             shutil.copyfile(source, folder / "1" / "model.onnx")
             for name in external:  # external weights keep their file name: the ONNX file refers to it
                 shutil.copyfile(source.parent / name, folder / "1" / name)
-        (folder / "labels.txt").write_text("\n".join(labels) + "\n", encoding="utf-8")
-        text = config_pbtxt(model_name, inputs, outputs, len(labels), device, max_batch, max_delay_ms,
+        if task != FEATURE:  # an embedding model has no labels
+            (folder / "labels.txt").write_text("\n".join(labels) + "\n", encoding="utf-8")
+        text = config_pbtxt(model_name, inputs, outputs, width, device, max_batch, max_delay_ms,
                             instances, described, task)
         (folder / "config.pbtxt").write_text(text, encoding="utf-8")
         (tmp / "README.md").write_text(README.format(
             name=model_name, source=described, device=device.upper(), max_batch=max_batch,
             max_delay_ms=max_delay_ms, gpus="--gpus=all " if device == "gpu" else "", repo=Path(repo_dir).name,
             inputs=", ".join(f"`{n}`" for n in inputs), output=", ".join(f"`{n}`" for n in outputs), task=task,
-            dims=", ".join("sequence" if d < 0 else str(d) for d in output_dims(task, len(labels))), opset=opset),
+            dims=", ".join("sequence" if d < 0 else str(d) for d in output_dims(task, width)), opset=opset),
             encoding="utf-8")
     root = Path(repo_dir)
     return TritonRepo(root, root / model_name / "config.pbtxt", root / model_name / "1" / "model.onnx", source,
