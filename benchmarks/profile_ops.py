@@ -4,8 +4,8 @@
 
 Each file gets one session with `enable_profiling` (2 intra-op threads, spinning off), a warm-up run and `--runs`
 profiled runs at sequence 128; the JSON trace's `*_kernel_time` events are summed per op type (control-flow nodes
-left out: their branches' nodes are in the trace themselves). Configurations are profiled one after the other in a
-rotated order per batch; the shares are what to read, since the machine is shared.
+left out: their branches' nodes are in the trace themselves). Each round profiles every configuration once, in a rotated
+order; per op type the median round is reported. The shares are what to read, since the machine is shared.
 """
 
 from __future__ import annotations
@@ -79,18 +79,27 @@ def files(name: str, cache: Path) -> dict[str, Path]:
             OURS_CPU: lower(model.export_onnx, "cpu-w8a8", folder / "model.cpu-w8a8.onnx")}
 
 
-def measure(names: Sequence[str], batches: Sequence[int], threads: int, runs: int, cache: Path) -> dict[str, object]:
+def measure(names: Sequence[str], batches: Sequence[int], threads: int, runs: int, rounds: int, cache: Path,
+            ) -> dict[str, object]:
+    """Each round profiles every configuration once (order rotated per round); per op type, the median round."""
     results: dict[str, object] = {"started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-                                  "load_before": os.getloadavg(), "threads": threads, "runs": runs, "models": {}}
+                                  "load_before": os.getloadavg(), "threads": threads, "runs": runs,
+                                  "rounds": rounds, "models": {}}
     for name in names:
         paths = files(name, cache)
         labels = list(paths)
         per_batch: dict[str, dict[str, dict[str, float]]] = {}
-        for index, batch in enumerate(batches):
+        for batch in batches:
+            samples: dict[str, list[dict[str, float]]] = {label: [] for label in labels}
+            for r in range(rounds):
+                for label in labels[r % len(labels):] + labels[:r % len(labels)]:
+                    print(f"[{name}] batch {batch}, round {r + 1}/{rounds}: {label}", flush=True)
+                    samples[label].append(per_op_type(paths[label], _feed(batch), threads, runs))
             per_batch[str(batch)] = {}
-            for label in labels[index % len(labels):] + labels[:index % len(labels)]:
-                print(f"[{name}] batch {batch}: {label}", flush=True)
-                per_batch[str(batch)][label] = per_op_type(paths[label], _feed(batch), threads, runs)
+            for label in labels:
+                ops = {op for sample in samples[label] for op in sample}
+                median = {op: float(np.median([sample.get(op, 0.0) for sample in samples[label]])) for op in ops}
+                per_batch[str(batch)][label] = dict(sorted(median.items(), key=lambda item: -item[1]))
         results["models"][name] = per_batch  # type: ignore[index]
     results["load_after"] = os.getloadavg()
     return results
@@ -101,7 +110,8 @@ def report(results: dict[str, object], command: str, top: int = 10) -> list[str]
             f"{results['load_after'][0]:.2f} after")  # type: ignore[index]
     lines = ["# Where the CPU time goes (issue 24, item 1)", "", "```bash", command, "```", "",
              f"{results['started']}, ORT's profiler, {results['threads']} intra-op threads, sequence {SEQUENCE}, "
-             f"kernel time per run averaged over {results['runs']} runs after a warm-up; {load}. Kernel time is "
+             f"kernel time per run averaged over {results['runs']} runs after a warm-up, median of "
+             f"{results['rounds']} interleaved rounds per op type; {load}. Kernel time is "
              "the sum of the nodes' times (not the wall time of a run).", ""]
     summary = ["| model | batch | configuration | kernel ms / run | GEMM ms | non-GEMM ms | non-GEMM share |",
                "|---|---:|---|---:|---:|---:|---:|"]
@@ -126,12 +136,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--models", default="bert-base,minilm")
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=3, help="profiled runs per session (after a warm-up)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median round per op type")
     parser.add_argument("--cache", type=Path, default=ROOT / "benchmarks" / ".cache")
     parser.add_argument("--out", type=Path, default=None, help="write the markdown report here (JSON beside it)")
     args = parser.parse_args(argv)
     results = measure(args.models.split(","), [int(b) for b in args.batches.split(",")], args.threads, args.runs,
-                      args.cache)
+                      args.rounds, args.cache)
     command = "python -m benchmarks.profile_ops " + " ".join(sys.argv[1:] if argv is None else argv)
     lines = report(json.loads(json.dumps(results)), command.strip())
     if args.out:
