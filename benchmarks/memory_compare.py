@@ -20,10 +20,22 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.models import prepare
-from benchmarks.run import ANCHORS, OURS_CPU, ROOT, configs, peak_memory
+from benchmarks.run import ANCHORS, OURS_CPU, OURS_SMALL, ROOT, configs, peak_memory
 
 PACKED = "ours cpu-w8a8 --pack-3bit"
-LABELS = (*ANCHORS, OURS_CPU, PACKED)
+LABELS = (*ANCHORS, OURS_CPU, PACKED, OURS_SMALL)
+
+
+def configs_for(name: str, cache: Path) -> dict[str, Path]:
+    """ORT dynamic int8, ours cpu-w8a8 and ours cpu-small files of a model (built in `cache` if missing)."""
+    from benchmarks.baselines import dynamic_int8
+    from qbert_deploy.runtimes.lowering import lower
+
+    model = prepare(name, cache)
+    folder = model.fp32_onnx.parent
+    return {ANCHORS[0]: dynamic_int8(model.fp32_onnx, folder / "dynamic-int8.onnx"),
+            OURS_CPU: lower(model.export_onnx, "cpu-w8a8", folder / "model.cpu-w8a8.onnx"),
+            OURS_SMALL: lower(model.export_onnx, "cpu-small", folder / "model.cpu-small.onnx")}
 
 
 def measure(names: Sequence[str], rounds: int, threads: int, cache: Path) -> dict[str, object]:

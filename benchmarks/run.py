@@ -29,6 +29,7 @@ from qbert_deploy.runtimes.lowering import lower
 Feed = dict[str, np.ndarray]
 ROOT = Path(__file__).resolve().parent.parent
 OURS_CPU = "ours cpu-w8a8"
+OURS_SMALL = "ours cpu-small (memory-first)"
 ANCHORS = ("ORT dynamic int8", "ORT dynamic int8 (fused)")
 CORE = ("ORT fp32", *ANCHORS, OURS_CPU)  # what the targets compare: `--core` times only these
 
@@ -65,6 +66,7 @@ def configs(model: BenchModel, cache: Path) -> list[Config]:
         # the file/memory trade-off of 3-bit packing, measured in the same run
         "ours cpu-w8a8 --pack-3bit": lower(model.export_onnx, "cpu-w8a8", folder / "model.cpu-w8a8-packed3.onnx",
                                            pack_3bit=True),
+        OURS_SMALL: lower(model.export_onnx, "cpu-small", folder / "model.cpu-small.onnx"),
         "ours weight-only": lower(model.export_onnx, "weight-only", folder / "model.weight-only.onnx"),
     }
     out = [Config("PyTorch fp32 eager", "torch", model.name, None)]
@@ -96,7 +98,7 @@ def ablations(export: Path, folder: Path) -> dict[str, Path]:
     from qbert_deploy.runtimes.lowering import profile_info
 
     steps = profile_info("cpu-w8a8").passes
-    with_flash = []
+    with_flash: list[Callable[[ir.Model], int]] = []
     for step in steps:
         with_flash += [step, unmasked_attention_branch] if step is fuse_attention else [step]
     unknown = set(_ABLATIONS) - {step.__name__ for step in steps}

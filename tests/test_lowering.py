@@ -28,7 +28,7 @@ from qbert_deploy.validation.parity import output_step
 from tests.qdq_variants import requantized
 from tests.tiny import text_batch
 
-CPU_PROFILES = ("cpu-w8a8", "weight-only", "cuda")  # cuda's form (MatMulNBits) also runs on the CPU EP
+CPU_PROFILES = ("cpu-w8a8", "cpu-small", "weight-only", "cuda")  # cuda's form (MatMulNBits) also runs on the CPU EP
 
 
 def _logits(path: Path, optimize: bool, dump: Path | None = None) -> np.ndarray:
@@ -46,7 +46,8 @@ def _histogram(path: Path) -> Counter[str]:
 
 
 def test_public_api_is_what_it_claims() -> None:
-    assert PROFILES == ("cpu-w8a8", "weight-only", "cuda", "cuda-fp16", "cuda-fused", "cuda-fused-w8", "tensorrt")
+    assert PROFILES == ("cpu-w8a8", "cpu-small", "weight-only", "cuda", "cuda-fp16", "cuda-fused", "cuda-fused-w8",
+                        "tensorrt")
     for name in lowering.__all__:
         assert hasattr(lowering, name), name
 

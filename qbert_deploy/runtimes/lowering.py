@@ -13,6 +13,10 @@ Profiles (the name is written into the lowered file's metadata, `qbert.lowering`
   3-bit weights are stored at 3 bits per value (bitpack.py), unpacked by plain ONNX ops that ORT folds too.
   Numerics: those of the canonical graph (up to float summation order in fused kernels); batch-invariant: a row's
   logits are bitwise the same alone, padded, or in any batch.
+- `cpu-small`: the memory-first CPU profile (edge boxes, many models per server): weights stay at 2/4/8 bits in RAM
+  (3-bit in 4-bit containers) in com.microsoft.MatMulNBits at accuracy level 4 (int8 compute, weights unpacked in
+  registers); embeddings gather int8 rows before dequantizing (not folded by ORT); the attention core as in cpu-w8a8.
+  Slower than cpu-w8a8 (packed kernels lose to the int8 GEMM at encoder sizes, DESIGN.md §4): the user chooses.
 - `weight-only`: weights in com.microsoft.MatMulNBits (2-, 4- or 8-bit kernels), accuracy level pinned in the
   node (`accuracy_level=1`: fp32 compute); activation Q/DQ kept, so only the GEMM's float summation differs.
 - `cuda`: the weight-only form with CUDA's rules: no int2 (2-bit runs in the 4-bit kernel), no blocked Q/DQ
@@ -53,15 +57,17 @@ from qbert_deploy.runtimes.lowering_passes import (
     residual_sum,
     symmetric_activations,
     symmetric_weights,
+    unpacked_weight_copies,
     weight_bits,
     weights_to_matmulnbits,
     widen_weights_to_int8,
 )
 
-__all__ = ["MATMULNBITS_ACCURACY_LEVEL", "PROFILES", "LoweringError", "Profile", "default_profile", "lower",
-           "lower_in_export", "lower_model", "lowered_path", "profile_info"]
+__all__ = ["MATMULNBITS_ACCURACY_LEVEL", "MEMORY_FIRST", "MEMORY_FIRST_ACCURACY_LEVEL", "PROFILES", "LoweringError",
+           "Profile", "default_profile", "lower", "lower_in_export", "lower_model", "lowered_path", "profile_info"]
 
 MATMULNBITS_ACCURACY_LEVEL = 1  # fp32 compute: level 4 would quantize activations to int8 inside the kernel
+MEMORY_FIRST_ACCURACY_LEVEL = 4  # int8 compute with the weights unpacked in registers: no wider copy in RAM
 METADATA_KEY = "qbert.lowering"
 
 
@@ -84,6 +90,13 @@ def matmulnbits(model: ir.Model) -> int:
 def matmulnbits_4bit(model: ir.Model) -> int:
     """cuda: 2-bit weights go to the 4-bit kernel (the one certain to exist on the CUDA EP)."""
     return weights_to_matmulnbits(model, MATMULNBITS_ACCURACY_LEVEL, widen_2bit=True)
+
+
+def matmulnbits_int8_compute(model: ir.Model) -> int:
+    """cpu-small: every encoder weight in a MatMulNBits kernel at its own width (2-bit in the 2-bit kernel, 3- and
+    4-bit in the 4-bit one, 8-bit in the 8-bit one), accuracy level 4 (int8 compute), so ORT keeps the packed
+    bits and nothing wider in RAM."""
+    return weights_to_matmulnbits(model, MEMORY_FIRST_ACCURACY_LEVEL, widen_2bit=False)
 
 
 def float16_compute(model: ir.Model) -> int:
@@ -141,6 +154,12 @@ _PROFILES = {
         "cpu-w8a8", ("cpu",), "exact: same integers and scales as the canonical graph",
         (widen_weights_to_int8, gather_then_dequantize, fuse_attention, integer_matmuls, residual_sum,
          pack_3bit_weights)),
+    "cpu-small": Profile(
+        "cpu-small", ("cpu",),
+        f"weights exact, held packed in RAM; MatMulNBits accuracy_level={MEMORY_FIRST_ACCURACY_LEVEL} (the "
+        "kernel requantizes each Linear's input to int8 per block: within a few output steps, not bitwise)",
+        (gather_then_dequantize, matmulnbits_int8_compute, fuse_attention, residual_sum),
+        {"session.qdq_matmulnbits_accuracy_level": str(MEMORY_FIRST_ACCURACY_LEVEL)}),
     "weight-only": Profile(
         "weight-only", ("cpu", "cuda"),
         f"weights exact; MatMulNBits accuracy_level={MATMULNBITS_ACCURACY_LEVEL} (fp32 compute)",
@@ -172,6 +191,7 @@ _PROFILES = {
         (gather_then_dequantize, symmetric_weights, symmetric_activations)),
 }
 PROFILES: tuple[str, ...] = tuple(_PROFILES)
+MEMORY_FIRST = ("cpu-small",)  # profiles whose postcondition is: no encoder matrix wider than its bits in RAM
 _DEFAULT_FOR_PROVIDER = {"cpu": "cpu-w8a8", "cuda": "cuda", "tensorrt": "tensorrt"}
 
 
@@ -211,6 +231,10 @@ def _check_lowered(model: ir.Model, profile: Profile) -> None:
     if bad:
         raise LoweringError(f"{bad[0]}: blocked int8 weight + activation Q/DQ without Q after the MatMul "
                             "(ORT fuses this wrongly)")
+    if profile.name in MEMORY_FIRST:
+        wide = unpacked_weight_copies(model)
+        if wide:
+            raise LoweringError(f"cannot keep the weights packed: {wide[0]}")
     if profile.providers[0] == "cuda":
         problems = cuda_violations(model.graph)
         if problems:

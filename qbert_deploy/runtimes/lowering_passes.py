@@ -416,3 +416,32 @@ def pack_qkv_matmulnbits(model: ir.Model) -> int:
         graph.remove([q, k, v], safe=True)
         done += 1
     return done
+
+
+def unpacked_weight_copies(model: ir.Model) -> list[str]:
+    """Postcondition of the memory-first profile: what would hold an encoder matrix wider than its bits in RAM.
+
+    Every quantized Linear must be a MatMulNBits whose packed bits are at most 4 for a weight of at most 4 bits
+    (2-bit weights in the 2-bit kernel), and no DequantizeLinear or unpacked initializer of a quantized Linear may
+    remain that ORT could fold into an int8 or fp32 copy of its matrix (unquantized Linears, such as the pooler,
+    stay fp32 as in the canonical graph). Returns one line per problem (empty: the postcondition holds).
+    """
+    graph = model.graph
+    problems = [f"{site.module}: weight still behind DequantizeLinear -> MatMul" for site in weight_sites(graph)]
+    bits = weight_bits(model)
+    for node in graph:
+        if node.op_type != "MatMulNBits":
+            continue
+        module = (node.name or "").removesuffix("/MatMulNBits")
+        wanted = bits.get(module)
+        packed = node.attributes["bits"].as_int()
+        smallest_kernel = 2 if wanted is not None and wanted <= 2 else 4 if wanted is not None and wanted <= 4 else 8
+        if wanted is not None and packed > smallest_kernel:
+            problems.append(f"{module}: {wanted}-bit weight held at {packed} bits")
+    quantized = tuple(f"{name}." for name in bits if ".embeddings." not in f".{name}.")
+    for value in graph.initializers.values():
+        shape = value.shape
+        if value.dtype != ir.DataType.UINT8 and shape is not None and len(shape) >= 2 \
+                and (value.name or "").startswith(quantized):
+            problems.append(f"{value.name}: {value.dtype} matrix {list(shape)} of a quantized Linear in the file")
+    return problems
