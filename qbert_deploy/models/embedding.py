@@ -89,11 +89,13 @@ class EmbeddingModel(nn.Module):
     def from_pretrained(cls, folder: str | Path, pooling: Pooling) -> EmbeddingModel:
         return cls(AutoModel.from_pretrained(folder, attn_implementation=ATTENTION), pooling)
 
+    pools_tokens = True  # the exporter passes the 2-D mask as `pooling_mask` (the encoder may get a 4-D one)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None,
-                **kwargs: Any) -> EmbeddingOutput:
+                pooling_mask: torch.Tensor | None = None, **kwargs: Any) -> EmbeddingOutput:
         out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         tokens = out.last_hidden_state
-        embedding = pool(tokens, attention_mask, self.pooling.mode)
+        embedding = pool(tokens, attention_mask if pooling_mask is None else pooling_mask, self.pooling.mode)
         if self.pooling.normalize:
             embedding = F.normalize(embedding, p=2, dim=1)
         loss = None

@@ -148,3 +148,29 @@ def fidelity(embeddings: np.ndarray, reference: np.ndarray, k: int = 10) -> dict
     c = cosines(embeddings, reference)
     return {"mean_cosine": float(c.mean()), "p5_cosine": float(np.percentile(c, 5)),
             f"neighbours_{k}": neighbour_overlap(embeddings, reference, k)}
+
+
+def pooling_of_model(config: dict[str, Any]) -> Pooling:
+    """The pooling a model.pt config carries (models/embedding.py writes these keys)."""
+    return Pooling(str(config.get("sentence_pooling", "mean")), bool(config.get("sentence_normalize", False)))
+
+
+# Where sentence-transformers' ONNX backend is told to find the graph: model_kwargs={"file_name": ONNX_FILE_NAME}
+ONNX_FILE_NAME = "model.onnx"
+
+
+def write_sentence_transformers_files(folder: Path, pooling: Pooling, dimension: int,
+                                      max_length: int | None) -> None:
+    """Make an export folder a sentence-transformers model directory too: modules.json (Transformer at the root,
+    then Pooling and, when the source has it, Normalize), their configs and sentence_bert_config.json."""
+    modules: list[dict[str, Any]] = [
+        {"idx": 0, "name": "0", "path": "", "type": TRANSFORMER_TYPE},
+        {"idx": 1, "name": "1", "path": POOLING_DIR, "type": POOLING_TYPE}]
+    if pooling.normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": NORMALIZE_TYPE})
+        (folder / "2_Normalize").mkdir(exist_ok=True)
+    (folder / "modules.json").write_text(json.dumps(modules, indent=2) + "\n")
+    (folder / POOLING_DIR).mkdir(exist_ok=True)
+    (folder / POOLING_DIR / "config.json").write_text(json.dumps(pooling_config(pooling, dimension), indent=2) + "\n")
+    bert_config = {"max_seq_length": max_length or 128, "do_lower_case": False}
+    (folder / "sentence_bert_config.json").write_text(json.dumps(bert_config, indent=2) + "\n")
