@@ -83,3 +83,20 @@ def test_the_export_is_a_sentence_transformers_directory(embedding_export: Path)
     config = json.loads((embedding_export / "config.json").read_text())
     assert config["architectures"] == ["BertModel"]
     assert read_config(embedding_export).task == FEATURE
+
+
+def test_qbert_export_checks_parity_and_the_folder(embedding_checkpoint: Checkpoint, tmp_path: Path) -> None:
+    """The command's three-way parity (PyTorch fake-quant, ORT, onnx.reference) on sentence_embedding, then --check."""
+    import subprocess
+    import sys
+
+    from qbert_deploy.checkpoint import save_checkpoint
+
+    save_checkpoint(embedding_checkpoint, tmp_path / "model.pt")
+    export = [sys.executable, "-m", "qbert_deploy.cli.export"]
+    done = subprocess.run([*export, str(tmp_path / "model.pt"), "-o", str(tmp_path / "exp"), "--lower",
+                           "cpu-w8a8,weight-only"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("parity vs PyTorch fake-quant") == 2, done.stdout
+    checked = subprocess.run([*export, "--check", str(tmp_path / "exp")], capture_output=True, text=True, timeout=300)
+    assert checked.returncode == 0 and "feature-extraction, 0 labels" in checked.stdout, checked.stdout
