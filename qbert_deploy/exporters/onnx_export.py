@@ -48,7 +48,8 @@ from qbert_deploy.runtimes.export_dir import (
 from qbert_deploy.runtimes.lowering import lower as lower_file
 from qbert_deploy.runtimes.lowering import lowered_path, profile_info
 from qbert_deploy.runtimes.trained_length import MAX_LENGTH_KEY, TEXT_PAIRS_KEY
-from qbert_deploy.tasks import architecture, task_kind
+from qbert_deploy.tasks import FEATURE, architecture, task_kind
+from qbert_deploy.tasks.embeddings import pooling_of_model, write_sentence_transformers_files
 
 SUPPORTED_OPSETS = (21, 25)
 EXPORT_OPSET = 21  # what the exporter emits; a newer target only widens the types Q/DQ may take
@@ -85,6 +86,8 @@ class LogitsOnly(nn.Module):
             # RoBERTa's one token type as zeros: transformers 5 would gather it from a buffer by position id
             token_type_ids = torch.zeros_like(input_ids)
         types = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        if getattr(self.model, "pools_tokens", False):  # pooling reads the graph's 2-D mask, not the attention's
+            types["pooling_mask"] = attention_mask
         out = self.model(input_ids=input_ids, attention_mask=self.mask(attention_mask), **types)
         tensors: tuple[torch.Tensor, ...] = tuple(out[name] for name in self.outputs)
         return tensors[0] if len(tensors) == 1 else tensors
@@ -227,9 +230,13 @@ def _check_replaceable(out: Path) -> None:
 def _write_side_files(folder: Path, checkpoint: Checkpoint, report: dict[str, Any], weights_digest: str,
                       deployed: str | None) -> None:
     config = dict(checkpoint.config)
-    config["id2label"] = {str(i): label for i, label in enumerate(checkpoint.labels)}
-    config["label2id"] = {label: i for i, label in enumerate(checkpoint.labels)}
-    config["num_labels"] = len(checkpoint.labels)
+    if checkpoint.task == FEATURE:  # no head: no label keys (transformers' defaults stay out of the way)
+        for key in ("id2label", "label2id", "num_labels"):
+            config.pop(key, None)
+    else:
+        config["id2label"] = {str(i): label for i, label in enumerate(checkpoint.labels)}
+        config["label2id"] = {label: i for i, label in enumerate(checkpoint.labels)}
+        config["num_labels"] = len(checkpoint.labels)
     # what Optimum and transformers pipelines read to pick the head
     config["architectures"] = [architecture(str(config.get("model_type", "bert")), checkpoint.task)]
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -241,3 +248,6 @@ def _write_side_files(folder: Path, checkpoint: Checkpoint, report: dict[str, An
     (folder / RECIPE_FILE).write_text(json.dumps(recipe, indent=2, sort_keys=True) + "\n")
     (folder / "size_report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     (folder / "size_report.md").write_text(size_markdown(report))
+    if checkpoint.task == FEATURE:  # also a sentence-transformers directory, pooling as in the graph
+        write_sentence_transformers_files(folder, pooling_of_model(checkpoint.config),
+                                          int(config.get("hidden_size", config.get("dim", 0))), checkpoint.max_length)

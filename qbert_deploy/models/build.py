@@ -24,7 +24,7 @@ from qbert_deploy.models.wrap import (
 )
 from qbert_deploy.recipe import Recipe, RecipeError
 from qbert_deploy.structure import StructureError
-from qbert_deploy.tasks import DEFAULT_TASK, task_kind
+from qbert_deploy.tasks import DEFAULT_TASK, FEATURE, task_kind
 
 MAX_PARAMETERS = 2_000_000_000
 # Per-key ceilings, generous for any BERT (BERT-large: 1024 hidden, 24 layers, 4096 intermediate, 30522 vocab):
@@ -91,6 +91,10 @@ def bert_config(config: dict[str, Any], num_labels: int = 2) -> PretrainedConfig
 def _float_model(config: PretrainedConfig, num_labels: int, task: str = DEFAULT_TASK) -> nn.Module:
     import transformers
 
+    if task == FEATURE:  # encoder + pooling, no head
+        from qbert_deploy.models.embedding import EmbeddingModel
+
+        return EmbeddingModel.from_config(config)
     config.num_labels = num_labels
     # Eager attention: plain ops, a graph every exporter and ORT fusion understands.
     model: nn.Module = getattr(transformers, task_kind(task).auto_class).from_config(

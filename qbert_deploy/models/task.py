@@ -23,7 +23,7 @@ from qbert_deploy.models import distributed
 from qbert_deploy.models.cache_keys import differences, examples_digest
 from qbert_deploy.models.hf_compat import ATTENTION
 from qbert_deploy.models.train import Batch, predict_logits, train
-from qbert_deploy.tasks import SEQUENCE, task_kind
+from qbert_deploy.tasks import FEATURE, SEQUENCE, task_kind
 
 log = logging.getLogger("qbert_deploy.quantize")
 FP32_STAMP = "qbert_fp32.json"
@@ -160,6 +160,11 @@ def fp32_reference(folder: Path, model_pt: Path, sha256: str | None = None) -> F
 def fp32_model(model_dir: str | Path, task: Task, steps: int, lr: float, cache: Path | None,
                seed: int = 0) -> tuple[nn.Module, float]:
     """The fine-tuned fp32 baseline and its dev metric, reused from `cache` when it was made the same way."""
+    if task.kind == FEATURE:  # an embedding model is its own fp32 baseline: nothing to fine-tune
+        from qbert_deploy.models.embedding import EmbeddingTask, embedding_fp32
+
+        assert isinstance(task, EmbeddingTask)
+        return embedding_fp32(model_dir, task, cache)
     key = {"base model": base_fingerprint(model_dir), "steps": steps, "lr": lr, "seed": seed,
            "dev data": examples_digest(task.dev)} | task.cache_key()  # the stamp records the dev figure too
     stamp = cache / FP32_STAMP if cache else None

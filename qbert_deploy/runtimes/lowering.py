@@ -139,6 +139,8 @@ def ort_transformer_fusions(model: ir.Model) -> int:
     try:
         fused = BertOnnxModel(ir.to_proto(model), 0, 0)
         fused.optimize(options)
+        fused.topological_sort()  # a fused node can land before its input when a layer's output is also a graph
+        # output (an embedding model's last_hidden_state)
     finally:
         quiet.setLevel(level)
     model.graph = ir.from_proto(fused.model).graph

@@ -23,7 +23,7 @@ from qbert_deploy.families import TEXT_INPUTS, family_of
 from qbert_deploy.models.build import build_model
 from qbert_deploy.runtimes.serving.model import padded_feeds
 from qbert_deploy.runtimes.session import open_session
-from qbert_deploy.tasks import QA
+from qbert_deploy.tasks import FEATURE, QA, task_kind
 from qbert_deploy.validation.stats import EXACT_MEDIAN_STEPS, error_stats, output_step
 
 __all__ = ["ParityError", "ParityResult", "export_verifier", "output_step", "parity_batch", "parity_check",
@@ -101,6 +101,8 @@ def parity_check(model: nn.Module, onnx_path: Path, batch: Batch) -> list[Parity
     """Logits of the fake-quant PyTorch model against ORT (optimizations off) and onnx.reference."""
     session = open_session(onnx_path, optimize=False)
     names = [o.name for o in session.get_outputs()]  # logits, or QA's start_logits and end_logits
+    if names == list(task_kind(FEATURE).outputs):  # embeddings: the pooled vector is what users read, and it
+        names = ["sentence_embedding"]  # is made from every real token's last hidden state
     expected = torch_logits(model, batch, tuple(names))
     ort_logits = _joined(session.run(names, batch))
     ref_logits = _joined([np.asarray(x) for x in ReferenceEvaluator(str(onnx_path)).run(names, dict(batch))])
