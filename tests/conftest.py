@@ -32,8 +32,28 @@ def tiny_export(tmp_path_factory: pytest.TempPathFactory, tiny_ckpt: Checkpoint)
 
 
 @pytest.fixture(scope="session")
-def embedding_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny sentence-embedding export folder (mean pooling and L2 normalisation in the graph)."""
-    from tests.embedding_export import write_embedding_export
+def embedding_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Checkpoint:
+    """A label-free 4-bit model.pt of a tiny sentence-transformers directory (mean pooling, Normalize)."""
+    from qbert_deploy.checkpoint import load_checkpoint
+    from qbert_deploy.cli.quantize import main as quantize_main
+    from tests.test_embeddings import write_st_dir
+    from tests.tiny import SENTENCES
 
-    return write_embedding_export(tmp_path_factory.mktemp("embedding") / "export")
+    root = tmp_path_factory.mktemp("emb")
+    model = write_st_dir(root / "model", "mean", True)
+    (root / "texts.txt").write_text("\n".join(SENTENCES) + "\n")
+    out = root / "out"
+    assert quantize_main(["--model", str(model), "--train", str(root / "texts.txt"), "--dev",
+                          str(root / "texts.txt"), "--bits", "4", "--groups", "8", "--qat-steps", "0",
+                          "--calibration-batches", "1", "--batch-size", "8", "-o", str(out)]) == 0
+    return load_checkpoint(out / "model.pt")
+
+
+@pytest.fixture(scope="session")
+def embedding_export(embedding_checkpoint: Checkpoint, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """qbert-export of the embedding model.pt with every lowering profile: what qbert-serve meets."""
+    from qbert_deploy.runtimes.lowering import PROFILES
+
+    out = tmp_path_factory.mktemp("emb-export") / "export"
+    export_checkpoint(embedding_checkpoint, out, lower=list(PROFILES))
+    return out

@@ -11,35 +11,13 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from qbert_deploy.checkpoint import Checkpoint, load_checkpoint
-from qbert_deploy.cli.quantize import main as quantize_main
+from qbert_deploy.checkpoint import Checkpoint
 from qbert_deploy.exporters.check import check_export
-from qbert_deploy.exporters.onnx_export import export_checkpoint
 from qbert_deploy.models.build import build_model
 from qbert_deploy.runtimes.export_dir import read_config
 from qbert_deploy.runtimes.lowering import PROFILES
 from qbert_deploy.tasks import FEATURE
-from tests.test_embeddings import write_st_dir
-from tests.tiny import SENTENCES, text_batch
-
-
-@pytest.fixture(scope="module")
-def embedding_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Checkpoint:
-    root = tmp_path_factory.mktemp("emb")
-    model = write_st_dir(root / "model", "mean", True)
-    (root / "texts.txt").write_text("\n".join(SENTENCES) + "\n")
-    out = root / "out"
-    assert quantize_main(["--model", str(model), "--train", str(root / "texts.txt"), "--dev",
-                          str(root / "texts.txt"), "--bits", "4", "--groups", "8", "--qat-steps", "0",
-                          "--calibration-batches", "1", "--batch-size", "8", "-o", str(out)]) == 0
-    return load_checkpoint(out / "model.pt")
-
-
-@pytest.fixture(scope="module")
-def embedding_export(embedding_checkpoint: Checkpoint, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("emb-export") / "export"
-    export_checkpoint(embedding_checkpoint, out, lower=list(PROFILES))
-    return out
+from tests.tiny import text_batch
 
 
 def _run(path: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
