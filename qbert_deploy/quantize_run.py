@@ -180,7 +180,9 @@ def _task_name(args: argparse.Namespace) -> str:
         return FEATURE
     if args.pooling is not None:
         raise ValueError("--pooling applies to --task feature-extraction (sentence embeddings)")
-    if args.task is None and head is None and not args.labels and is_sentence_transformers_dir(args.model_dir):
+    unlabelled_data = args.train is None or Path(args.train).suffix.lower() == ".txt"  # TSV/CoNLL/SQuAD have labels
+    if (args.task is None and head is None and not args.labels and getattr(args, "model_named", True)
+            and unlabelled_data and is_sentence_transformers_dir(args.model_dir)):
         return FEATURE
     if args.task and head and args.task != head:
         raise ValueError(f"--task {args.task} contradicts the model's head ({config['architectures'][0]} is "
@@ -473,6 +475,9 @@ def _import_official(args: argparse.Namespace, scratch: Path) -> None:
 
 
 def _run_in(args: argparse.Namespace, scratch: Path) -> int:
+    # Sentence embeddings are picked only for a directory the user names: the default run (the bundled MiniLM, the
+    # labelled movie reviews) stays the project's main job, sequence classification.
+    args.model_named = args.model is not None
     if args.model is None:
         from qbert_deploy.extras import require
 

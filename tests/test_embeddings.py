@@ -139,3 +139,18 @@ def test_refusals_write_nothing(capsys: pytest.CaptureFixture[str], st_dir: Path
     capsys.readouterr()
     assert quantize_main([*argv, "--pooling", "cls", "-o", str(tmp_path / "cls")]) == 0
     assert build_model(load_checkpoint(tmp_path / "cls" / "model.pt")).pooling == Pooling("cls", False)
+
+
+def test_labelled_data_keeps_a_sentence_transformers_directory_a_classifier(st_dir: Path, tmp_path: Path) -> None:
+    """A TSV with labels means the user wants a classifier, as before embeddings existed (the CI gate's run)."""
+    from qbert_deploy.data.tsv import Example, write_tsv
+    from qbert_deploy.tasks import SEQUENCE
+
+    examples = [Example(s, i % 2) for i, s in enumerate(SENTENCES)]
+    write_tsv(tmp_path / "train.tsv", examples * 4)
+    write_tsv(tmp_path / "dev.tsv", examples)
+    out = tmp_path / "out"
+    assert quantize_main(["--model", str(st_dir), "--train", str(tmp_path / "train.tsv"), "--dev",
+                          str(tmp_path / "dev.tsv"), "--bits", "8", "--groups", "4", "--finetune-steps", "2",
+                          "--qat-steps", "0", "--calibration-batches", "1", "--batch-size", "4", "-o", str(out)]) == 0
+    assert load_checkpoint(out / "model.pt").task == SEQUENCE
