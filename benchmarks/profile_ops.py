@@ -18,6 +18,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -64,12 +65,10 @@ def per_op_type(path: Path, feed: dict[str, np.ndarray], threads: int, runs: int
     return {op: us / 1000 / max(len(timed), 1) for op, us in totals.most_common()}
 
 
-def files(name: str, cache: Path) -> dict[str, Path]:
-    from typing import Any
-
+def anchor_files(model: Any) -> dict[str, Path]:
+    """ORT dynamic int8 of the fp32 model and of its fused graph, and ours cpu-w8a8, beside a prepared model."""
     from qbert_deploy.runtimes.lowering import lower
 
-    model = prepare(name, cache)
     folder = model.fp32_onnx.parent
     config: Any = model.torch_model.config
     fused = fused_fp32(model.fp32_onnx, folder / "fp32-fused.onnx", int(config.num_attention_heads),
@@ -77,6 +76,10 @@ def files(name: str, cache: Path) -> dict[str, Path]:
     return {ANCHORS[0]: dynamic_int8(model.fp32_onnx, folder / "dynamic-int8.onnx"),
             ANCHORS[1]: dynamic_int8(fused, folder / "dynamic-int8-fused.onnx"),
             OURS_CPU: lower(model.export_onnx, "cpu-w8a8", folder / "model.cpu-w8a8.onnx")}
+
+
+def files(name: str, cache: Path) -> dict[str, Path]:
+    return anchor_files(prepare(name, cache))
 
 
 def measure(names: Sequence[str], batches: Sequence[int], threads: int, runs: int, rounds: int, cache: Path,

@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.baselines import dynamic_int8, fused_fp32
 from benchmarks.models import prepare
-from benchmarks.run import ANCHORS, OURS_CPU, OURS_SMALL, ROOT
+from benchmarks.profile_ops import anchor_files
+from benchmarks.run import ANCHORS, OURS_SMALL, ROOT
 
 Feed = dict[str, np.ndarray]
 
@@ -63,15 +63,8 @@ def files(name: str, cache: Path) -> dict[str, Path]:
     from qbert_deploy.runtimes.lowering import lower
 
     model = prepare(name, cache)
-    folder = model.fp32_onnx.parent
-    config: Any = model.torch_model.config
-    fused = fused_fp32(model.fp32_onnx, folder / "fp32-fused.onnx", int(config.num_attention_heads),
-                       int(config.hidden_size))
-    return {"ORT fp32": model.fp32_onnx,
-            ANCHORS[0]: dynamic_int8(model.fp32_onnx, folder / "dynamic-int8.onnx"),
-            ANCHORS[1]: dynamic_int8(fused, folder / "dynamic-int8-fused.onnx"),
-            OURS_CPU: lower(model.export_onnx, "cpu-w8a8", folder / "model.cpu-w8a8.onnx"),
-            OURS_SMALL: lower(model.export_onnx, "cpu-small", folder / "model.cpu-small.onnx")}
+    return {"ORT fp32": model.fp32_onnx, **anchor_files(model),
+            OURS_SMALL: lower(model.export_onnx, "cpu-small", model.fp32_onnx.parent / "model.cpu-small.onnx")}
 
 
 def interleaved(runners: dict[str, Callable[[Feed], object]], feeds: Sequence[Feed], rounds: int,
