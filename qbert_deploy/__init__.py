@@ -152,19 +152,22 @@ def export(checkpoint: Checkpoint | PathLike, out: PathLike, *, lower: Sequence[
 def validate(export_dir: PathLike, checkpoint: PathLike, data: PathLike, *, report_dir: PathLike | None = None,
              baseline: PathLike | None = None, write_baseline: PathLike | None = None,
              echo: Callable[[str], None] = print, **settings: Any) -> Report:
-    """Compare an export with PyTorch on labelled `data`, as `qbert-validate` does; `report.failures` is the gate.
+    """Compare an export with PyTorch on labelled `data` (an embedding model: texts), as `qbert-validate` does;
+    `report.failures` is the gate.
 
     Backends: the fine-tuned fp32 model, PyTorch master weights and fake-quant, ORT with optimizations off, and
     ORT per profile (by default every profile the export holds plus the one qbert-serve ships). `settings` are
     `qbert_deploy.validation.run.Settings` fields: profiles=["canonical", "cpu-w8a8"], providers, batch_size,
-    max_length, limit, layerwise, max_drop, min_agreement, max_error_steps, max_drop_vs_fp32, ... `report_dir`
+    max_length, limit, layerwise, max_drop, min_agreement, max_error_steps, max_drop_vs_fp32, and for embedding
+    models probe_train, min_cosine, min_neighbours. `report_dir`
     gets report.json, report.md and plots; `echo` the tables the command prints.
     """
     from qbert_deploy.validation.run import Settings, check_settings
     from qbert_deploy.validation.run import validate as run_validation
 
-    if settings.get("fp32") is not None:
-        settings["fp32"] = Path(settings["fp32"])
+    for key in ("fp32", "probe_train"):
+        if settings.get(key) is not None:
+            settings[key] = Path(settings[key])
     options = Settings(**settings)
     check_settings(options)
     with tempfile.TemporaryDirectory(prefix="qbert-validate-") as work:

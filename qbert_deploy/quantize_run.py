@@ -296,19 +296,9 @@ def _model_family(model_dir: Path) -> Any:
 
 
 def _texts(path: Path, args: argparse.Namespace) -> list[str]:
-    """Embedding data: a .txt file, one text per line, or the text column of a TSV (single texts only)."""
-    from qbert_deploy.data.tsv import read_table
-    from qbert_deploy.tasks.embeddings import EmbeddingDataError, read_texts
+    from qbert_deploy.tasks.embeddings import read_text_data
 
-    if path.suffix.lower() != ".tsv":
-        return read_texts(path)
-    table = read_table(path, columns_of(args))
-    if table.pairs:
-        raise EmbeddingDataError(f"{path}: holds sentence pairs; an embedding model reads one text (--text-columns)")
-    texts = [text for text, _ in table.texts if text.strip()]
-    if not texts:
-        raise EmbeddingDataError(f"{path}: no texts")
-    return texts
+    return read_text_data(path, columns_of(args))[0]
 
 
 def _embedding_task(args: argparse.Namespace) -> Any:

@@ -32,9 +32,9 @@ def tiny_export(tmp_path_factory: pytest.TempPathFactory, tiny_ckpt: Checkpoint)
 
 
 @pytest.fixture(scope="session")
-def embedding_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Checkpoint:
-    """A label-free 4-bit model.pt of a tiny sentence-transformers directory (mean pooling, Normalize)."""
-    from qbert_deploy.checkpoint import load_checkpoint
+def embedding_model_pt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A label-free 4-bit model.pt of a tiny sentence-transformers directory (mean pooling, Normalize), written by
+    qbert-quantize beside its fp32 folder and the texts it read (texts.txt)."""
     from qbert_deploy.cli.quantize import main as quantize_main
     from tests.test_embeddings import write_st_dir
     from tests.tiny import SENTENCES
@@ -46,7 +46,14 @@ def embedding_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Checkpoint
     assert quantize_main(["--model", str(model), "--train", str(root / "texts.txt"), "--dev",
                           str(root / "texts.txt"), "--bits", "4", "--groups", "8", "--qat-steps", "0",
                           "--calibration-batches", "1", "--batch-size", "8", "-o", str(out)]) == 0
-    return load_checkpoint(out / "model.pt")
+    return out / "model.pt"
+
+
+@pytest.fixture(scope="session")
+def embedding_checkpoint(embedding_model_pt: Path) -> Checkpoint:
+    from qbert_deploy.checkpoint import load_checkpoint
+
+    return load_checkpoint(embedding_model_pt)
 
 
 @pytest.fixture(scope="session")

@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", type=Path, required=True,
                         help="labelled data of the model's task: GLUE-style TSV (one of GLUE's layouts, single "
                         "texts or sentence pairs as the model was trained on), CoNLL columns (.conll/.txt) or SQuAD "
-                        "v1.1 JSON")
+                        "v1.1 JSON; for an embedding model, texts: a .txt file (one per line) or a TSV's text "
+                        "column (its labels, if any, are the probe's test labels)")
     add_column_options(parser)
     parser.add_argument("--providers", type=_list, default=["cpu"], help="ORT execution providers (default cpu)")
     parser.add_argument("--fp32", type=Path, help="the fine-tuned fp32 model's Hugging Face folder to measure the "
@@ -80,6 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
     gate.add_argument("--max-error-steps", type=float, default=0.5,
                       help="median |logit error| vs PyTorch fake-quant allowed for the ONNX spec and the canonical "
                            "profile, in 8-bit output steps (default 0.5)")
+    embed = parser.add_argument_group("embedding models")
+    embed.add_argument("--probe-train", type=Path, help="labelled TSV (e.g. the train split) a logistic-regression "
+                       "probe is trained on per backend and tested on --data's labels (MTEB's classification)")
+    embed.add_argument("--min-cosine", type=float, default=None, metavar="COS",
+                       help="least mean cosine of every quantized backend's embeddings to fp32's, 0..1 (default: "
+                            "reported, not gated)")
+    embed.add_argument("--min-neighbours", type=float, default=None, metavar="OVERLAP",
+                       help="least 10-nearest-neighbour overlap with fp32's embeddings within --data, 0..1 "
+                            "(default: reported, not gated)")
     gate.add_argument("--write-baseline", type=Path, help="record this run's accuracies (the fp32 model's too) as a "
                       "baseline file")
     return parser
@@ -95,7 +105,8 @@ def _validate(args: argparse.Namespace) -> int:
         layerwise=args.layerwise, layer_examples=args.layer_examples, layer_tolerance=args.layer_tolerance,
         max_drop=args.max_drop, relative=args.relative, min_agreement=args.min_agreement,
         max_error_steps=args.max_error_steps, fp32=args.fp32, max_drop_vs_fp32=args.max_drop_vs_fp32,
-        columns=columns_of(args))
+        columns=columns_of(args), probe_train=args.probe_train, min_cosine=args.min_cosine,
+        min_neighbours=args.min_neighbours)
     if report.failures:
         from qbert_deploy.validation.gate import failure_table
 

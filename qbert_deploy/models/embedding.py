@@ -29,11 +29,9 @@ from qbert_deploy.models.hf_compat import ATTENTION
 from qbert_deploy.models.task import Task
 from qbert_deploy.models.train import Batch, model_device
 from qbert_deploy.tasks import FEATURE
-from qbert_deploy.tasks.embeddings import Pooling, cosines
+from qbert_deploy.tasks.embeddings import NORMALIZE_KEY, POOLING_KEY, Pooling, cosines
 
 log = logging.getLogger("qbert_deploy.quantize")
-# config.json keys that carry the pooling inside model.pt's config (transformers keeps unknown keys)
-POOLING_KEY, NORMALIZE_KEY = "sentence_pooling", "sentence_normalize"
 
 
 def pool(tokens: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:

@@ -22,6 +22,8 @@ _OTHER_FLAGS = ("pooling_mode_mean_sqrt_len_tokens", "pooling_mode_weightedmean_
 POOLING_TYPE = "sentence_transformers.models.Pooling"
 NORMALIZE_TYPE = "sentence_transformers.models.Normalize"
 TRANSFORMER_TYPE = "sentence_transformers.models.Transformer"
+# config.json keys that carry the pooling inside model.pt's config and the fp32 folder (transformers keeps them)
+POOLING_KEY, NORMALIZE_KEY = "sentence_pooling", "sentence_normalize"
 
 
 class EmbeddingDataError(ValueError):
@@ -114,6 +116,23 @@ def read_texts(path: str | Path) -> list[str]:
     return texts
 
 
+def read_text_data(path: str | Path, columns: Any = None) -> tuple[list[str], list[str]]:
+    """Embedding data: a .txt file (one text per line), or the text column of a TSV (single texts only); and the
+    TSV's raw label of each text, for the probe ([] for a .txt file). `columns`: data.tsv.Columns the user named."""
+    from qbert_deploy.data.tsv import read_table
+
+    source = Path(path)
+    if source.suffix.lower() != ".tsv":
+        return read_texts(source), []
+    table = read_table(source, columns)
+    if table.pairs:
+        raise EmbeddingDataError(f"{source}: holds sentence pairs; an embedding model reads one text (--text-columns)")
+    kept = [(text, label) for (text, _), label in zip(table.texts, table.raw_labels, strict=True) if text.strip()]
+    if not kept:
+        raise EmbeddingDataError(f"{source}: no texts")
+    return [text for text, _ in kept], [label for _, label in kept]
+
+
 def _unit(vectors: np.ndarray) -> np.ndarray:
     v = np.asarray(vectors, dtype=np.float64)
     return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
@@ -152,7 +171,7 @@ def fidelity(embeddings: np.ndarray, reference: np.ndarray, k: int = 10) -> dict
 
 def pooling_of_model(config: dict[str, Any]) -> Pooling:
     """The pooling a model.pt config carries (models/embedding.py writes these keys)."""
-    return Pooling(str(config.get("sentence_pooling", "mean")), bool(config.get("sentence_normalize", False)))
+    return Pooling(str(config.get(POOLING_KEY, "mean")), bool(config.get(NORMALIZE_KEY, False)))
 
 
 # Where sentence-transformers' ONNX backend is told to find the graph: model_kwargs={"file_name": ONNX_FILE_NAME}
@@ -174,3 +193,17 @@ def write_sentence_transformers_files(folder: Path, pooling: Pooling, dimension:
     (folder / POOLING_DIR / "config.json").write_text(json.dumps(pooling_config(pooling, dimension), indent=2) + "\n")
     bert_config = {"max_seq_length": max_length or 128, "do_lower_case": False}
     (folder / "sentence_bert_config.json").write_text(json.dumps(bert_config, indent=2) + "\n")
+
+
+def probe_accuracy(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray, test_labels: np.ndarray,
+                   seed: int = 0) -> float:
+    """MTEB's classification protocol: a logistic regression (at most 100 iterations) trained on one split's
+    embeddings and labels, its accuracy (percent) on another's."""
+    try:
+        from sklearn.linear_model import LogisticRegression
+    except ImportError:
+        raise EmbeddingDataError("the probe accuracy needs scikit-learn: pip install scikit-learn") from None
+    if len(set(train_labels.tolist())) < 2:
+        raise EmbeddingDataError("the probe's training texts must hold at least two labels")
+    probe = LogisticRegression(max_iter=100, random_state=seed).fit(train, train_labels)
+    return 100.0 * float((probe.predict(test) == test_labels).mean())

@@ -13,7 +13,7 @@ import torch
 
 from qbert_deploy.checkpoint import Checkpoint
 from qbert_deploy.runtimes.session import open_session
-from qbert_deploy.tasks import DEFAULT_TASK, combine, task_kind
+from qbert_deploy.tasks import DEFAULT_TASK, FEATURE, combine, served_outputs, task_kind
 from qbert_deploy.validation.profiles import CANONICAL, profile_model
 
 Batch = dict[str, np.ndarray]
@@ -84,7 +84,7 @@ class BackendRun:
 
 
 def torch_runner(model: torch.nn.Module, task: str = DEFAULT_TASK) -> Runner:
-    names = task_kind(task).outputs
+    names = served_outputs(task)  # an embedding model is compared on its sentence embedding
 
     @torch.no_grad()
     def run(batch: Batch) -> np.ndarray:
@@ -99,7 +99,7 @@ def onnx_model_path(spec: BackendSpec, export_dir: Path, workdir: Path) -> Path:
 
 def ort_runner(model: Path | bytes, spec: BackendSpec, threads: int | None, task: str = DEFAULT_TASK) -> Runner:
     session = open_session(model, providers=(spec.provider,), threads=threads, optimize=spec.optimize)
-    names = list(task_kind(task).outputs)
+    names = list(served_outputs(task))
 
     def run(batch: Batch) -> np.ndarray:
         return combine(task, session.run(names, batch))
@@ -119,7 +119,8 @@ def make_runner(spec: BackendSpec, checkpoint: Checkpoint, export_dir: Path, wor
 
 
 def load_fp32(folder: Path, task: str) -> torch.nn.Module:
-    """The fine-tuned fp32 model from its Hugging Face folder, with the task's head (eager attention, as trained)."""
+    """The fine-tuned fp32 model from its Hugging Face folder, with the task's head (eager attention, as trained);
+    an embedding model's encoder with the pooling its config records (qbert-quantize writes it)."""
     import transformers
     from transformers.utils import logging as hf_logging
 
@@ -128,6 +129,12 @@ def load_fp32(folder: Path, task: str) -> torch.nn.Module:
     hf_logging.disable_progress_bar()  # a bar per load would interleave with the run's own lines
     try:
         model: torch.nn.Module = auto.from_pretrained(str(folder), attn_implementation="eager")
+        if task == FEATURE:
+            from qbert_deploy.models.embedding import EmbeddingModel
+            from qbert_deploy.tasks.embeddings import pooling_of_model
+
+            config = model.config.to_dict()  # type: ignore[union-attr, operator]
+            model = EmbeddingModel(model, pooling_of_model(config))
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"{folder}: cannot load the fp32 model ({first[:200]})") from None

@@ -36,6 +36,10 @@ class Tolerance:
     max_error_steps: float = EXACT_MEDIAN_STEPS
     # Drop of every quantized backend (fake-quant and ONNX) below the fine-tuned fp32 model; None: reported only.
     max_drop_vs_fp32: float | None = None
+    # Embedding models: least mean cosine and 10-nearest-neighbour overlap (0..1) of every quantized backend with
+    # the fp32 model's embeddings; None: reported only.
+    min_cosine: float | None = None
+    min_neighbours: float | None = None
 
     def drop(self, reference: float, value: float) -> float:
         """How far `value` fell below `reference`, in the unit `max_drop` is given in."""
@@ -124,6 +128,7 @@ def check(summaries: Sequence[BackendSummary], tolerance: Tolerance,
     limit = f"<= {tolerance.max_drop:g} {tolerance.unit()}"
     if tolerance.max_drop_vs_fp32 is not None:
         failures += _vs_fp32(summaries, tolerance, tolerance.max_drop_vs_fp32, fp32_missing)
+    failures += _fidelity(summaries, tolerance, fp32_missing)
     for s in summaries:
         if baseline is not None and not (s.name in ungated and s.name not in baseline):
             if s.name not in baseline:
@@ -159,6 +164,26 @@ def _vs_fp32(summaries: Sequence[BackendSummary], tolerance: Tolerance, bound: f
         if s.name not in REFERENCES and (drop := tolerance.drop(fp32.accuracy, s.accuracy)) > bound:
             out.append(Failure(s.name, "drop vs fp32", f"{drop:.2f} {tolerance.unit()} ({fp32.accuracy:.2f} -> "
                                                        f"{s.accuracy:.2f})", limit))
+    return out
+
+
+FIDELITY = (("min_cosine", "mean_cosine_fp32", "mean cosine vs fp32"),
+            ("min_neighbours", "neighbours_10_fp32", "10-NN overlap vs fp32"))
+
+
+def _fidelity(summaries: Sequence[BackendSummary], tolerance: Tolerance, missing: str) -> list[Failure]:
+    """--min-cosine and --min-neighbours: every quantized backend's embeddings against the fp32 model's."""
+    asked = [(getattr(tolerance, option), key, label) for option, key, label in FIDELITY
+             if getattr(tolerance, option) is not None]
+    if not asked:
+        return []
+    if not any(s.name == FP32 for s in summaries):
+        return [Failure(FP32, label, missing, f">= {bound:g}") for bound, _, label in asked]
+    out = []
+    for s in summaries:
+        for bound, key, label in asked:
+            if s.name not in REFERENCES and (value := s.metrics[key] / 100.0) < bound:
+                out.append(Failure(s.name, label, f"{value:.4f}", f">= {bound:g}"))
     return out
 
 

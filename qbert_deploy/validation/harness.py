@@ -99,12 +99,14 @@ def summarize(runs: dict[str, BackendRun], labels: np.ndarray) -> list[BackendSu
 
 
 def summarize_task(runs: dict[str, BackendRun], evaluation: Evaluation) -> list[BackendSummary]:
-    """Token classification and QA: the task's metrics and agreements (qbert_deploy.validation.task_data)."""
+    """Token classification, QA and embeddings: the task's metrics and agreements (validation/task_data.py)."""
     reference, fp32 = runs[FAKEQUANT].logits, runs[float_reference(runs)].logits
     step = error_stats(evaluation.compared(reference), evaluation.compared(reference)).step
     out = []
     for name, run in runs.items():
         metrics = evaluation.score(run.logits)
+        if evaluation.reference_score is not None:
+            metrics = evaluation.reference_score(run.logits, fp32) | metrics
         agreements = evaluation.agree(run.logits, reference)
         value = metrics[evaluation.metric]
         out.append(BackendSummary(

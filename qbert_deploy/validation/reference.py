@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from qbert_deploy.checkpoint import Checkpoint, fp32_digest
+from qbert_deploy.tasks import FEATURE
+from qbert_deploy.tasks.embeddings import POOLING_KEY
 
 
 class Fp32Error(ValueError):
@@ -55,6 +57,11 @@ def _problem(folder: Path, checkpoint: Checkpoint) -> str | None:
         return f"{folder}/config.json: cannot read it ({type(err).__name__})"
     if not isinstance(config, dict):
         return f"{folder}/config.json: not a JSON object"
+    if checkpoint.task == FEATURE:  # an embedding model has no head: its encoder must carry the same pooling
+        if config.get(POOLING_KEY, "mean") != checkpoint.config.get(POOLING_KEY, "mean"):
+            return f"{folder}: the fp32 model pools {config.get(POOLING_KEY, 'mean')}, model.pt " \
+                   f"{checkpoint.config.get(POOLING_KEY, 'mean')}"
+        return None
     labels = _labels(config)
     count = len(labels) if labels else config.get("num_labels", 2)  # transformers' default when unsaid
     if count != len(checkpoint.labels):

@@ -11,7 +11,7 @@ from qbert_deploy.checkpoint import Checkpoint, load_checkpoint
 from qbert_deploy.data.tsv import Columns, read_tsv
 from qbert_deploy.families import family_of
 from qbert_deploy.metrics import single_class_warning
-from qbert_deploy.tasks import SEQUENCE
+from qbert_deploy.tasks import FEATURE, SEQUENCE
 from qbert_deploy.validation.backends import FAKEQUANT, FP32, MASTER, BackendRun, Batch, backend_specs, onnx_model_path
 from qbert_deploy.validation.gate import Tolerance, check, fp32_drops, load_baseline, write_baseline
 from qbert_deploy.validation.harness import run_all, summarize, summarize_task, tokenize
@@ -52,6 +52,9 @@ class Settings:
     fp32: Path | None = None  # the fine-tuned fp32 model's folder; None: the one model.pt records
     max_drop_vs_fp32: float | None = None
     columns: Columns | None = None  # TSV columns named by the user; None: found from the header
+    probe_train: Path | None = None  # embeddings: labelled TSV the probe is trained on (MTEB's classification)
+    min_cosine: float | None = None  # embeddings: least mean cosine to fp32 of every quantized backend (0..1)
+    min_neighbours: float | None = None  # embeddings: least 10-nearest-neighbour overlap with fp32 (0..1)
 
 
 def check_settings(settings: Settings) -> None:
@@ -62,6 +65,9 @@ def check_settings(settings: Settings) -> None:
                          "--max-error-steps > 0")
     if settings.max_drop_vs_fp32 is not None and not 0 <= settings.max_drop_vs_fp32 < float("inf"):
         raise ValueError(f"--max-drop-vs-fp32 must be a number >= 0, got {settings.max_drop_vs_fp32:g}")
+    for option, value in (("--min-cosine", settings.min_cosine), ("--min-neighbours", settings.min_neighbours)):
+        if value is not None and not 0 <= value <= 1:
+            raise ValueError(f"{option} must be in 0..1, got {value:g}")
 
 
 def resolve_max_length(asked: int | None, checkpoint: Checkpoint, info: ExportInfo,
@@ -148,6 +154,8 @@ def validate(export_dir: Path, checkpoint_path: Path, data_path: Path, settings:
     profiles, profile_notes = resolve_profiles(settings.profiles, export_dir, settings.providers)
     for line in profile_notes:
         note(line)
+    if checkpoint.task != FEATURE and (settings.min_cosine is not None or settings.min_neighbours is not None):
+        raise ValueError(f"--min-cosine and --min-neighbours gate embedding models; this model is {checkpoint.task}")
     tokenizer = load_tokenizer(export_dir)
     examples = spread(read_tsv(data_path, checkpoint.labels, settings.columns),
                       settings.limit) if checkpoint.task == SEQUENCE else []
@@ -155,7 +163,7 @@ def validate(export_dir: Path, checkpoint_path: Path, data_path: Path, settings:
         raise ValueError(f"{data_path}: {'single texts' if checkpoint.text_pairs else 'sentence pairs'}, but the model "
                          f"was trained on {'sentence pairs' if checkpoint.text_pairs else 'single texts'}")
     evaluation = prepare(checkpoint.task, data_path, checkpoint.labels, tokenizer, settings.batch_size,
-                         max_length, settings.limit, inputs, settings.columns)
+                         max_length, settings.limit, inputs, settings.columns, settings.probe_train)
     digest = evaluation.digest
     old_baseline = load_baseline(baseline, digest) if baseline is not None else None
     specs = backend_specs(settings.providers, profiles, fp32.folder)
@@ -179,19 +187,24 @@ def validate(export_dir: Path, checkpoint_path: Path, data_path: Path, settings:
     if task_table(summaries):
         progress(task_table(summaries))
     layers: dict[str, list[LayerError]] = {}
-    layer_count = min(settings.layer_examples, len(examples))
-    if settings.layerwise and not examples:
-        progress("layerwise comparison: sequence classification only; skipped")
+    if examples:
+        layer_count = min(settings.layer_examples, len(examples))
+        layer_batch = tokenize(tokenizer, examples[:layer_count], layer_count, max_length, inputs)[0]
+    else:  # embeddings: the first texts as evaluated (token classification and QA are not compared per layer)
+        layer_batch = {k: v[:min(settings.layer_examples, evaluation.examples)]
+                       for k, v in evaluation.batches[0].items()}
+        layer_count = len(layer_batch["input_ids"]) if checkpoint.task == FEATURE else 0
+    if settings.layerwise and not layer_count:
+        progress("layerwise comparison: sequence classification and embeddings only; skipped")
     elif settings.layerwise:
         progress(f"layerwise comparison on {layer_count} examples")
-        layers = layerwise(checkpoint, runs, tokenize(tokenizer, examples[:layer_count], layer_count,
-                                                      max_length, inputs)[0], settings.threads)
+        layers = layerwise(checkpoint, runs, layer_batch, settings.threads)
         for name, errors in layers.items():
             if name != MASTER:
                 module = first_departure(errors, settings.layer_tolerance)
                 progress(f"{name}: first departure from PyTorch fake-quant: {module or 'none'}")
     tolerance = Tolerance(settings.max_drop, settings.relative, settings.min_agreement, settings.max_error_steps,
-                          settings.max_drop_vs_fp32)
+                          settings.max_drop_vs_fp32, settings.min_cosine, settings.min_neighbours)
     drops = fp32_drops(summaries, tolerance)
     if drops:
         progress(f"quantization drop vs the fine-tuned fp32 model ({fp32.folder}):\n"

@@ -17,7 +17,7 @@ import numpy as np
 
 from qbert_deploy.data.tsv import Columns, read_tsv
 from qbert_deploy.families import TEXT_INPUTS
-from qbert_deploy.tasks import QA, SEQUENCE, TASKS, TOKEN, entities, task_kind, task_of_data
+from qbert_deploy.tasks import FEATURE, QA, SEQUENCE, TASKS, TOKEN, entities, task_kind, task_of_data
 
 T = TypeVar("T")
 
@@ -34,12 +34,17 @@ class Evaluation:
     score: Callable[[np.ndarray], dict[str, float]]  # combined outputs -> metrics in percent
     agree: Callable[[np.ndarray, np.ndarray], dict[str, float]]  # (outputs, reference) -> agreements in percent
     valid: np.ndarray | None = None  # [rows, tokens] bool: the positions whose outputs are compared (not padding)
+    # Metrics measured against the float model's outputs (embeddings: fidelity to fp32), (outputs, float) -> percent
+    reference_score: Callable[[np.ndarray, np.ndarray], dict[str, float]] | None = None
+    rows: int | None = None  # the evaluated rows when the batches hold more (an embedding probe's training texts)
+    main: str | None = None  # the gated metric when it is not the task's main metric
 
     @property
     def metric(self) -> str:
-        return task_kind(self.task).main_metric
+        return self.main or task_kind(self.task).main_metric
 
     def compared(self, outputs: np.ndarray) -> np.ndarray:
+        outputs = outputs if self.rows is None else outputs[:self.rows]
         return outputs if self.valid is None else outputs[self.valid]
 
 
@@ -56,12 +61,19 @@ def _file_digest(path: Path, limit: int | None) -> str:
 
 
 def prepare(task: str, data_path: Path, labels: list[str], tokenizer: Any, batch_size: int, max_length: int,
-            limit: int | None, inputs: Sequence[str] = TEXT_INPUTS, columns: Columns | None = None) -> Evaluation:
+            limit: int | None, inputs: Sequence[str] = TEXT_INPUTS, columns: Columns | None = None,
+            probe_train: Path | None = None) -> Evaluation:
     """The data of `task` read and checked (a format that does not fit the task is an error), as batches of the
-    model family's `inputs`; `columns`: a TSV's columns, when the user named them."""
-    if columns not in (None, Columns()) and task != SEQUENCE:
+    model family's `inputs`; `columns`: a TSV's columns, when the user named them; `probe_train`: labelled texts
+    an embedding model's probe is trained on."""
+    if columns not in (None, Columns()) and task not in (SEQUENCE, FEATURE):
         raise ValueError(f"--text-columns and --label-column name TSV columns; {task} data has none")
-    evaluation = _prepare(task, data_path, labels, tokenizer, batch_size, max_length, limit, columns)
+    if probe_train is not None and task != FEATURE:
+        raise ValueError(f"--probe-train is for embedding models; this model is {task}")
+    if task == FEATURE:
+        evaluation = _feature(data_path, tokenizer, batch_size, max_length, limit, columns, probe_train)
+    else:
+        evaluation = _prepare(task, data_path, labels, tokenizer, batch_size, max_length, limit, columns)
     return replace(evaluation, batches=[{k: v for k, v in batch.items() if k in inputs}
                                         for batch in evaluation.batches])
 
@@ -151,6 +163,56 @@ def _qa(data_path: Path, tokenizer: Any, batch_size: int, max_length: int, limit
 
     return Evaluation(QA, _batches(features.inputs, batch_size), len(questions), _file_digest(data_path, limit),
                       None, score, agree, features.inputs["attention_mask"].astype(bool))
+
+
+def _feature(data_path: Path, tokenizer: Any, batch_size: int, max_length: int, limit: int | None,
+             columns: Columns | None, probe_train: Path | None) -> Evaluation:
+    """Embeddings: fidelity to the float model (mean and 5th-percentile cosine, 10-nearest-neighbour overlap in the
+    dev set) and to fake-quant; with `probe_train`, MTEB's probe accuracy (trained on that file's embeddings by the
+    same backend, tested on --data's labels). The probe's texts run after the evaluated rows, in the same batches."""
+    from qbert_deploy.data.tsv import Example
+    from qbert_deploy.tasks.embeddings import EmbeddingDataError, fidelity, probe_accuracy, read_text_data
+    from qbert_deploy.validation.harness import tokenize
+
+    if data_path.suffix.lower() == ".json":
+        raise ValueError(f"{data_path}: a question-answering data file, but the model is {FEATURE}; give a .txt "
+                         "file (one text per line) or a TSV")
+    texts, raw = read_text_data(data_path, columns)
+    chosen = spread(list(range(len(texts))), limit)
+    texts, raw = [texts[i] for i in chosen], [raw[i] for i in chosen] if raw else []
+    if len(texts) < 2:
+        raise EmbeddingDataError(f"{data_path}: the neighbour measure needs at least two texts")
+    probe: tuple[list[str], np.ndarray, np.ndarray] | None = None
+    if probe_train is not None:
+        if not raw:
+            raise EmbeddingDataError(f"{data_path}: the probe needs labelled texts (a TSV with a label column)")
+        train_texts, train_raw = read_text_data(probe_train, columns)
+        if not train_raw:
+            raise EmbeddingDataError(f"{probe_train}: the probe needs labelled texts (a TSV with a label column)")
+        names = sorted(set(train_raw))
+        unknown = sorted(set(raw) - set(names))
+        if unknown:
+            raise EmbeddingDataError(f"{data_path}: labels {', '.join(unknown[:5])} are not in {probe_train}")
+        probe = (train_texts, np.array([names.index(r) for r in train_raw]), np.array([names.index(r) for r in raw]))
+    rows = len(texts)
+    every = texts + (probe[0] if probe else [])
+    batches = tokenize(tokenizer, [Example(t, 0) for t in every], batch_size, max_length)
+    digest = hashlib.sha256(("\n".join(every) + f"\nlimit={limit} probe={probe_train is not None}").encode()
+                            ).hexdigest()
+
+    def score(out: np.ndarray) -> dict[str, float]:
+        if probe is None:
+            return {}
+        return {"probe_accuracy": probe_accuracy(out[rows:], probe[1], out[:rows], probe[2])}
+
+    def agree(out: np.ndarray, ref: np.ndarray) -> dict[str, float]:
+        return {k: 100.0 * v for k, v in fidelity(out[:rows], ref[:rows]).items()}
+
+    def against_float(out: np.ndarray, ref: np.ndarray) -> dict[str, float]:
+        return {f"{k}_fp32": v for k, v in agree(out, ref).items()}
+
+    return Evaluation(FEATURE, batches, rows, digest, None, score, agree, None, against_float, rows,
+                      main="mean_cosine_fp32")
 
 
 def main_agreement(values: dict[str, float]) -> float:
