@@ -34,7 +34,9 @@ def _ort_runner(path: str, threads: int) -> Callable[[dict[str, np.ndarray]], ob
     from qbert_deploy.runtimes.session import open_session
 
     session = open_session(path, threads=threads)
-    return lambda feed: session.run(["logits"], feed)
+    outputs = [o.name for o in session.get_outputs()]
+    output = "logits" if "logits" in outputs else outputs[-1]  # an embedding export: sentence_embedding
+    return lambda feed: session.run([output], feed)
 
 
 def _torch_runner(name: str, threads: int) -> Callable[[dict[str, np.ndarray]], object]:

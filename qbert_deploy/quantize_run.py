@@ -323,13 +323,27 @@ def _embedding_task(args: argparse.Namespace) -> Any:
         train, dev = [e.text for e in splits["train"]], [e.text for e in splits["dev"]]
     else:
         train, dev = _texts(Path(args.train), args), _texts(Path(args.dev), args)
-    if args.distill_weights is not None:
-        args.notes.append("QAT's loss is the distance to the fp32 sentence embedding (label-free distillation); "
-                          "--distill presets do not apply")
-        args.distill_weights = None
+    args.distill_weights = _embedding_distill_weights(args)
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     return EmbeddingTask(tokenizer, train, dev, [], args.batch_size, args.max_length, args.family.inputs,
                          pooling=pooling)
+
+
+def _embedding_distill_weights(args: argparse.Namespace) -> Any:
+    """Label-free QAT: the distance to the fp32 sentence embedding plus (by default) the MSE of every hidden state
+    to fp32's; --distill-hidden and --distill-attention set those terms' weights (there are no logits)."""
+    from qbert_deploy.models.distill import DistillWeights
+
+    if args.distill in ("logits",) or args.distill_logits:
+        raise ValueError("feature-extraction has no logits to distil: use --distill-hidden / --distill-attention")
+    if args.distill == "none":
+        args.notes.append("QAT's loss is the distance to the fp32 sentence embedding alone (--distill none)")
+        return DistillWeights(logits=0.0, hidden=0.0, attention=0.0, own=1.0)
+    hidden = 1.0 if args.distill_hidden is None else args.distill_hidden
+    attention = args.distill_attention or 0.0
+    args.notes.append(f"QAT's loss: the distance to the fp32 sentence embedding, plus {hidden:g} x the hidden-state "
+                      f"MSE{f' and {attention:g} x the attention-score MSE' if attention else ''} (label-free)")
+    return DistillWeights(logits=0.0, hidden=hidden, attention=attention, own=1.0)
 
 
 def _feature_task(args: argparse.Namespace, task_name: str) -> Any:

@@ -154,3 +154,25 @@ def test_labelled_data_keeps_a_sentence_transformers_directory_a_classifier(st_d
                           str(tmp_path / "dev.tsv"), "--bits", "8", "--groups", "4", "--finetune-steps", "2",
                           "--qat-steps", "0", "--calibration-batches", "1", "--batch-size", "4", "-o", str(out)]) == 0
     assert load_checkpoint(out / "model.pt").task == SEQUENCE
+
+
+def test_label_free_qat_loss_is_the_embedding_distance_plus_the_hidden_states(st_dir: Path) -> None:
+    import copy
+
+    from qbert_deploy.models.distill import DistillWeights, Distiller
+
+    teacher = EmbeddingModel.from_pretrained(st_dir, read_pooling(st_dir)).eval()
+    student = copy.deepcopy(teacher)
+    inputs = {k: torch.from_numpy(v) for k, v in text_batch().items()}
+    with torch.no_grad():
+        targets = teacher(**inputs).sentence_embedding
+    both = Distiller(teacher, DistillWeights(logits=0.0, hidden=1.0, attention=0.0, own=1.0))
+    own_only = Distiller(teacher, DistillWeights(logits=0.0, hidden=0.0, attention=0.0, own=1.0))
+    assert float(both(student, inputs, targets)) == pytest.approx(0.0, abs=1e-10)  # the student is the teacher
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    distance = float(student(**inputs, labels=targets).loss)
+    assert distance > 1e-4
+    assert float(own_only(student, inputs, targets)) == pytest.approx(distance, rel=1e-5)
+    assert float(both(student, inputs, targets)) > distance * 1.01  # the hidden states pull too

@@ -3,6 +3,7 @@
 loss = w_logits * T^2 * KL(teacher(T) || student(T))       soft cross-entropy, less the teacher's entropy,
      + w_hidden * mean over layers of MSE(hidden states)     embeddings output included
      + w_attention * mean over layers of MSE(Q K^T / sqrt(d)) attention scores before the softmax
+     + w_own * the model's own loss on the batch's labels     (embeddings: the distance to the fp32 embedding)
 
 The KL form of the soft cross-entropy has the same gradient and is zero when the student matches the teacher.
 MSE terms only count real tokens (the attention mask), so padding never pulls on the student, and are averaged
@@ -25,6 +26,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from qbert_deploy.families import family
+from qbert_deploy.models.train import label_arguments
 from qbert_deploy.models.wrap import quantizable_linears
 
 
@@ -38,9 +40,10 @@ class DistillWeights:
     hidden: float = 1.0
     attention: float = 1.0
     temperature: float = 1.0
+    own: float = 0.0  # the model's own loss: an embedding model's targets are the fp32 embeddings themselves
 
     def __post_init__(self) -> None:
-        values = (self.logits, self.hidden, self.attention)
+        values = (self.logits, self.hidden, self.attention, self.own)
         if any(not math.isfinite(v) or v < 0 for v in values):
             raise DistillError(f"distillation weights must be finite and >= 0, got logits={self.logits:g} "
                                f"hidden={self.hidden:g} attention={self.attention:g}")
@@ -152,11 +155,13 @@ class Distiller:
         with torch.no_grad():
             teacher = self.teacher(**inputs, output_hidden_states=hidden)
             teacher_scores = self._scores(self.teacher) if w.attention else []
-        student = model(**inputs, output_hidden_states=hidden)
+        own = label_arguments(model, labels) if w.own else {}
+        student = model(**inputs, output_hidden_states=hidden, **own)
         student_scores = self._scores(model) if w.attention else []
-        return distill_loss(head_logits(student), head_logits(teacher), inputs.get("attention_mask"), w,
+        loss = distill_loss(head_logits(student), head_logits(teacher), inputs.get("attention_mask"), w,
                             student.hidden_states if hidden else None, teacher.hidden_states if hidden else None,
                             student_scores, teacher_scores)
+        return loss + w.own * student.loss if w.own else loss
 
 
 def head_logits(out: Any) -> torch.Tensor:

@@ -4,7 +4,8 @@ module, and the label-free task that trains and measures it against the fp32 mod
 Label-free Q-BERT: a batch's "labels" are the fp32 model's sentence embeddings of its texts, and the model's loss
 is the squared distance of its sentence embedding to them (sum over the dimension, mean over the batch: 2 - 2 cos
 for unit vectors). At the fp32 point that loss's Hessian is a Gauss-Newton curvature of the embedding, which is
-what the Hessian sensitivity ranks layers by; QAT minimises the same loss (distillation on the pooled output).
+what the Hessian sensitivity ranks layers by. QAT minimises that loss plus, by default, the MSE of every hidden
+state to fp32's (models/distill.py with its `own` weight; qbert-quantize's _embedding_distill_weights).
 """
 
 from __future__ import annotations
@@ -177,7 +178,7 @@ def embedding_fp32(model_dir: str | Path, task: EmbeddingTask, cache: Path | Non
     model = EmbeddingModel.from_pretrained(model_dir, task.pooling).eval()
     task.reference = model
     log.info("fp32: the encoder of %s with %s pooling%s, not fine-tuned (embeddings have no labels); the Hessian "
-             "and QAT loss is the squared distance to the fp32 sentence embedding", model_dir, task.pooling.mode,
+             "loss is the squared distance to the fp32 sentence embedding (QAT's: above)", model_dir, task.pooling.mode,
              " and L2 normalisation" if task.pooling.normalize else "")
     if cache is not None and distributed.is_main() and not (cache / "config.json").is_file():
         with atomic_dir(cache) as tmp:
