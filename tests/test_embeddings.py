@@ -159,7 +159,7 @@ def test_labelled_data_keeps_a_sentence_transformers_directory_a_classifier(st_d
 def test_label_free_qat_loss_is_the_embedding_distance_plus_the_hidden_states(st_dir: Path) -> None:
     import copy
 
-    from qbert_deploy.models.distill import DistillWeights, Distiller
+    from qbert_deploy.models.distill import Distiller, DistillWeights
 
     teacher = EmbeddingModel.from_pretrained(st_dir, read_pooling(st_dir)).eval()
     student = copy.deepcopy(teacher)
