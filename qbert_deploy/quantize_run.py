@@ -29,6 +29,7 @@ POOLING_MODES = ("mean", "cls", "max")  # tasks/embeddings.py POOLING_MODES
 FAMILIES = ("qbert", "q8bert", "directq", "ptq-lq", "ptq-aciq", "ptq-ocs", "ptq-mse", "ptq-gptq", "aqbert")
 DISTILL_PRESETS = ("none", "logits", "full")  # models/distill.py PRESETS (not imported here: torch-free parser)
 FINETUNE_EPOCHS, QAT_EPOCHS = 2.0, 1.0
+DEFAULT_MAX_LENGTH = 64  # the movie-review snippets' longest is well under it; texts are padded per batch
 log = logging.getLogger("qbert_deploy.quantize")
 
 
@@ -162,7 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--calibration-batches", type=_positive(int), default=8)
     parser.add_argument("--batch-size", type=_positive(int), default=32,
                         help="global batch: split evenly over the processes of a distributed run")
-    parser.add_argument("--max-length", type=_positive(int, 8), default=64)
+    parser.add_argument("--max-length", type=_positive(int, 8), default=None,
+                        help=f"tokens per example (default {DEFAULT_MAX_LENGTH}; feature-extraction: the "
+                             "sentence-transformers directory's max_seq_length, which qbert-serve then serves)")
     parser.add_argument("--save-every", type=_positive(int), default=50, help="QAT steps between resume states")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fp32-cache", help="folder holding the fine-tuned fp32 model (default OUT/fp32)")
@@ -200,7 +203,13 @@ def _task(args: argparse.Namespace) -> Any:
 
     task_name = _task_name(args)
     if task_name == FEATURE:
+        if args.max_length is None:  # serve what the model card promises; batches are padded to their longest
+            from qbert_deploy.tasks.embeddings import sentence_max_length
+
+            args.max_length = sentence_max_length(args.model_dir) or DEFAULT_MAX_LENGTH
         return _embedding_task(args)
+    if args.max_length is None:
+        args.max_length = DEFAULT_MAX_LENGTH
     if task_name != SEQUENCE:
         return _feature_task(args, task_name)
     names, head_size = _head_labels(args)

@@ -119,6 +119,17 @@ def test_label_free_qbert_writes_an_embedding_model_pt(st_dir: Path, texts: tupl
     assert checkpoint.metrics["dev_mean_cosine_fp32"] == 1.0
     assert 0 < checkpoint.metrics["dev_mean_cosine_quantized"] < 1.0
     assert cosine.mean() == pytest.approx(checkpoint.metrics["dev_mean_cosine_quantized"], abs=1e-4)
+    assert checkpoint.max_length == 64  # a directory without sentence_bert_config.json: the default
+
+
+def test_the_directorys_max_seq_length_is_the_trained_and_served_length(tmp_path: Path,
+                                                                        texts: tuple[Path, Path]) -> None:
+    folder = write_st_dir(tmp_path / "model")
+    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 48, "do_lower_case": False}))
+    out = tmp_path / "out"
+    assert quantize_main(["--model", str(folder), "--train", str(texts[0]), "--dev", str(texts[1]), "--bits", "8",
+                          "--groups", "8", "--qat-steps", "0", "--calibration-batches", "1", "--batch-size", "8", "-o", str(out)]) == 0
+    assert load_checkpoint(out / "model.pt").max_length == 48
 
 
 def test_refusals_write_nothing(capsys: pytest.CaptureFixture[str], st_dir: Path, texts: tuple[Path, Path],

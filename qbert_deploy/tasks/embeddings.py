@@ -94,6 +94,16 @@ def read_pooling(folder: str | Path, override: str | None = None) -> Pooling:
     return Pooling(pooling_of_config(_read_json(path), str(path)), normalize)
 
 
+def sentence_max_length(folder: str | Path) -> int | None:
+    """The max_seq_length a sentence-transformers directory declares (sentence_bert_config.json), or None."""
+    path = Path(folder) / "sentence_bert_config.json"
+    if not path.is_file():
+        return None
+    value = _read_json(path)
+    length = value.get("max_seq_length") if isinstance(value, dict) else None
+    return length if isinstance(length, int) and not isinstance(length, bool) and length > 0 else None
+
+
 def pooling_config(pooling: Pooling, dimension: int) -> dict[str, Any]:
     """sentence-transformers' 1_Pooling/config.json for `pooling` (every flag written, as its own save does)."""
     flags = {flag: pooling.mode == mode for mode, flag in _FLAGS.items()}
