@@ -128,7 +128,8 @@ def test_the_directorys_max_seq_length_is_the_trained_and_served_length(tmp_path
     (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 48, "do_lower_case": False}))
     out = tmp_path / "out"
     assert quantize_main(["--model", str(folder), "--train", str(texts[0]), "--dev", str(texts[1]), "--bits", "8",
-                          "--groups", "8", "--qat-steps", "0", "--calibration-batches", "1", "--batch-size", "8", "-o", str(out)]) == 0
+                          "--groups", "8", "--qat-steps", "0", "--calibration-batches", "1", "--batch-size", "8",
+                          "-o", str(out)]) == 0
     assert load_checkpoint(out / "model.pt").max_length == 48
 
 
