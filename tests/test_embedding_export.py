@@ -78,3 +78,14 @@ def test_qbert_export_checks_parity_and_the_folder(embedding_checkpoint: Checkpo
     assert done.stdout.count("parity vs PyTorch fake-quant") == 2, done.stdout
     checked = subprocess.run([*export, "--check", str(tmp_path / "exp")], capture_output=True, text=True, timeout=300)
     assert checked.returncode == 0 and "feature-extraction, 0 labels" in checked.stdout, checked.stdout
+
+
+def test_parity_of_an_embedding_reports_cosine_not_argmax(embedding_checkpoint: Checkpoint,
+                                                          embedding_export: Path) -> None:
+    from qbert_deploy.validation.parity import parity_batch, parity_check
+
+    results = parity_check(build_model(embedding_checkpoint), embedding_export / "model.onnx",
+                           parity_batch(embedding_checkpoint))
+    for result in results:
+        assert result.ok and result.least_cosine is not None and result.least_cosine > 0.9999, result
+        assert "least cosine" in result.line() and "argmax" not in result.line()

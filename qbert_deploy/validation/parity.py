@@ -24,6 +24,7 @@ from qbert_deploy.models.build import build_model
 from qbert_deploy.runtimes.serving.model import padded_feeds
 from qbert_deploy.runtimes.session import open_session
 from qbert_deploy.tasks import FEATURE, QA, task_kind
+from qbert_deploy.tasks.embeddings import cosines
 from qbert_deploy.validation.stats import EXACT_MEDIAN_STEPS, error_stats, output_step
 
 __all__ = ["ParityError", "ParityResult", "export_verifier", "output_step", "parity_batch", "parity_check",
@@ -45,6 +46,7 @@ class ParityResult:
     output_step: float
     argmax_agreement: float
     median_abs_error: float = 0.0
+    least_cosine: float | None = None  # embeddings: the lowest per-row cosine (an argmax of a vector means nothing)
 
     @property
     def max_error_steps(self) -> float:
@@ -59,9 +61,12 @@ class ParityResult:
         return self.median_error_steps <= EXACT_MEDIAN_STEPS
 
     def line(self) -> str:
-        return (f"{self.backend:<22} max |logit error| {self.max_abs_error:.3g} = {self.max_error_steps:.2f} "
-                f"output steps, median {self.median_error_steps:.2g}; argmax agreement "
-                f"{100 * self.argmax_agreement:.1f}%")
+        head = (f"{self.backend:<22} max |{'embedding' if self.least_cosine is not None else 'logit'} error| "
+                f"{self.max_abs_error:.3g} = {self.max_error_steps:.2f} output steps, median "
+                f"{self.median_error_steps:.2g}; ")
+        if self.least_cosine is not None:
+            return head + f"least cosine {self.least_cosine:.6f}"
+        return head + f"argmax agreement {100 * self.argmax_agreement:.1f}%"
 
 
 def _joined(outputs: list[np.ndarray]) -> np.ndarray:
@@ -90,26 +95,28 @@ def _predictions(logits: np.ndarray, real: np.ndarray, spans: bool) -> np.ndarra
 
 
 def compare(expected: np.ndarray, other: np.ndarray, backend: str, real: np.ndarray,
-            spans: bool = False) -> ParityResult:
+            spans: bool = False, embedding: bool = False) -> ParityResult:
     stats = error_stats(_real(expected, real), _real(other, real).astype(np.float32))
     agree = float((_predictions(expected, real, spans) == _predictions(other, real, spans)).mean()) \
         if expected.size else 1.0
-    return ParityResult(backend, stats.max_abs, stats.step, agree, stats.median_abs)
+    least = float(cosines(other, expected).min()) if embedding and expected.size else None
+    return ParityResult(backend, stats.max_abs, stats.step, agree, stats.median_abs, least)
 
 
 def parity_check(model: nn.Module, onnx_path: Path, batch: Batch) -> list[ParityResult]:
     """Logits of the fake-quant PyTorch model against ORT (optimizations off) and onnx.reference."""
     session = open_session(onnx_path, optimize=False)
     names = [o.name for o in session.get_outputs()]  # logits, or QA's start_logits and end_logits
-    if names == list(task_kind(FEATURE).outputs):  # embeddings: the pooled vector is what users read, and it
-        names = ["sentence_embedding"]  # is made from every real token's last hidden state
+    embedding = names == list(task_kind(FEATURE).outputs)
+    if embedding:  # the pooled vector is what users read, and it is made from every real token's last hidden state
+        names = ["sentence_embedding"]
     expected = torch_logits(model, batch, tuple(names))
     ort_logits = _joined(session.run(names, batch))
     ref_logits = _joined([np.asarray(x) for x in ReferenceEvaluator(str(onnx_path)).run(names, dict(batch))])
     real = batch["attention_mask"].astype(bool)
     spans = len(names) > 1
-    return [compare(expected, np.asarray(ort_logits), "onnxruntime (no opt)", real, spans),
-            compare(expected, np.asarray(ref_logits), "onnx.reference", real, spans)]
+    return [compare(expected, np.asarray(ort_logits), "onnxruntime (no opt)", real, spans, embedding),
+            compare(expected, np.asarray(ref_logits), "onnx.reference", real, spans, embedding)]
 
 
 def random_batch(vocab_size: int, batch: int = 4, sequence: int = 16, seed: int = 0,
