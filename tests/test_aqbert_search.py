@@ -155,4 +155,5 @@ def test_cli_aqbert_run_writes_a_pruned_model_pt_and_its_plot(tiny_dir: Path, tm
     assert checkpoint.fp32_reference is not None and checkpoint.max_length == 64, "for qbert-validate"
     assert (out / "aqbert_choice.png").read_bytes()[:4] == b"\x89PNG"
     summary = json.loads((out / "aqbert.json").read_text())
-    assert summary["settings"]["distill"] == {"logits": 1.0, "hidden": 1.0, "attention": 0.0, "temperature": 1.0}
+    assert summary["settings"]["distill"] == {"logits": 1.0, "hidden": 1.0, "attention": 0.0, "temperature": 1.0,
+                                           "own": 0.0}
