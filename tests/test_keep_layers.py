@@ -52,7 +52,7 @@ def test_the_rule_spreads_layers_evenly_and_keeps_the_last() -> None:
 @pytest.mark.parametrize("model_type", ["bert", "distilbert"])
 def test_dropped_layers_are_gone_and_kept_ones_are_the_teachers(model_type: str) -> None:
     teacher = tiny_model(model_type, layers=4)
-    student = drop_layers(copy.deepcopy(teacher), spread_layers(4, 2))
+    student: Any = drop_layers(copy.deepcopy(teacher), spread_layers(4, 2))
     key = "num_hidden_layers" if model_type == "bert" else "n_layers"
     assert student.config.to_dict()[key] == 2
     prefix = "bert.encoder.layer" if model_type == "bert" else "distilbert.transformer.layer"
@@ -94,7 +94,7 @@ def test_layer_map_gives_zero_loss_for_the_teacher_restricted_to_the_mapped_laye
     # Logits and hidden states through a map that skips a layer: the teacher's layer 1 passes its input on, so
     # the teacher without it computes the same states, and only the map (0, 2) pairs them up.
     teacher = tiny_model(layers=3)
-    layer: Any = teacher.bert.encoder.layer[1]
+    layer: Any = teacher.get_submodule("bert.encoder.layer.1")
     real = layer.forward
 
     def passthrough(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
@@ -155,12 +155,15 @@ def test_qbert_keeps_one_of_two_layers_from_the_rule_and_exports_one(tiny_dir: P
     _export_has_one_layer(out / "model.pt", tmp_path / "export")
 
 
-def test_qbert_distils_a_shorter_student_through_a_given_map(tiny_dir: Path, tmp_path: Path) -> None:
+def test_qbert_allocates_and_distils_a_shorter_student_through_a_given_map(tiny_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    assert quantize_main([*_data(tiny_dir), *FAST, "--bits", "4", "--qat-steps", "2", "--keep-layers", "1",
-                          "--layer-map", "0", "-o", str(out)]) == 0
+    hessian = ["--hessian-subsets", "1", "--hessian-batch", "4", "--hessian-iters", "2"]
+    assert quantize_main([*_data(tiny_dir), *FAST, *hessian, "--avg-bits", "4", "--bit-choices", "2,4",
+                          "--qat-steps", "2", "--keep-layers", "1", "--layer-map", "0", "-o", str(out)]) == 0
     assert load_checkpoint(out / "model.pt").config["num_hidden_layers"] == 1
     assert "distilled against teacher layers [0]" in (out / "quantize.log").read_text()
+    sensitivity = json.loads((out / "sensitivity.json").read_text())  # the student's own layers
+    assert len(sensitivity["omega"]) == 1 and sensitivity["settings"]["kept layers"] == [1]
 
 
 def test_aqbert_searches_and_trains_a_shorter_student(tiny_dir: Path, tmp_path: Path) -> None:
