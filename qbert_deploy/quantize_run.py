@@ -74,6 +74,21 @@ def _bits_list(text: str) -> tuple[int, ...]:
     return bits
 
 
+def _integer(text: str) -> int:
+    """An argparse type: any integer (its range is checked in one line by the run, against the model)."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+
+
+def _layer_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(i) for i in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices like 0,2,4, got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     from qbert_deploy.models.presets import PRESETS
 
@@ -123,6 +138,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "false; 32 (float) becomes 8 bits, as model.pt has no float encoder Linear")
     parser.add_argument("--keep-macs", type=_keep_fraction, help="aqbert: fraction of the encoder's GEMM work to "
                         "keep, in (0, 1]")
+    parser.add_argument("--keep-layers", type=_integer, metavar="K", help="methods that train (qbert, q8bert, "
+                        "aqbert): the student keeps K of the encoder's layers, the others are removed (model.pt, the "
+                        "export and the lowered files have K layers). It starts from the fine-tuned fp32 layers "
+                        "(i+1)*N//K-1 of N: evenly spread, the last one included, every other layer for K = N/2 "
+                        "(DistilBERT's initialisation), and is distilled from the whole fp32 model")
+    parser.add_argument("--layer-map", type=_layer_list, metavar="I,J,...", help="with --keep-layers: the teacher "
+                        "layer each student layer's hidden state (and attention scores) is distilled against, K "
+                        "strictly increasing indices (default: the layers it started from); the embeddings output "
+                        "is always matched to the teacher's")
     parser.add_argument("--search-steps", type=_positive(int, 1), default=200, help="aqbert: search steps")
     parser.add_argument("--bit-choices", type=_bits_list, default=(2, 3, 4, 8),
                         help="bit widths the allocation may use (default 2,3,4,8)")
@@ -510,6 +534,7 @@ def _run_in(args: argparse.Namespace, scratch: Path) -> int:
 
     distributed.check_global_batch("--batch-size", args.batch_size, distributed.launched_world_size())
     args.family = _model_family(args.model_dir)  # an unsupported architecture stops before anything is written
+    args.kept_layers, args.layer_map = _layer_choice(args)
     if args.method == "aqbert":
         from qbert_deploy.models.aqbert_job import check_aqbert_args
 
@@ -528,6 +553,9 @@ def _run_in(args: argparse.Namespace, scratch: Path) -> int:
     if args.imported is not None and len(task.labels) != args.imported.num_labels:
         raise ValueError(f"{args.model}: its {args.imported.task} head has {args.imported.num_labels} outputs, the "
                          f"task has {len(task.labels)} labels (--labels)")
+    if args.kept_layers is not None and task.kind == "feature-extraction":
+        raise ValueError("--keep-layers applies to tasks with a head (sequence, token classification, question "
+                         "answering); feature-extraction is not supported yet")
     if args.method == "aqbert" and task.kind != "sequence-classification":
         raise ValueError("--method aqbert searches sequence classifiers; token classification and QA are not "
                          "supported yet")
@@ -548,6 +576,29 @@ def _run_in(args: argparse.Namespace, scratch: Path) -> int:
             logging.getLogger("qbert_deploy").removeHandler(handler)
             handler.close()
         distributed.teardown()
+
+
+def _layer_choice(args: argparse.Namespace) -> tuple[tuple[int, ...] | None, tuple[int, ...] | None]:
+    """(the fp32 layers the student keeps, the teacher layer of each) from --keep-layers and --layer-map, checked
+    against the model's and the teacher's layer counts before anything is read or written; (None, None) without."""
+    from qbert_deploy.models.layers import check_layer_map, layer_count, spread_layers
+
+    if args.keep_layers is None:
+        if args.layer_map is not None:
+            raise ValueError("--layer-map maps a shorter student's layers to the teacher's: give --keep-layers K too")
+        return None, None
+    if args.method not in ("qbert", "q8bert", "aqbert"):
+        raise ValueError(f"--keep-layers needs a method that trains (qbert, q8bert or aqbert), not {args.method}")
+    model_layers = layer_count(_config(args.model_dir))
+    kept = spread_layers(model_layers, args.keep_layers)
+    teacher = Path(args.teacher) if args.teacher else None
+    if teacher is not None and not (teacher / "config.json").is_file():
+        raise ValueError(f"{teacher}: the teacher is not a Hugging Face model directory (no config.json)")
+    teacher_layers = layer_count(_config(teacher)) if teacher is not None else model_layers
+    if args.layer_map is None and kept[-1] >= teacher_layers:
+        raise ValueError(f"the student starts from layers {','.join(map(str, kept))}, the teacher has only "
+                         f"{teacher_layers}: give --layer-map")
+    return kept, check_layer_map(args.layer_map if args.layer_map is not None else kept, len(kept), teacher_layers)
 
 
 def _distill_weights(args: argparse.Namespace, method: Any) -> Any:
@@ -582,7 +633,7 @@ def _check_teacher(args: argparse.Namespace, task: Any) -> None:
     teacher = Path(args.teacher)
     if not (teacher / "config.json").is_file():
         raise ValueError(f"{teacher}: the teacher is not a Hugging Face model directory (no config.json)")
-    check_teacher(_config(teacher), _config(args.model_dir), task.labels, args.distill_weights)
+    check_teacher(_config(teacher), _config(args.model_dir), task.labels, args.distill_weights, args.layer_map)
 
 
 def _steps(epochs: float, steps: int | None, task: Any) -> int:
@@ -619,7 +670,8 @@ def _quantize(args: argparse.Namespace, method: Any, recipe: Any, out: Path, tas
               hessian_subsets=args.hessian_subsets, hessian_batch=args.hessian_batch,
               hessian_iters=args.hessian_iters, budget_mb=args.budget_mb,
               calibration_batches=args.calibration_batches, save_every=args.save_every, seed=args.seed,
-              fp32_cache=Path(args.fp32_cache) if args.fp32_cache else None)
+              fp32_cache=Path(args.fp32_cache) if args.fp32_cache else None, kept_layers=args.kept_layers,
+              layer_map=args.layer_map)
     run_job(job, task, method, recipe)
     return 0
 

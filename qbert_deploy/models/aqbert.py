@@ -269,6 +269,7 @@ class SearchSettings:
     seed: int = 0
     distill: DistillWeights | None = DEFAULT_DISTILL  # None: the plain task loss in the search and the QAT
     teacher: nn.Module | None = None  # default: the fp32 model being searched
+    layer_map: tuple[int, ...] | None = None  # a shorter student's teacher layer per layer (Distiller.layer_map)
 
 
 @dataclass
@@ -316,7 +317,7 @@ def search(fp32: nn.Module, train_batches: Iterable[Batch], held_out: Iterable[B
     """Run the relaxed search on a copy of `fp32`; returns the discrete result and the search-trained float model."""
     torch.manual_seed(settings.seed)
     distill = pruned_distill(settings.distill)
-    distiller = Distiller(settings.teacher or fp32, distill) if distill is not None else None
+    distiller = Distiller(settings.teacher or fp32, distill, settings.layer_map) if distill is not None else None
     recipe = base_recipe(settings)
     cost = CostModel.of(fp32, settings.ffn_block, settings.column_bits, 8)
     cost.check(target)
@@ -461,7 +462,7 @@ def finalize(fp32: nn.Module, searched: nn.Module, result: SearchResult,
     calibrate(model, calibration)
     if settings.qat_steps > 0:
         distill = pruned_distill(settings.distill)
-        distiller = Distiller(settings.teacher or fp32, distill) if distill is not None else None
+        distiller = Distiller(settings.teacher or fp32, distill, settings.layer_map) if distill is not None else None
         train(model, train_batches, settings.qat_steps, lr=settings.qat_lr, desc="AQ-BERT QAT", loss_fn=distiller)
     return model.eval()
 

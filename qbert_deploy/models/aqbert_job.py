@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import logging
@@ -17,6 +18,7 @@ from qbert_deploy.checkpoint import save_checkpoint
 from qbert_deploy.data.batches import batches
 from qbert_deploy.models.aqbert import CostModel, SearchSettings, Target, describe, finalize, plot_choices, search
 from qbert_deploy.models.build import make_checkpoint, tokenizer_files
+from qbert_deploy.models.layers import drop_layers
 from qbert_deploy.models.size import paper_size
 from qbert_deploy.models.task import Task, fp32_model, fp32_reference, load_teacher
 from qbert_deploy.models.train import accuracy
@@ -41,6 +43,8 @@ def check_aqbert_args(args: argparse.Namespace) -> None:
     if config.model_type != "bert":
         raise ValueError(f"{args.model_dir}: model_type {config.model_type!r} is not supported; only 'bert'")
     config.num_labels = len(args.labels.split(",")) if args.labels else 2
+    if args.kept_layers is not None:
+        config.num_hidden_layers = len(args.kept_layers)
     with torch.device("meta"):
         skeleton = AutoModelForSequenceClassification.from_config(config)
     CostModel.of(skeleton, SearchSettings.ffn_block, SearchSettings.column_bits, 8).check(target)
@@ -59,9 +63,15 @@ def run_aqbert(args: argparse.Namespace, task: Task, out: Path) -> None:
     fp32, fp32_acc = fp32_model(args.model_dir, task, args.finetune_steps, args.lr, fp32_dir, args.seed)
     distill = getattr(args, "distill_weights", None)
     teacher = load_teacher(Path(args.teacher), task) if distill is not None and args.teacher else None
+    # --keep-layers: the search and its QAT run on a copy with only the kept layers, distilled from all of fp32
+    student = fp32 if args.kept_layers is None else drop_layers(copy.deepcopy(fp32), args.kept_layers)
+    if student is not fp32:
+        teacher = teacher or fp32
+        log.info("AQ-BERT: student of %d layers from fp32 layers %s, distilled against teacher layers %s",
+                 len(args.kept_layers), list(args.kept_layers), list(args.layer_map))
     settings = SearchSettings(steps=args.search_steps, qat_steps=args.qat_steps, weight_lr=args.qat_lr,
                               qat_lr=args.qat_lr, calibration_batches=args.calibration_batches, seed=args.seed,
-                              distill=distill, teacher=teacher)
+                              distill=distill, teacher=teacher, layer_map=args.layer_map)
     log.info("AQ-BERT: %s", f"distils from the {args.teacher or 'fp32 model'}: {distill}" if distill is not None
              else "plain task loss (--distill none)")
     split = max(1, int(len(task.train) * HELD_OUT))
@@ -70,10 +80,10 @@ def run_aqbert(args: argparse.Namespace, task: Task, out: Path) -> None:
                             shuffle_seed=2))
     calibration = [{k: v for k, v in b.items() if k != "labels"}
                    for b in task.input_batches(settings.calibration_batches, settings.seed)]
-    result, searched = search(fp32, training, held_out, calibration, target, settings)
+    result, searched = search(student, training, held_out, calibration, target, settings)
     log.info("AQ-BERT: %s", describe(result))
     plot_choices(result, out / "aqbert_choice.png")
-    model = finalize(fp32, searched, result, calibration, task.train_batches, settings)
+    model = finalize(student, searched, result, calibration, task.train_batches, settings)
     acc = accuracy(model, task.dev_batches(), "dev AQ-BERT")
     size = paper_size(model, result.recipe)
     metrics = {"dev_accuracy_fp32": fp32_acc, "dev_accuracy_quantized": acc, "size_mb": result.size_mb,
@@ -85,6 +95,7 @@ def run_aqbert(args: argparse.Namespace, task: Task, out: Path) -> None:
     save_checkpoint(checkpoint, out / "model.pt")
     summary: dict[str, Any] = {"target": dataclasses.asdict(target), "metrics": metrics,
                                "settings": _settings_json(settings),
+                               "kept_layers": list(args.kept_layers) if args.kept_layers is not None else None,
                                "confidence": list(result.confidence),
                                "head_bits": result.head_choices.tolist(), "block_bits": result.block_choices.tolist()}
     with atomic_file(out / "aqbert.json") as tmp_path:

@@ -10,12 +10,15 @@ MSE terms only count real tokens (the attention mask), so padding never pulls on
 per example first, so that every term is a mean over examples (what a batch split over processes assumes).
 Attention scores are rebuilt from the query and key projections' outputs (forward hooks), which is what any
 attention implementation multiplies, so this works with eager and fused attention alike.
+A student with fewer layers than its teacher (--keep-layers) is matched through `Distiller.layer_map`: student
+layer i against teacher layer layer_map[i], for its output hidden state and its attention scores; the embeddings
+output (hidden_states[0]) against the teacher's. The default is the identity.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -79,8 +82,9 @@ def resolve_weights(preset: str, logits: float | None = None, hidden: float | No
 
 
 def check_teacher(teacher_config: dict[str, Any], student_config: dict[str, Any], labels: list[str],
-                  weights: DistillWeights) -> None:
-    """A teacher must predict the same labels and, for the hidden/attention terms, have the student's shape."""
+                  weights: DistillWeights, layer_map: Sequence[int] | None = None) -> None:
+    """A teacher must predict the same labels and, for the hidden/attention terms, have the student's shape
+    (its layer count only without a `layer_map`, which is checked against the teacher's layers on its own)."""
     count = len(teacher_config.get("id2label") or {}) or int(teacher_config.get("num_labels", 2))
     if count != len(labels):
         raise DistillError(f"the teacher predicts {count} labels, the task has {len(labels)}")
@@ -88,7 +92,8 @@ def check_teacher(teacher_config: dict[str, Any], student_config: dict[str, Any]
     generic = all(name.startswith("LABEL_") for name in teacher_labels)
     if teacher_labels and not generic and teacher_labels != list(labels):
         raise DistillError(f"the teacher's labels {teacher_labels} are not the task's {list(labels)}")
-    keys = ["hidden_size", "num_hidden_layers"] + (["num_attention_heads"] if weights.attention else [])
+    keys = ["hidden_size"] + (["num_hidden_layers"] if layer_map is None else []) \
+        + (["num_attention_heads"] if weights.attention else [])
     if weights.hidden or weights.attention:
         for key in keys:
             if teacher_config.get(key) != student_config.get(key):
@@ -100,9 +105,11 @@ def check_teacher(teacher_config: dict[str, Any], student_config: dict[str, Any]
 class Distiller:
     """`loss_fn(model, inputs, labels)` for `train()`: the distillation loss against a frozen teacher."""
 
-    def __init__(self, teacher: nn.Module, weights: DistillWeights) -> None:
+    def __init__(self, teacher: nn.Module, weights: DistillWeights, layer_map: Sequence[int] | None = None) -> None:
         self.teacher = teacher.eval()  # run under no_grad; its requires_grad flags stay (callers copy it)
         self.weights = weights
+        # student layer i is distilled against teacher layer layer_map[i]; None: the identity (equal depths)
+        self.layer_map = tuple(int(i) for i in layer_map) if layer_map is not None else None
         self._captured: dict[int, list[torch.Tensor]] = {}
         self._handles: list[RemovableHandle] = []
 
@@ -158,8 +165,13 @@ class Distiller:
         own = label_arguments(model, labels) if w.own else {}
         student = model(**inputs, output_hidden_states=hidden, **own)
         student_scores = self._scores(model) if w.attention else []
+        teacher_hidden = teacher.hidden_states if hidden else None
+        if self.layer_map is not None:
+            if teacher_hidden is not None:  # [0] is the embeddings output; layer i's output is [i + 1]
+                teacher_hidden = (teacher_hidden[0], *(teacher_hidden[i + 1] for i in self.layer_map))
+            teacher_scores = [teacher_scores[i] for i in self.layer_map] if teacher_scores else teacher_scores
         loss = distill_loss(head_logits(student), head_logits(teacher), inputs.get("attention_mask"), w,
-                            student.hidden_states if hidden else None, teacher.hidden_states if hidden else None,
+                            student.hidden_states if hidden else None, teacher_hidden,
                             student_scores, teacher_scores)
         return loss + w.own * student.loss if w.own else loss
 

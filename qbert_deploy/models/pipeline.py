@@ -6,6 +6,7 @@ Distributed (see `distributed`), every rank runs every step and only rank 0 writ
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -25,6 +26,7 @@ from qbert_deploy.models.build import make_checkpoint, tokenizer_files
 from qbert_deploy.models.cache_keys import differences
 from qbert_deploy.models.distill import DistillWeights
 from qbert_deploy.models.hessian import sensitivity
+from qbert_deploy.models.layers import drop_layers
 from qbert_deploy.models.methods import Method
 from qbert_deploy.models.sensitivity_io import load_sensitivity, save_sensitivity
 from qbert_deploy.models.size import paper_size
@@ -59,6 +61,8 @@ class Job:
     distill: DistillWeights | None = None  # None: the paper's plain QAT
     learn_ranges: str | None = None  # "minmax" / "mse": LSQ+ ranges from that start; None: min/max every step
     teacher: Path | None = None  # default: the fine-tuned fp32 model
+    kept_layers: tuple[int, ...] | None = None  # --keep-layers: the fp32 layers the student starts from
+    layer_map: tuple[int, ...] | None = None  # the teacher layer each student layer is distilled against
 
 
 def _allocate(job: Job, task: Task, fp32: torch.nn.Module, fp32_sha256: str, method: Method,
@@ -66,6 +70,8 @@ def _allocate(job: Job, task: Task, fp32: torch.nn.Module, fp32_sha256: str, met
     assert method.mixed is not None
     key = {"fp32 model": fp32_sha256, "hessian subsets": job.hessian_subsets, "hessian batch": job.hessian_batch,
            "hessian iters": job.hessian_iters, "seed": job.seed} | task.cache_key()
+    if job.kept_layers is not None:  # the Hessian is the student's: another student is another sensitivity
+        key["kept layers"] = list(job.kept_layers)
     path = job.out / "sensitivity.json"
     sens = None
     if distributed.is_main() and path.exists():
@@ -108,12 +114,19 @@ def run_job(job: Job, task: Task, method: Method, recipe: Recipe) -> Checkpoint:
     fp32_sha256 = fp32_digest(fp32_dir) if distributed.is_main() else ""  # only rank 0 reads or writes caches
     metric = f"dev_{task.metric}"
     metrics = {f"{metric}_fp32": fp32_acc, "world_size": world, "global_batch": task.batch_size}
+    # The student: the fp32 model itself, or (--keep-layers) a copy with only the kept layers, whose teacher is
+    # then the whole fp32 model. Bits are allocated on the student's own layers.
+    student = fp32 if job.kept_layers is None else drop_layers(copy.deepcopy(fp32), job.kept_layers)
+    if job.kept_layers is not None:
+        log.info("student: %d layers, from fp32 layers %s, distilled against teacher layers %s",
+                 len(job.kept_layers), list(job.kept_layers), list(job.layer_map or job.kept_layers))
     if method.mixed is not None:
-        recipe = _allocate(job, task, fp32, fp32_sha256, method, recipe)
+        recipe = _allocate(job, task, student, fp32_sha256, method, recipe)
     state_path = job.out / "qat-state.pt"
     run = {"recipe": recipe.dumps(), "method": method.id, "qat steps": job.qat_steps, "qat lr": job.qat_lr,
            "seed": job.seed, "quant noise": job.quant_noise, "calibration batches": job.calibration_batches,
            "fp32 model": fp32_sha256, "distill": repr(job.distill), "learn ranges": job.learn_ranges,
+           "kept layers": job.kept_layers, "layer map": job.layer_map,
            "teacher": fp32_digest(job.teacher) if job.teacher and distributed.is_main() else None} | task.cache_key()
     run_key = hashlib.sha256(json.dumps(run, sort_keys=True).encode()).hexdigest()
     resume = None
@@ -138,13 +151,14 @@ def run_job(job: Job, task: Task, method: Method, recipe: Recipe) -> Checkpoint:
                         calibration_batches=job.calibration_batches, seed=job.seed, resume=resume, save=save,
                         save_every=job.save_every, distill=job.distill if method.qat else None,
                         learn_ranges=job.learn_ranges if method.qat else None,
-                        teacher=load_teacher(job.teacher, task) if job.teacher and job.distill else None)
+                        teacher=load_teacher(job.teacher, task) if job.teacher and job.distill else
+                        None if student is fp32 else fp32, layer_map=job.layer_map or job.kept_layers)
     if settings.distill is not None:
         log.info("QAT distils from the %s: %s", job.teacher or "fp32 model", settings.distill)
     # QAT's random draws (dropout, Quant-Noise) start from the seed, whether fp32/ and the sensitivity were made by
     # this process or reused: a rerun after a kill then trains as an uninterrupted run does.
     torch.manual_seed(job.seed)
-    model = apply_method(fp32, task, method, recipe, settings)
+    model = apply_method(student, task, method, recipe, settings)
     dev = task.dev_batches()
     logits, labels = predict_logits(model, dev, "dev quantized")
     fp32_logits, _ = predict_logits(fp32, dev, "dev fp32")

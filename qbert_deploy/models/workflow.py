@@ -47,6 +47,7 @@ class Settings:
     distill: DistillWeights | None = None
     learn_ranges: str | None = None
     teacher: nn.Module | None = None  # default: the fp32 model being quantized
+    layer_map: tuple[int, ...] | None = None  # the teacher layer of each student layer (Distiller.layer_map)
 
 
 def layer_of(module_name: str) -> int:
@@ -101,7 +102,8 @@ def apply_method(fp32: nn.Module, task: Task, method: Method, recipe: Recipe, se
     if method.qat and settings.qat_steps > 0:
         if settings.learn_ranges is not None:
             enable_learned_ranges(model, settings.learn_ranges)
-        distiller = Distiller(settings.teacher or fp32, settings.distill) if settings.distill else None
+        distiller = Distiller(settings.teacher or fp32, settings.distill, settings.layer_map) \
+            if settings.distill else None
         with distiller.attached(model) if distiller is not None else nullcontext():
             train(model, task.train_batches, settings.qat_steps, lr=settings.lr, desc=f"QAT {method.id}",
                   resume=settings.resume, save=settings.save, save_every=settings.save_every, loss_fn=distiller)
