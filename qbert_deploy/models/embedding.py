@@ -30,7 +30,7 @@ from qbert_deploy.models.hf_compat import ATTENTION
 from qbert_deploy.models.task import Task
 from qbert_deploy.models.train import Batch, model_device
 from qbert_deploy.tasks import FEATURE
-from qbert_deploy.tasks.embeddings import NORMALIZE_KEY, POOLING_KEY, Pooling, cosines
+from qbert_deploy.tasks.embeddings import NORMALIZE_KEY, POOLING_KEY, Pooling, cosines, neighbour_overlap
 
 log = logging.getLogger("qbert_deploy.quantize")
 
@@ -166,8 +166,11 @@ class EmbeddingTask(Task):
         """Mean cosine of the dev embeddings to the fp32 model's (the targets)."""
         return float(cosines(logits, labels).mean())
 
+    agreement_name = "10-NN overlap with fp32"
+
     def agreement(self, logits: np.ndarray, reference: np.ndarray) -> float:
-        return float(cosines(logits, reference).mean())
+        """The mean overlap of each dev text's 10 nearest neighbours (within the dev set) under the two models."""
+        return neighbour_overlap(logits, reference, 10)
 
 
 def embedding_fp32(model_dir: str | Path, task: EmbeddingTask, cache: Path | None) -> tuple[nn.Module, float]:

@@ -184,7 +184,7 @@ def run_job(job: Job, task: Task, method: Method, recipe: Recipe) -> Checkpoint:
         save_checkpoint(checkpoint, job.out / "model.pt")
         state_path.unlink(missing_ok=True)
     distributed.barrier()  # no rank reports done before model.pt is there
-    log.info("wrote %s: dev %s %.4f (fp32 %.4f), agreement with fp32 %.4f, %.2f MB the paper's way, "
-             "%.2fx smaller than fp32", job.out / "model.pt", task.metric, acc, fp32_acc, agreement,
-             size["size_mb"], size["compression"])
+    log.info("wrote %s: dev %s %.4f (fp32 %.4f), %s %.4f, %.2f MB the paper's way, "
+             "%.2fx smaller than fp32", job.out / "model.pt", task.metric, acc, fp32_acc, task.agreement_name,
+             agreement, size["size_mb"], size["compression"])
     return checkpoint

@@ -48,6 +48,7 @@ class Task:
     max_length: int = 64
     inputs: tuple[str, ...] = TEXT_INPUTS  # the model's inputs: its family's (no token_type_ids for DistilBERT)
     kind = SEQUENCE  # which head and metric (qbert_deploy.tasks)
+    agreement_name = "agreement with fp32"  # what `agreement` measures, as the quantize log names it
 
     @property
     def metric(self) -> str:
