@@ -9,7 +9,7 @@ import pytest
 
 from qbert_deploy.checkpoint import load_checkpoint
 from qbert_deploy.cli.quantize import main as quantize_main
-from qbert_deploy.data.augment import augment, vocabulary
+from qbert_deploy.data.augment import WORD, augment, vocabulary
 from qbert_deploy.data.tsv import Example, write_tsv
 from qbert_deploy.models.task import Task, with_augmented_text
 from tests.task_files import quantize_refused
@@ -19,26 +19,33 @@ FAST = ["--finetune-steps", "2", "--calibration-batches", "1", "--batch-size", "
 DEV_ONLY = ["zeppelin", "quixotic", "marzipan"]  # words no training sentence has
 
 
+def _words(text: str) -> set[str]:
+    return {m[2].lower() for token in text.split() if (m := WORD.match(token))}
+
+
 def test_variants_differ_from_their_sentence_and_use_only_training_words() -> None:
     variants = augment(SENTENCES, 3, seed=0)
     train_words = set(vocabulary(SENTENCES))
+    assert train_words == set().union(*map(_words, SENTENCES)) and "gorgeous" in train_words
     assert [len(v) for v in variants] == [3] * len(SENTENCES)
     for sentence, own in zip(SENTENCES, variants, strict=True):
         for variant in own:
             assert variant != sentence and variant.split()
-            assert set(variant.split()) <= train_words, variant
+            assert _words(variant) <= train_words, variant
+    assert augment(["Horrible."], 1)[0][0].endswith("."), "the punctuation around a replaced word stays"
     assert augment(SENTENCES, 3, seed=0) == variants, "the same seed gives the same variants"
     assert augment(SENTENCES, 3, seed=1) != variants
     assert augment(SENTENCES, 0) == [[] for _ in SENTENCES]
 
 
 def test_both_edits_happen_at_about_the_asked_rate() -> None:
-    sentence = " ".join(f"w{i}" for i in range(200))
-    (variant,) = augment([sentence, "x y z"], 1, probability=0.3, seed=0)[0]
+    names = [f"{chr(97 + i // 26)}{chr(97 + i % 26)}" for i in range(400)]  # 400 distinct letter words
+    sentence, other = " ".join(names[:200]), " ".join(names[200:])
+    (variant,) = augment([sentence, other], 1, probability=0.3, seed=0)[0]
     words = variant.split()
-    assert 0.6 * 200 < len(words) < 0.98 * 200, "about 7.5% of the words are deleted"
-    kept = sum(a == b for a, b in zip(words, sentence.split(), strict=False))
-    assert kept < len(words), "some words are replaced"
+    assert 0.85 * 200 < len(words) < 0.98 * 200, "about 0.3 x 1/4 = 7.5% of the words are deleted"
+    # 0.3 x 3/4 of the words are replaced, half of them by one of the other sentence's words: about 22
+    assert 10 < len(set(words) - set(names[:200])) < 40
 
 
 def test_augmentation_never_sees_the_dev_data() -> None:
@@ -49,9 +56,10 @@ def test_augmentation_never_sees_the_dev_data() -> None:
     task = Task(tokenizer(), train, dev, ["negative", "positive"], batch_size=4)
     augmented = with_augmented_text(task, 4, 1.0, seed=0)  # every word changed: the vocabulary shows itself
     assert len(augmented.distill_only) == 4 * len(train)
-    seen = {w for e in augmented.distill_only for w in e.text.split()}
+    seen = set().union(*(_words(e.text) for e in augmented.distill_only))
     assert not seen & set(DEV_ONLY)
     assert seen <= set(vocabulary(SENTENCES))
+    assert not [e for e in augmented.distill_only if any(word in e.text for word in DEV_ONLY)]
     assert augmented.dev == dev and augmented.train == train
     assert augmented.steps_per_epoch() == 5 * task.steps_per_epoch()
     assert sum(len(labels) for _, labels in augmented.train_batches(0)) == 5 * len(train)
