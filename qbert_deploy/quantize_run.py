@@ -29,6 +29,7 @@ POOLING_MODES = ("mean", "cls", "max")  # tasks/embeddings.py POOLING_MODES
 FAMILIES = ("qbert", "q8bert", "directq", "ptq-lq", "ptq-aciq", "ptq-ocs", "ptq-mse", "ptq-gptq", "aqbert")
 DISTILL_PRESETS = ("none", "logits", "full")  # models/distill.py PRESETS (not imported here: torch-free parser)
 FINETUNE_EPOCHS, QAT_EPOCHS = 2.0, 1.0
+AQBERT_EPOCHS = 5.0  # distillation of a pruned model after the search: it has more to recover than QAT alone
 DEFAULT_MAX_LENGTH = 64  # the movie-review snippets' longest is well under it; texts are padded per batch
 log = logging.getLogger("qbert_deploy.quantize")
 
@@ -157,8 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "Q-BERT model, already fine-tuned)")
     parser.add_argument("--finetune-steps", type=_positive(int, 0), default=None,
                         help="fp32 fine-tuning steps (instead of --finetune-epochs)")
-    parser.add_argument("--epochs", type=_epochs, default=QAT_EPOCHS,
-                        help=f"quantization-aware training epochs (default {QAT_EPOCHS:g})")
+    parser.add_argument("--epochs", type=_epochs, default=None,
+                        help=f"quantization-aware training epochs (default {QAT_EPOCHS:g}; aqbert: the "
+                        f"distillation after the search, default {AQBERT_EPOCHS:g}); with --augment an epoch is one "
+                        "pass over the training sentences and their variants")
     parser.add_argument("--qat-steps", type=_positive(int, 0), default=None,
                         help="quantization-aware steps (instead of --epochs)")
     parser.add_argument("--distill", choices=DISTILL_PRESETS, default=None,
@@ -171,6 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--distill-attention", type=float, default=None,
                         help="weight of the pre-softmax attention-score MSE")
     parser.add_argument("--distill-temperature", type=float, default=None, help="softmax temperature (default 1)")
+    parser.add_argument("--augment", type=_positive(int, 0), default=0, metavar="N",
+                        help="sequence classification, methods that distil (qbert, q8bert with --distill, aqbert): "
+                        "N variants of every training sentence (words replaced, from the training split's own "
+                        "vocabulary, or deleted) added to the QAT/distillation batches, which the teacher labels "
+                        "(default 0: none). Dev and test are never read for it")
+    parser.add_argument("--augment-probability", type=_keep_fraction, default=0.3, metavar="P",
+                        help="--augment: the chance each word is changed (a quarter of the changes delete it, the "
+                        "rest replace it; default 0.3)")
     parser.add_argument("--teacher", help="Hugging Face directory of the teacher (default: the fine-tuned fp32)")
     parser.add_argument("--learn-ranges", choices=("auto", "none", "minmax", "mse"), default="auto",
                         help="learned per-group weight ranges and activation ranges (LSQ+), started from min/max "
@@ -535,6 +546,8 @@ def _run_in(args: argparse.Namespace, scratch: Path) -> int:
     distributed.check_global_batch("--batch-size", args.batch_size, distributed.launched_world_size())
     args.family = _model_family(args.model_dir)  # an unsupported architecture stops before anything is written
     args.kept_layers, args.layer_map = _layer_choice(args)
+    if args.epochs is None:
+        args.epochs = AQBERT_EPOCHS if args.method == "aqbert" else QAT_EPOCHS
     if args.method == "aqbert":
         from qbert_deploy.models.aqbert_job import check_aqbert_args
 
@@ -561,6 +574,7 @@ def _run_in(args: argparse.Namespace, scratch: Path) -> int:
                          "supported yet")
     if args.distill_weights is not None and args.teacher is not None:
         _check_teacher(args, task)
+    _check_augment(args, task)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: exists and is not a folder")
@@ -636,6 +650,31 @@ def _check_teacher(args: argparse.Namespace, task: Any) -> None:
     check_teacher(_config(teacher), _config(args.model_dir), task.labels, args.distill_weights, args.layer_map)
 
 
+def _check_augment(args: argparse.Namespace, task: Any) -> None:
+    """--augment feeds the distillation loss only: it needs a method that trains and distils, on sentences."""
+    if not args.augment:
+        return
+    if args.method not in ("qbert", "q8bert", "aqbert"):
+        raise ValueError(f"--augment adds text for distillation; --method {args.method} does not train")
+    if args.distill_weights is None:
+        raise ValueError("--augment adds text for the distillation loss, and this run does not distil (give "
+                         "--distill logits or full)")
+    if task.kind != "sequence-classification" or args.distill_weights.own:
+        raise ValueError(f"--augment applies to sequence classification, not {task.kind}")
+
+
+def _qat_task(args: argparse.Namespace, task: Any) -> Any:
+    """The task QAT (aqbert: the distillation after the search) trains on: with --augment, its variants added."""
+    if not args.augment:
+        return task
+    from qbert_deploy.models.task import with_augmented_text
+
+    augmented = with_augmented_text(task, args.augment, args.augment_probability, args.seed)
+    log.info("--augment %d: %d variants of the %d training examples (p = %g) join the distillation batches",
+             args.augment, len(augmented.distill_only), len(task.train), args.augment_probability)
+    return augmented
+
+
 def _steps(epochs: float, steps: int | None, task: Any) -> int:
     import math
 
@@ -653,17 +692,20 @@ def _quantize(args: argparse.Namespace, method: Any, recipe: Any, out: Path, tas
         from qbert_deploy.models.aqbert_job import run_aqbert
 
         # The epoch budget, as steps: the search and its QAT count steps.
+        qat_task = _qat_task(args, task)
         args.finetune_steps = _steps(args.finetune_epochs, args.finetune_steps, task)
-        args.qat_steps = _steps(args.epochs, args.qat_steps, task)
-        run_aqbert(args, task, out)
+        args.qat_epochs = args.epochs if args.qat_steps is None else args.qat_steps / qat_task.steps_per_epoch()
+        args.qat_steps = _steps(args.epochs, args.qat_steps, qat_task)
+        run_aqbert(args, task, out, qat_task)
         return 0
     learn = args.learn_ranges
     if learn == "auto":
         learn = "mse" if args.distill_weights is not None else "none"
     log.info("%s, method %s, %d train / %d dev examples, labels %s", task.kind, method.id, len(task.train),
              len(task.dev), task.labels)
+    qat_task = _qat_task(args, task) if method.qat else task
     job = Job(model_dir=args.model_dir, out=out, finetune_steps=_steps(args.finetune_epochs, args.finetune_steps, task),
-              lr=args.lr, qat_steps=_steps(args.epochs, args.qat_steps, task), qat_lr=args.qat_lr,
+              lr=args.lr, qat_steps=_steps(args.epochs, args.qat_steps, qat_task), qat_lr=args.qat_lr,
               quant_noise=args.quant_noise, distill=args.distill_weights,
               learn_ranges=None if learn == "none" else learn,
               teacher=Path(args.teacher) if args.teacher else None,
@@ -672,7 +714,7 @@ def _quantize(args: argparse.Namespace, method: Any, recipe: Any, out: Path, tas
               calibration_batches=args.calibration_batches, save_every=args.save_every, seed=args.seed,
               fp32_cache=Path(args.fp32_cache) if args.fp32_cache else None, kept_layers=args.kept_layers,
               layer_map=args.layer_map)
-    run_job(job, task, method, recipe)
+    run_job(job, task, method, recipe, qat_task)
     return 0
 
 

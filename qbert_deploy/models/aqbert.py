@@ -48,6 +48,7 @@ log = logging.getLogger("qbert_deploy.quantize")
 
 CHOICES = (0, 2, 3, 4, 8)  # 0: pruned
 WIDTHS = CHOICES[1:]
+RAMP_FRACTION = 0.7  # of the search steps over which the target falls to its final value; the last 30% settle there
 SEQUENCE_FOR_MACS = 128  # the attention core's share of the work depends on the sequence; counted at 128
 Batch = tuple[dict[str, np.ndarray], np.ndarray]
 
@@ -129,6 +130,12 @@ class CostModel:
     def macs_kept(self, head_choices: np.ndarray, block_choices: np.ndarray) -> float:
         kept = (head_choices > 0).sum() * self.head_macs + (block_choices > 0).sum() * self.block_macs
         return float(kept / self.full_macs)
+
+    @property
+    def full_size_mb(self) -> float:
+        """The size with every subgroup kept at 8 bits: where the size target's schedule starts."""
+        full = np.full((self.layers, self.heads), 8), np.full((self.layers, self.blocks), 8)
+        return self.size_mb(*full)
 
     @property
     def min_size_mb(self) -> float:
@@ -281,6 +288,8 @@ class SearchResult:
     size_mb: float
     macs_kept: float
     confidence: tuple[float, float]  # at the start and at the end of the search
+    expected: tuple[float, float] = (0.0, 0.0)  # the relaxed choice's expected size (MB) and work kept at the end
+    ramp_steps: int = 0  # the step at which the scheduled target reached its final value
 
 
 def base_recipe(settings: SearchSettings) -> Recipe:
@@ -307,6 +316,23 @@ def pruned_distill(weights: DistillWeights | None) -> DistillWeights | None:
     return replace(weights, attention=0.0)
 
 
+def ramp_steps(steps: int) -> int:
+    """The search step at which the scheduled target reaches its final value."""
+    return max(1, round(RAMP_FRACTION * steps))
+
+
+def scheduled_target(final: float, step: int, ramp: int) -> float:
+    """The kept fraction asked for at `step` (Zhu & Gupta 2017, "To prune, or not to prune"):
+    final + (1 - final) * (1 - step / ramp)^3 before step `ramp`, `final` from there on.
+
+    It starts at 1.0 (nothing pruned), falls fastest at first, while much is redundant, and ever more slowly as it
+    nears `final`, which it reaches exactly at `ramp` and keeps.
+    """
+    if step >= ramp:
+        return final
+    return final + (1 - final) * (1 - step / ramp) ** 3
+
+
 def _excess(value: torch.Tensor, target: float) -> torch.Tensor:
     return (value / target - 1).clamp(min=0)
 
@@ -330,6 +356,8 @@ def search(fp32: nn.Module, train_batches: Iterable[Batch], held_out: Iterable[B
     arch = torch.optim.Adam(space.parameters(), lr=settings.arch_lr, betas=(0.5, 0.999))
     train_iter, held_iter = _forever(train_batches), _forever(held_out)
     start_confidence = space.confidence()
+    ramp = ramp_steps(settings.steps)
+    size_fraction = None if target.budget_mb is None else min(1.0, target.budget_mb / cost.full_size_mb)
     model.train()
     with tqdm(total=settings.steps, desc="AQ-BERT search", unit="step", dynamic_ncols=True) as bar:
         for step in range(settings.steps):
@@ -349,10 +377,11 @@ def search(fp32: nn.Module, train_batches: Iterable[Batch], held_out: Iterable[B
             task_loss = _student_loss(model, _torch(inputs), torch.from_numpy(labels), distiller)
             size, macs = space.expected()
             penalty = torch.zeros((), dtype=torch.float64)
-            if target.budget_mb is not None:
-                penalty = penalty + _excess(size, 0.97 * target.budget_mb)
+            if size_fraction is not None:
+                budget_now = cost.full_size_mb * scheduled_target(size_fraction, step, ramp)
+                penalty = penalty + _excess(size, 0.97 * budget_now)
             if target.keep_macs is not None:
-                penalty = penalty + _excess(macs, 0.97 * target.keep_macs)
+                penalty = penalty + _excess(macs, 0.97 * scheduled_target(target.keep_macs, step, ramp))
             arch_loss = task_loss + settings.penalty * penalty.float()
             arch.zero_grad(set_to_none=True)
             weights.zero_grad(set_to_none=True)
@@ -362,6 +391,8 @@ def search(fp32: nn.Module, train_batches: Iterable[Batch], held_out: Iterable[B
                             work_kept=f"{float(macs.detach()):.2f}", tau=f"{tau:.2f}")
             bar.update()
     weights.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        end_size, end_macs = (float(v) for v in space.expected())
     searcher.ungate_heads()
     heads, blocks = _fit(space, cost, target)
     model.eval()
@@ -369,7 +400,7 @@ def search(fp32: nn.Module, train_batches: Iterable[Batch], held_out: Iterable[B
     result = SearchResult(Recipe(default=recipe.default, embedding=recipe.embedding, activation_bits=8,
                                  method="aqbert", structure=structure), neurons, heads, blocks,
                           cost.size_mb(heads, blocks), cost.macs_kept(heads, blocks),
-                          (start_confidence, space.confidence()))
+                          (start_confidence, space.confidence()), (end_size, end_macs), ramp)
     return result, model
 
 
@@ -516,5 +547,6 @@ __all__ = [
     "describe",
     "finalize",
     "plot_choices",
+    "scheduled_target",
     "search",
 ]

@@ -16,7 +16,16 @@ import torch
 from qbert_deploy.atomic import atomic_file
 from qbert_deploy.checkpoint import save_checkpoint
 from qbert_deploy.data.batches import batches
-from qbert_deploy.models.aqbert import CostModel, SearchSettings, Target, describe, finalize, plot_choices, search
+from qbert_deploy.models.aqbert import (
+    CostModel,
+    SearchSettings,
+    Target,
+    describe,
+    finalize,
+    plot_choices,
+    ramp_steps,
+    search,
+)
 from qbert_deploy.models.build import make_checkpoint, tokenizer_files
 from qbert_deploy.models.layers import drop_layers
 from qbert_deploy.models.size import paper_size
@@ -57,7 +66,9 @@ def _settings_json(settings: SearchSettings) -> dict[str, Any]:
     return values
 
 
-def run_aqbert(args: argparse.Namespace, task: Task, out: Path) -> None:
+def run_aqbert(args: argparse.Namespace, task: Task, out: Path, qat_task: Task | None = None) -> None:
+    """The run; `qat_task` is `task` with --augment's variants, for the distillation after the search only."""
+    qat_task = qat_task or task
     target = target_of(args)
     fp32_dir = Path(args.fp32_cache) if args.fp32_cache else out / "fp32"
     fp32, fp32_acc = fp32_model(args.model_dir, task, args.finetune_steps, args.lr, fp32_dir, args.seed)
@@ -80,10 +91,17 @@ def run_aqbert(args: argparse.Namespace, task: Task, out: Path) -> None:
                             shuffle_seed=2))
     calibration = [{k: v for k, v in b.items() if k != "labels"}
                    for b in task.input_batches(settings.calibration_batches, settings.seed)]
+    budget = {"search_steps": settings.steps, "ramp_steps": ramp_steps(settings.steps), "qat_epochs": args.qat_epochs,
+              "qat_steps": settings.qat_steps, "steps_per_epoch": qat_task.steps_per_epoch(),
+              "augment": args.augment, "augment_probability": args.augment_probability if args.augment else None,
+              "distillation_examples": len(qat_task.train) + len(qat_task.distill_only)}
+    log.info("AQ-BERT budget: %d search steps (the target reaches its final value at step %d), then %.3g epochs of "
+             "distillation = %d steps of %d examples", budget["search_steps"], budget["ramp_steps"],
+             budget["qat_epochs"], budget["qat_steps"], budget["distillation_examples"])
     result, searched = search(student, training, held_out, calibration, target, settings)
     log.info("AQ-BERT: %s", describe(result))
     plot_choices(result, out / "aqbert_choice.png")
-    model = finalize(student, searched, result, calibration, task.train_batches, settings)
+    model = finalize(student, searched, result, calibration, qat_task.train_batches, settings)
     acc = accuracy(model, task.dev_batches(), "dev AQ-BERT")
     size = paper_size(model, result.recipe)
     metrics = {"dev_accuracy_fp32": fp32_acc, "dev_accuracy_quantized": acc, "size_mb": result.size_mb,
@@ -94,7 +112,8 @@ def run_aqbert(args: argparse.Namespace, task: Task, out: Path) -> None:
                                  fp32_reference=fp32_reference(fp32_dir, out / "model.pt"), text_pairs=task.text_pairs)
     save_checkpoint(checkpoint, out / "model.pt")
     summary: dict[str, Any] = {"target": dataclasses.asdict(target), "metrics": metrics,
-                               "settings": _settings_json(settings),
+                               "settings": _settings_json(settings), "budget": budget,
+                               "expected_at_end": {"size_mb": result.expected[0], "macs_kept": result.expected[1]},
                                "kept_layers": list(args.kept_layers) if args.kept_layers is not None else None,
                                "confidence": list(result.confidence),
                                "head_bits": result.head_choices.tolist(), "block_bits": result.block_choices.tolist()}

@@ -100,8 +100,10 @@ def _allocate(job: Job, task: Task, fp32: torch.nn.Module, fp32_sha256: str, met
     return recipe
 
 
-def run_job(job: Job, task: Task, method: Method, recipe: Recipe) -> Checkpoint:
-    """Run the workflow and write OUT/model.pt (atomically, on rank 0); returns the checkpoint made."""
+def run_job(job: Job, task: Task, method: Method, recipe: Recipe, qat_task: Task | None = None) -> Checkpoint:
+    """Run the workflow and write OUT/model.pt (atomically, on rank 0); returns the checkpoint made. `qat_task`:
+    the task whose training batches QAT takes (`task` with --augment's variants); fp32 and the Hessian use `task`."""
+    training = qat_task or task
     world = distributed.world_size()
     distributed.check_global_batch("--batch-size", task.batch_size, world)
     if distributed.is_main():
@@ -127,7 +129,8 @@ def run_job(job: Job, task: Task, method: Method, recipe: Recipe) -> Checkpoint:
            "seed": job.seed, "quant noise": job.quant_noise, "calibration batches": job.calibration_batches,
            "fp32 model": fp32_sha256, "distill": repr(job.distill), "learn ranges": job.learn_ranges,
            "kept layers": job.kept_layers, "layer map": job.layer_map,
-           "teacher": fp32_digest(job.teacher) if job.teacher and distributed.is_main() else None} | task.cache_key()
+           "teacher": fp32_digest(job.teacher) if job.teacher and distributed.is_main() else None} \
+        | training.cache_key()
     run_key = hashlib.sha256(json.dumps(run, sort_keys=True).encode()).hexdigest()
     resume = None
     if distributed.is_main() and state_path.exists():
@@ -158,7 +161,7 @@ def run_job(job: Job, task: Task, method: Method, recipe: Recipe) -> Checkpoint:
     # QAT's random draws (dropout, Quant-Noise) start from the seed, whether fp32/ and the sensitivity were made by
     # this process or reused: a rerun after a kill then trains as an uninterrupted run does.
     torch.manual_seed(job.seed)
-    model = apply_method(student, task, method, recipe, settings)
+    model = apply_method(student, training, method, recipe, settings)
     dev = task.dev_batches()
     logits, labels = predict_logits(model, dev, "dev quantized")
     fp32_logits, _ = predict_logits(fp32, dev, "dev fp32")

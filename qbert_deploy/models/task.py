@@ -6,7 +6,7 @@ import json
 import logging
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,9 @@ class Task:
     batch_size: int = 32
     max_length: int = 64
     inputs: tuple[str, ...] = TEXT_INPUTS  # the model's inputs: its family's (no token_type_ids for DistilBERT)
+    # Variants of the training examples (--augment) that only training batches carry: the distillation's extra text.
+    # Their labels are their originals', which the Distiller never reads (its loss is the teacher's outputs).
+    distill_only: list[Any] = field(default_factory=list)
     kind = SEQUENCE  # which head and metric (qbert_deploy.tasks)
     agreement_name = "agreement with fp32"  # what `agreement` measures, as the quantize log names it
 
@@ -73,18 +76,20 @@ class Task:
 
     def cache_key(self) -> dict[str, Any]:
         """What of the task changes a model trained on it: the training data's content, labels, batching."""
-        return {"task": self.kind, "training data": examples_digest(self.train), "labels": list(self.labels),
-                "batch size": self.batch_size, "max length": self.max_length, "inputs": list(self.inputs)}
+        key = {"task": self.kind, "training data": examples_digest(self.train), "labels": list(self.labels),
+               "batch size": self.batch_size, "max length": self.max_length, "inputs": list(self.inputs)}
+        return key | ({"distillation-only data": examples_digest(self.distill_only)} if self.distill_only else {})
 
     def train_batches(self, epoch: int) -> Iterator[Batch]:
         """Shuffled batches of similar lengths: each pool of 16 batches is sorted by length, so batches carry
         little padding (a third less compute on short sentences) while their order stays random."""
+        examples = self.train + self.distill_only
         rng = np.random.default_rng(epoch)
-        order = rng.permutation(len(self.train))
+        order = rng.permutation(len(examples))
         pool = self.batch_size * 16
         chunks: list[list[Example]] = []
         for start in range(0, len(order), pool):
-            ordered = sorted((self.train[i] for i in order[start:start + pool]), key=_length)
+            ordered = sorted((examples[i] for i in order[start:start + pool]), key=_length)
             chunks += [ordered[i:i + self.batch_size] for i in range(0, len(ordered), self.batch_size)]
         for index in rng.permutation(len(chunks)):
             yield from batches(self.tokenizer, chunks[index], self.batch_size, self.max_length, inputs=self.inputs)
@@ -92,7 +97,7 @@ class Task:
     def steps_per_epoch(self) -> int:
         """Batches in one pass of `train_batches` (each pool of 16 batches may end in a short one)."""
         pool = self.batch_size * 16
-        full, rest = divmod(len(self.train), pool)
+        full, rest = divmod(len(self.train) + len(self.distill_only), pool)
         return full * 16 + -(-rest // self.batch_size)
 
     def dev_batches(self) -> list[Batch]:
@@ -109,6 +114,22 @@ class Task:
             if len(out) == count:
                 break
         return out
+
+
+def with_augmented_text(task: Task, copies: int, probability: float, seed: int) -> Task:
+    """`task` whose training batches also carry `copies` word-replacement/deletion variants of every training example
+    (data/augment.py), drawn from the training texts alone; calibration, dev and the cache key stay the task's."""
+    from qbert_deploy.data.augment import augment
+
+    if task.kind != SEQUENCE or type(task) is not Task:
+        raise ValueError("--augment applies to sequence classification")
+    texts = augment([e.text for e in task.train], copies, probability, seed)
+    pairs: list[list[str | None]] = [list(p) for p in augment([e.text_pair or "" for e in task.train], copies,
+                                                              probability, seed + 1)] \
+        if task.text_pairs else [[None] * copies for _ in task.train]
+    variants = [Example(text, e.label, pair) for e, ts, ps in zip(task.train, texts, pairs, strict=True)
+                for text, pair in zip(ts, ps, strict=True)]
+    return replace(task, distill_only=variants)
 
 
 def _auto_class(task: str) -> Any:
