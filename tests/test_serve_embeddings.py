@@ -64,6 +64,8 @@ def test_openai_errors_have_openai_shape(server: RunningServer) -> None:
     for body, param in [({"model": "qbert", "input": [1, 2, 3]}, "input"),
                         ({"model": "qbert", "input": [{"text": "x"}]}, "input"),
                         ({"model": "qbert", "input": ["x"] * 9}, "input"),
+                        ({"model": "qbert", "input": ["x", " "]}, "input"),
+                        ({"model": "qbert", "input": ""}, "input"),
                         ({"model": "qbert", "input": "x", "encoding_format": "int8"}, "encoding_format"),
                         ({"model": "qbert", "input": "x", "dimensions": 3}, "dimensions"),
                         ({"model": "qbert", "input": "x", "colour": 1}, "colour"),

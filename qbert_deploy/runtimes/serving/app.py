@@ -561,6 +561,9 @@ class Server:
                                  param="input")
             try:
                 texts = self._strings(parsed, "input", "a sentence")
+                empty = next((i for i, text in enumerate(texts) if not text.strip()), None)
+                if empty is not None:  # as OpenAI does: an empty text has no embedding worth paying for
+                    raise ServeError(400, f"input {empty} is an empty string")
                 encoded, embeddings = await self._embeddings(texts, admission)
             except ServeError as err:
                 err.param = err.param or ("input" if err.status == 400 else None)
