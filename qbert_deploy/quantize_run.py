@@ -31,6 +31,9 @@ DISTILL_PRESETS = ("none", "logits", "full")  # models/distill.py PRESETS (not i
 FINETUNE_EPOCHS, QAT_EPOCHS = 2.0, 1.0
 AQBERT_EPOCHS = 5.0  # distillation of a pruned model after the search: it has more to recover than QAT alone
 DEFAULT_MAX_LENGTH = 64  # the movie-review snippets' longest is well under it; texts are padded per batch
+# The Hessian's data: (subsets, examples per subset). The label-free loss needs more than a classifier's: on MiniLM,
+# 2 x 16 gave three different MP 2/4 allocations on 3 seeds, 4 x 32 the same one (docs/results/embeddings.md).
+HESSIAN_DATA, HESSIAN_DATA_EMBEDDINGS = (2, 16), (4, 32)
 log = logging.getLogger("qbert_deploy.quantize")
 
 
@@ -192,8 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Quant-Noise: fraction of weights fake-quantized per training step (0 = plain QAT)")
     # 2x16x6: the cheapest Hessian setting whose mp23/mp24 bits were identical across 3 seeds on MiniLM-L6
     # (docs/results/hessian_stability.md); more subsets average the eigenvalues over more data.
-    parser.add_argument("--hessian-subsets", type=_positive(int), default=2, help="random data subsets")
-    parser.add_argument("--hessian-batch", type=_positive(int), default=16, help="examples per subset")
+    parser.add_argument("--hessian-subsets", type=_positive(int), default=None,
+                        help=f"random data subsets (default {HESSIAN_DATA[0]}; feature-extraction "
+                             f"{HESSIAN_DATA_EMBEDDINGS[0]})")
+    parser.add_argument("--hessian-batch", type=_positive(int), default=None,
+                        help=f"examples per subset (default {HESSIAN_DATA[1]}; feature-extraction "
+                             f"{HESSIAN_DATA_EMBEDDINGS[1]})")
     parser.add_argument("--hessian-iters", type=_positive(int), default=6, help="power iterations at most")
     parser.add_argument("--calibration-batches", type=_positive(int), default=8)
     parser.add_argument("--batch-size", type=_positive(int), default=32,
@@ -237,6 +244,9 @@ def _task(args: argparse.Namespace) -> Any:
     from qbert_deploy.tasks import FEATURE, SEQUENCE
 
     task_name = _task_name(args)
+    subsets, batch = HESSIAN_DATA_EMBEDDINGS if task_name == FEATURE else HESSIAN_DATA
+    args.hessian_subsets = subsets if args.hessian_subsets is None else args.hessian_subsets
+    args.hessian_batch = batch if args.hessian_batch is None else args.hessian_batch
     if task_name == FEATURE:
         if args.max_length is None:  # serve what the model card promises; batches are padded to their longest
             from qbert_deploy.tasks.embeddings import sentence_max_length
