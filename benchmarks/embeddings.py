@@ -15,7 +15,8 @@ Per model:
 - probe accuracy: a logistic regression on the train split's embeddings, tested on dev (MTEB's classification);
 - file size; peak RSS in a fresh process (benchmarks.memory: session start, batch 1 then 8 at sequence 128);
 - latency: all models in one interleaved run, batch 1 and 32, at sequence 128 and at the texts' own lengths
-  (dev texts in file order, padded to the longest of the batch), 2 threads, medians.
+  (batch 1: the dev text of median length alone; batch 32: the first 32 dev texts padded to their longest),
+  2 threads, medians.
 
 Writes DIR/embeddings.json, DIR/embeddings.md (the table) and DIR/embeddings.png (cosine against latency).
 """
@@ -145,7 +146,11 @@ def measure(models: dict[str, Path], out: Path, rounds: dict[int, int], memory: 
         row["file"] = str(files[label])
         results["rows"][label] = row
     feeds = {f"seq128_b{b}": _random_feed(b) for b in rounds}
-    own = {1: {k: v[:1] for k, v in dev_batches[0].items()}, 32: dev_batches[0]}
+    # batch 1: the dev text of median token length, alone; batch 32: the first 32 dev texts, padded to their longest
+    encoded = tokenizer([e.text for e in dev], truncation=True, max_length=MAX_LENGTH)["input_ids"]
+    lengths = [len(ids) for ids in encoded]
+    median_text = dev[int(np.argsort(lengths)[len(lengths) // 2])].text
+    own = {1: _batches(tokenizer, [median_text], 1)[0], 32: dev_batches[0]}
     feeds |= {f"own_b{b}": own[b] for b in rounds if b in own}
     results["own_length_tokens"] = {f"own_b{b}": int(feed["input_ids"].shape[1]) for b, feed in own.items()}
     for name, feed in feeds.items():
