@@ -187,17 +187,17 @@ def validate(export_dir: Path, checkpoint_path: Path, data_path: Path, settings:
     if task_table(summaries):
         progress(task_table(summaries))
     layers: dict[str, list[LayerError]] = {}
-    if examples:
-        layer_count = min(settings.layer_examples, len(examples))
-        layer_batch = tokenize(tokenizer, examples[:layer_count], layer_count, max_length, inputs)[0]
-    else:  # embeddings: the first texts as evaluated (token classification and QA are not compared per layer)
-        layer_batch = {k: v[:min(settings.layer_examples, evaluation.examples)]
-                       for k, v in evaluation.batches[0].items()}
-        layer_count = len(layer_batch["input_ids"]) if checkpoint.task == FEATURE else 0
+    # sequence classification: its examples; embeddings: the first texts as evaluated (token classification and QA
+    # are not compared per layer)
+    first_rows = min(evaluation.examples, len(evaluation.batches[0]["input_ids"])) if evaluation.batches else 0
+    layer_count = min(settings.layer_examples, len(examples) if examples else
+                      first_rows if checkpoint.task == FEATURE else 0)
     if settings.layerwise and not layer_count:
         progress("layerwise comparison: sequence classification and embeddings only; skipped")
     elif settings.layerwise:
         progress(f"layerwise comparison on {layer_count} examples")
+        layer_batch = (tokenize(tokenizer, examples[:layer_count], layer_count, max_length, inputs)[0] if examples
+                       else {k: v[:layer_count] for k, v in evaluation.batches[0].items()})
         layers = layerwise(checkpoint, runs, layer_batch, settings.threads)
         for name, errors in layers.items():
             if name != MASTER:
