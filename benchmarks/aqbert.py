@@ -4,9 +4,13 @@ and our unpruned mixed-precision model; BERT-base (random weights) pruned at the
     nice -n 5 python -m benchmarks.aqbert --out DIR [--budgets 0.6,0.4:13.5] [--fp32-cache DIR] [--search-steps N]
 
 Budgets are KEEP[:MB]: the fraction of the encoder's GEMM work to keep (--keep-macs), and optionally a size budget
-in MB the paper's way (--budget-mb), which is what pushes the widths below 8 bits. The search and the QAT distil
-from the fp32 model (logits and hidden states), as `qbert-quantize --method aqbert` does by default. A budget whose
-folder already holds its export and aqbert.json is reused, so a run can be resumed or re-timed on a quieter machine.
+in MB the paper's way (--budget-mb), which is what pushes the widths below 8 bits; `@L` drops whole layers first
+(`--keep-layers L`: L evenly spread layers, each distilled from the teacher layer it started from), so `1.0@3` is
+half of the work by layer dropping alone. The distillation after the search lasts --qat-epochs (default 5, as
+`qbert-quantize --method aqbert`); aqbert.json records each budget's epochs and training minutes. The search and
+the QAT distil from the fp32 model (logits and hidden states), as `qbert-quantize --method aqbert` does by default.
+A budget whose folder already holds its export and aqbert.json is reused, so a run can be resumed or re-timed on a
+quieter machine.
 
 DIR: fp32/ (save_pretrained), data/dev.tsv, onnx/ (fp32 and int8 baselines), mixed/ (unpruned mixed precision),
 BUDGET/model.pt and BUDGET/export/ (model.onnx, model.cpu-w8a8.onnx, tokenizer), bert-base/, pareto.json and
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import tempfile
@@ -45,9 +50,11 @@ from qbert_deploy.models.aqbert import (
 from qbert_deploy.models.build import make_checkpoint, tokenizer_files
 from qbert_deploy.models.distill import Distiller
 from qbert_deploy.models.hf_compat import ATTENTION
+from qbert_deploy.models.layers import drop_layers, spread_layers
 from qbert_deploy.models.prune import restructure
 from qbert_deploy.models.train import train
 from qbert_deploy.models.wrap import calibrate, quantize_model
+from qbert_deploy.quantize_run import AQBERT_EPOCHS
 from qbert_deploy.recipe import Recipe, WeightQuant
 from qbert_deploy.structure import LayerPlan, Structure
 from qbert_deploy.validation.ort_int8 import dynamic_int8, export_fp32_onnx
@@ -180,43 +187,63 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def parse_budgets(text: str) -> list[tuple[float, float | None]]:
-    """`0.6,0.4:13.5` -> [(0.6, None), (0.4, 13.5)]: keep-macs fraction and optional MB budget per entry."""
-    budgets = []
+Budget = tuple[float, float | None, int | None]  # keep-macs of the (shortened) student, MB budget, layers kept
+
+
+def parse_budgets(text: str) -> list[Budget]:
+    """`0.6,0.4:13.5,1.0@3` -> [(0.6, None, None), (0.4, 13.5, None), (1.0, None, 3)]: the keep-macs fraction, an
+    optional MB budget and an optional layer count per entry (`@L`: the student keeps L evenly spread layers,
+    `--keep-layers L`, and the search's keep fraction is of that shorter student's work)."""
+    budgets: list[Budget] = []
     for item in text.split(","):
-        keep, _, mb = item.strip().partition(":")
+        spec, _, layers = item.strip().partition("@")
+        keep, _, mb = spec.partition(":")
         try:
-            budgets.append((float(keep), float(mb) if mb else None))
+            budgets.append((float(keep), float(mb) if mb else None, int(layers) if layers else None))
         except ValueError:
-            raise SystemExit(f"benchmarks.aqbert: error: --budgets: {item!r} is not KEEP or KEEP:MB") from None
+            raise SystemExit(f"benchmarks.aqbert: error: --budgets: {item!r} is not KEEP[:MB][@LAYERS]") from None
     return budgets
 
 
-def budget_name(keep: float, mb: float | None) -> str:
-    return f"keep{keep:.2f}" + (f"-{mb:g}mb" if mb is not None else "")
+def budget_name(keep: float, mb: float | None, layers: int | None = None) -> str:
+    return f"keep{keep:.2f}" + (f"-{mb:g}mb" if mb is not None else "") + (f"-L{layers}" if layers else "")
 
 
-def _search_budget(fp32: torch.nn.Module, task: Any, keep: float, mb: float | None, folder: Path,
+def _search_budget(fp32: torch.nn.Module, task: Any, budget: Budget, folder: Path,
                    settings: SearchSettings, data: dict[str, Any], texts: dict[str, str]) -> dict[str, Any]:
     """Search, prune, QAT and export one budget (or reuse what an earlier run left in `folder`)."""
+    keep, mb, layers = budget
     info_path = folder / "aqbert.json"
     if info_path.is_file() and (folder / "export" / "model.cpu-w8a8.onnx").is_file():
         print(f"[{folder.name}] reusing {folder}", flush=True)
         info: dict[str, Any] = json.loads(info_path.read_text())
         return info
     folder.mkdir(parents=True, exist_ok=True)
-    result, searched = search(fp32, data["training"], data["held_out"], data["calibration"],
+    started = time.monotonic()
+    student, kept = fp32, None
+    config: Any = fp32.config  # a transformers config: typed as Module by torch
+    total_layers = int(config.num_hidden_layers)
+    if layers is not None:  # DistilBERT's initialisation: evenly spread layers, each distilled from its own
+        kept = spread_layers(total_layers, layers)
+        student = drop_layers(copy.deepcopy(fp32), kept)
+        settings = dataclasses.replace(settings, teacher=fp32, layer_map=kept)
+    result, searched = search(student, data["training"], data["held_out"], data["calibration"],
                               Target(budget_mb=mb, keep_macs=keep), settings)
     print(f"[{folder.name}] {describe(result)}", flush=True)
     plot_choices(result, folder / "aqbert_choice.png")
-    model = finalize(fp32, searched, result, data["calibration"], task.train_batches, settings)
+    model = finalize(student, searched, result, data["calibration"], task.train_batches, settings)
     checkpoint = make_checkpoint(model, result.recipe, task.labels, texts,
                                  {"size_mb": result.size_mb, "macs_kept": result.macs_kept})
     save_checkpoint(checkpoint, folder / "model.pt")
     _export(checkpoint, folder / "export")
     assert result.recipe.structure is not None
-    info = {"size_mb_paper": result.size_mb, "macs_kept": result.macs_kept, "budget_mb": mb, "keep_macs": keep,
+    # macs_kept is of the student's own work; work_kept is of the full 6-layer model's, which the sweep compares
+    work = result.macs_kept * (len(kept) / total_layers if kept else 1.0)
+    info = {"size_mb_paper": result.size_mb, "macs_kept": work, "student_macs_kept": result.macs_kept,
+            "budget_mb": mb, "keep_macs": keep, "kept_layers": list(kept) if kept else None,
             "search_steps": settings.steps, "qat_steps": settings.qat_steps,
+            "qat_epochs": settings.qat_steps / task.steps_per_epoch(),
+            "train_minutes": (time.monotonic() - started) / 60,
             "confidence": list(result.confidence), "head_bits": result.head_choices.tolist(),
             "block_bits": result.block_choices.tolist(), "structure": result.recipe.structure.to_json()}
     write_text_atomic(info_path, json.dumps(info, indent=1) + "\n")
@@ -265,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--finetune-epochs", type=float, default=2.0)
     parser.add_argument("--finetune-steps", type=int, default=None, help="instead of --finetune-epochs")
     parser.add_argument("--search-steps", type=int, default=150)
-    parser.add_argument("--qat-epochs", type=float, default=1.0)
+    parser.add_argument("--qat-epochs", type=float, default=AQBERT_EPOCHS)
     parser.add_argument("--qat-steps", type=int, default=None, help="instead of --qat-epochs")
     parser.add_argument("--arch-lr", type=float, default=0.05, help="learning rate of the architecture logits")
     parser.add_argument("--rounds", default="20,6", help="interleaved rounds at batch 1 and batch 8")
@@ -273,6 +300,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-length", type=int, default=64, help="training/dev sequence length")
     parser.add_argument("--no-bert-base", action="store_true")
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--no-mixed", action="store_true", help="leave out the unpruned mixed-precision row")
+    parser.add_argument("--train-only", action="store_true",
+                        help="train and export the budgets, then stop: several such runs can share the cores, and a "
+                        "last run without it reuses them all and times them in one interleaved run")
     parser.add_argument("--report", action="store_true", help="only render OUT/pareto.json as markdown")
     args = parser.parse_args(argv)
     if args.report:
@@ -310,10 +341,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     dynamic_int8(files["ORT fp32"], files["ORT dynamic int8"])
     print(f"fp32 dev accuracy {fp32_acc:.4f}", flush=True)
     mixed_dir = out / "mixed"
-    if not (mixed_dir / "model.cpu-w8a8.onnx").is_file():
-        _export(_mixed_model(fp32, task, qat_steps), mixed_dir)
-    files["ours unpruned mixed"] = mixed_dir / "model.cpu-w8a8.onnx"
-    canonical = {"ours unpruned mixed": mixed_dir / "model.onnx"}
+    canonical: dict[str, Path] = {}
+    if not args.no_mixed:
+        if not (mixed_dir / "model.cpu-w8a8.onnx").is_file():
+            _export(_mixed_model(fp32, task, qat_steps), mixed_dir)
+        files["ours unpruned mixed"] = mixed_dir / "model.cpu-w8a8.onnx"
+        canonical["ours unpruned mixed"] = mixed_dir / "model.onnx"
     structures: dict[str, Structure] = {}
     search_info: dict[str, Any] = {}
     settings = SearchSettings(steps=args.search_steps, qat_steps=qat_steps, arch_lr=args.arch_lr)
@@ -323,13 +356,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             "training": list(batches(task.tokenizer, task.train[:-split], args.batch_size, args.max_length,
                                      shuffle_seed=2)),
             "calibration": [{k: v for k, v in b.items() if k != "labels"} for b in task.input_batches(8, 0)]}
-    for keep, mb in budgets:
-        name = budget_name(keep, mb)
-        info = _search_budget(fp32, task, keep, mb, out / name, settings, data, texts)
+    for budget in budgets:
+        name = budget_name(*budget)
+        info = _search_budget(fp32, task, budget, out / name, settings, data, texts)
         files[f"AQ-BERT {name}"] = out / name / "export" / "model.cpu-w8a8.onnx"
         canonical[f"AQ-BERT {name}"] = out / name / "export" / "model.onnx"
-        structures[name] = Structure.from_json(info["structure"])
+        if not info.get("kept_layers"):  # BERT-base takes a 6-layer structure layer by layer
+            structures[name] = Structure.from_json(info["structure"])
         search_info[name] = {k: v for k, v in info.items() if k != "structure"}
+    if args.train_only:
+        return 0
     # dev accuracy and agreement with fp32, all through ORT
     dev = task.dev_batches()
     labels = np.concatenate([y for _, y in dev])

@@ -12,11 +12,14 @@ def _row(label: str, acc: float, b1: float, b8: float, **extra: float) -> dict[s
             "file_bytes": 20e6, "canonical_bytes": None, **extra}
 
 
-def test_budgets_parse_keep_and_optional_megabytes() -> None:
-    assert parse_budgets("0.6,0.4:13.5") == [(0.6, None), (0.4, 13.5)]
+def test_budgets_parse_keep_optional_megabytes_and_layers() -> None:
+    assert parse_budgets("0.6,0.4:13.5,1.0@3,0.75:14@4") == [(0.6, None, None), (0.4, 13.5, None), (1.0, None, 3),
+                                                             (0.75, 14.0, 4)]
     assert budget_name(0.4, 13.5) == "keep0.40-13.5mb" and budget_name(0.6, None) == "keep0.60"
-    with pytest.raises(SystemExit, match="is not KEEP or KEEP:MB"):
-        parse_budgets("half")
+    assert budget_name(1.0, None, 3) == "keep1.00-L3"
+    for bad in ("half", "0.5@three"):
+        with pytest.raises(SystemExit, match="is not KEEP\\[:MB\\]\\[@LAYERS\\]"):
+            parse_budgets(bad)
 
 
 def test_markdown_gives_ratios_to_int8_and_accuracy_against_fp32() -> None:
