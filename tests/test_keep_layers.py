@@ -175,6 +175,17 @@ def test_aqbert_searches_and_trains_a_shorter_student(tiny_dir: Path, tmp_path: 
     checkpoint = load_checkpoint(out / "model.pt")
     assert checkpoint.recipe.structure is not None and set(checkpoint.recipe.structure.layers) == {0}
     _export_has_one_layer(out / "model.pt", tmp_path / "export")
+    assert "student of 1 layer from fp32 layers [1], distilled against teacher layers [1]" in \
+        (out / "quantize.log").read_text()
+
+
+def test_aqbert_without_distillation_does_not_claim_a_teacher(tiny_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert quantize_main([*_data(tiny_dir), *FAST, "--method", "aqbert", "--keep-macs", "0.6", "--keep-layers",
+                          "1", "--distill", "none", "--search-steps", "1", "--qat-steps", "1", "--groups", "4",
+                          "-o", str(out)]) == 0
+    log = (out / "quantize.log").read_text()
+    assert "trained on the task loss alone (--distill none)" in log and "distilled against" not in log
 
 
 @pytest.mark.parametrize("args, message", [

@@ -78,8 +78,10 @@ def run_aqbert(args: argparse.Namespace, task: Task, out: Path, qat_task: Task |
     student = fp32 if args.kept_layers is None else drop_layers(copy.deepcopy(fp32), args.kept_layers)
     if student is not fp32:
         teacher = teacher or fp32
-        log.info("AQ-BERT: student of %d layers from fp32 layers %s, distilled against teacher layers %s",
-                 len(args.kept_layers), list(args.kept_layers), list(args.layer_map))
+        count = len(args.kept_layers)
+        log.info("AQ-BERT: student of %d layer%s from fp32 layers %s, %s", count, "" if count == 1 else "s",
+                 list(args.kept_layers), f"distilled against teacher layers {list(args.layer_map)}"
+                 if distill is not None else "trained on the task loss alone (--distill none)")
     settings = SearchSettings(steps=args.search_steps, qat_steps=args.qat_steps, weight_lr=args.qat_lr,
                               qat_lr=args.qat_lr, calibration_batches=args.calibration_batches, seed=args.seed,
                               distill=distill, teacher=teacher, layer_map=args.layer_map)

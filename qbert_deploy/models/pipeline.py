@@ -120,8 +120,9 @@ def run_job(job: Job, task: Task, method: Method, recipe: Recipe, qat_task: Task
     # then the whole fp32 model. Bits are allocated on the student's own layers.
     student = fp32 if job.kept_layers is None else drop_layers(copy.deepcopy(fp32), job.kept_layers)
     if job.kept_layers is not None:
-        log.info("student: %d layers, from fp32 layers %s, distilled against teacher layers %s",
-                 len(job.kept_layers), list(job.kept_layers), list(job.layer_map or job.kept_layers))
+        count = len(job.kept_layers)
+        log.info("student: %d layer%s, from fp32 layers %s, distilled against teacher layers %s", count,
+                 "" if count == 1 else "s", list(job.kept_layers), list(job.layer_map or job.kept_layers))
     if method.mixed is not None:
         recipe = _allocate(job, task, student, fp32_sha256, method, recipe)
     state_path = job.out / "qat-state.pt"
