@@ -237,7 +237,7 @@ def _search_budget(fp32: torch.nn.Module, task: Any, budget: Budget, folder: Pat
     save_checkpoint(checkpoint, folder / "model.pt")
     _export(checkpoint, folder / "export")
     assert result.recipe.structure is not None
-    # macs_kept is of the student's own work; work_kept is of the full 6-layer model's, which the sweep compares
+    # macs_kept is the share of the full model's work, which the sweep compares; student_macs_kept of the student's
     work = result.macs_kept * (len(kept) / total_layers if kept else 1.0)
     info = {"size_mb_paper": result.size_mb, "macs_kept": work, "student_macs_kept": result.macs_kept,
             "budget_mb": mb, "keep_macs": keep, "kept_layers": list(kept) if kept else None,
